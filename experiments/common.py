@@ -1,0 +1,669 @@
+"""What the MNIST experiments share: data, losses, the training engine, checkpoints, plots.
+
+The engine (``fit``) trains any Flax NNX classifier whose ``__call__(x, *, dropout_key=None)``
+maps a batch of uint8-derived float images to logits. Its design goals, and how it meets them:
+
+* Fast: the dataset lives on the device; an epoch is a handful of jitted ``lax.scan`` chunks
+  (no per-step host round trip); train state buffers are donated.
+* Reproducible and resumable bit for bit: every random key is derived from
+  ``(seed, epoch, step)`` with ``fold_in``, never from history, and checkpoints hold params,
+  optimizer state and the position ``(epoch, step)``. Resuming replays exactly the same chunks.
+* Interruptible: SIGINT/SIGTERM set a flag; the current chunk finishes, a checkpoint is saved,
+  and the process exits with status 130.
+* Data parallel: a ``Mesh`` over ``--devices`` devices; each batch is sharded over the ``data``
+  axis and parameters are replicated, so XLA inserts the gradient all-reduce.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import datetime
+import json
+import math
+import os
+import signal
+import sys
+import time
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+EXPERIMENTS_DIR = Path(__file__).resolve().parent
+REPO_ROOT = EXPERIMENTS_DIR.parent
+# Let `python experiments/<script>.py` find jxent in a plain checkout; an installed jxent wins.
+if str(REPO_ROOT) not in sys.path:
+    sys.path.append(str(REPO_ROOT))
+
+# Train-set statistics of x / 255 (see /work/shared/README.md; also torchvision's docs).
+MNIST_MEAN = 0.1307
+MNIST_STD = 0.3081
+NUM_CLASSES = 10
+EXIT_INTERRUPTED = 130
+
+
+def set_cpu_device_count(devices: int) -> None:
+    """Asks JAX for ``devices`` host (CPU) devices; must run before JAX's first operation."""
+    import jax
+
+    if devices <= 1:
+        return
+    try:
+        jax.config.update("jax_num_cpu_devices", devices)
+    except RuntimeError as err:  # backend already initialised
+        raise RuntimeError(
+            f"--devices {devices}: JAX's CPU backend was initialised before the device count "
+            f"could be set ({err}); set it at program start"
+        ) from None
+
+
+# --------------------------------------------------------------------------------------------
+# Data.
+
+
+@dataclasses.dataclass(frozen=True)
+class Dataset:
+    """uint8 images ``(N, 28, 28)`` and integer labels, train and test, on the host."""
+
+    train_images: np.ndarray
+    train_labels: np.ndarray
+    test_images: np.ndarray
+    test_labels: np.ndarray
+    source: str
+
+
+def load_dataset(
+    data_dir: str | None, train_limit: int | None = None, test_limit: int | None = None
+) -> Dataset:
+    """Real, verified MNIST (``mnist_data.load_mnist``), optionally cut to the first examples."""
+    import mnist_data
+
+    mnist = mnist_data.load_mnist(data_dir)
+    return Dataset(
+        train_images=mnist.train_images[:train_limit],
+        train_labels=mnist.train_labels[:train_limit].astype(np.int32),
+        test_images=mnist.test_images[:test_limit],
+        test_labels=mnist.test_labels[:test_limit].astype(np.int32),
+        source="mnist",
+    )
+
+
+def synthetic_dataset(n_train: int, n_test: int, seed: int = 0) -> Dataset:
+    """Learnable MNIST-shaped data for tests when the real files are not cached.
+
+    Each class is a fixed random 28x28 template plus noise, so a classifier can learn it fast.
+    """
+    rng = np.random.default_rng(seed)
+    templates = rng.uniform(0, 255, size=(NUM_CLASSES, 28, 28))
+
+    def draw(n: int) -> tuple[np.ndarray, np.ndarray]:
+        labels = rng.integers(0, NUM_CLASSES, size=n).astype(np.int32)
+        noise = rng.normal(0, 60, size=(n, 28, 28))
+        return np.clip(templates[labels] + noise, 0, 255).astype(np.uint8), labels
+
+    train_images, train_labels = draw(n_train)
+    test_images, test_labels = draw(n_test)
+    return Dataset(train_images, train_labels, test_images, test_labels, source="synthetic")
+
+
+def normalize(images: Any) -> Any:
+    """uint8 pixels -> float32, standardised with the MNIST train-set mean and std."""
+    import jax.numpy as jnp
+
+    return (images.astype(jnp.float32) / 255.0 - MNIST_MEAN) / MNIST_STD
+
+
+# --------------------------------------------------------------------------------------------
+# Losses.
+
+LOSSES = ("jxent", "optax")
+
+
+def make_loss(name: str, label_smoothing: float = 0.0) -> Callable[[Any, Any], Any]:
+    """Mean cross-entropy of integer labels: jxent's, or optax's for comparison."""
+    import jax
+    import optax
+
+    if name == "jxent":
+        import jxent
+
+        def jxent_loss(logits: Any, labels: Any) -> Any:
+            return jxent.cross_entropy(logits, labels, label_smoothing=label_smoothing)
+
+        return jxent_loss
+    if name == "optax":
+
+        def optax_loss(logits: Any, labels: Any) -> Any:
+            if label_smoothing:
+                targets = optax.smooth_labels(
+                    jax.nn.one_hot(labels, logits.shape[-1]), label_smoothing
+                )
+                return optax.softmax_cross_entropy(logits, targets).mean()
+            return optax.softmax_cross_entropy_with_integer_labels(logits, labels).mean()
+
+        return optax_loss
+    raise ValueError(f"loss {name!r} is not one of {LOSSES}")
+
+
+# --------------------------------------------------------------------------------------------
+# Run directory, metrics, checkpoints.
+
+
+def new_run_dir(experiment: str, out_dir: str | None) -> Path:
+    """``out_dir`` if given, else ``runs/<experiment>/<timestamp>/`` under the current dir."""
+    if out_dir:
+        return Path(out_dir)
+    stamp = datetime.datetime.now().strftime("%Y%m%d-%H%M%S")
+    return Path("runs") / experiment / stamp
+
+
+def write_json_atomic(path: Path, obj: Any) -> None:
+    """Writes JSON through a temp file and a rename, so a crash never leaves half a file."""
+    tmp = path.with_name(f".{path.name}.part")
+    tmp.write_text(json.dumps(obj, indent=2, sort_keys=True) + "\n")
+    os.replace(tmp, path)
+
+
+def read_metrics(path: Path) -> list[dict[str, Any]]:
+    """The records of a ``metrics.jsonl`` file (an empty list if there is none)."""
+    if not path.exists():
+        return []
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def rewrite_metrics(path: Path, records: Sequence[Mapping[str, Any]]) -> None:
+    """Replaces ``metrics.jsonl`` atomically (used on resume to drop records past the restore)."""
+    tmp = path.with_name(f".{path.name}.part")
+    tmp.write_text("".join(json.dumps(r, sort_keys=True) + "\n" for r in records))
+    os.replace(tmp, path)
+
+
+def append_metrics(path: Path, record: Mapping[str, Any]) -> None:
+    with path.open("a") as f:
+        f.write(json.dumps(record, sort_keys=True) + "\n")
+
+
+class Checkpointer:
+    """orbax-checkpoint of ``{params, opt_state}`` plus a JSON position, async between epochs."""
+
+    def __init__(self, directory: Path, max_to_keep: int = 2):
+        import orbax.checkpoint as ocp
+
+        self._ocp = ocp
+        self.manager = ocp.CheckpointManager(
+            directory.resolve(),
+            options=ocp.CheckpointManagerOptions(max_to_keep=max_to_keep, create=True),
+        )
+
+    def latest_step(self) -> int | None:
+        return self.manager.latest_step()
+
+    def save(self, global_step: int, state: Any, position: Mapping[str, int]) -> None:
+        ocp = self._ocp
+        self.manager.save(
+            global_step,
+            args=ocp.args.Composite(
+                state=ocp.args.StandardSave(state), position=ocp.args.JsonSave(dict(position))
+            ),
+        )
+
+    def restore(self, abstract_state: Any) -> tuple[Any, dict[str, int]]:
+        ocp = self._ocp
+        step = self.manager.latest_step()
+        if step is None:
+            raise FileNotFoundError(f"no checkpoint under {self.manager.directory}")
+        restored = self.manager.restore(
+            step,
+            args=ocp.args.Composite(
+                state=ocp.args.StandardRestore(abstract_state), position=ocp.args.JsonRestore()
+            ),
+        )
+        return restored["state"], dict(restored["position"])
+
+    def close(self) -> None:
+        self.manager.wait_until_finished()
+        self.manager.close()
+
+
+# --------------------------------------------------------------------------------------------
+# Interruption.
+
+
+class StopRequest:
+    """Turns SIGINT/SIGTERM into a flag checked between chunks; a second SIGINT aborts at once."""
+
+    def __init__(self) -> None:
+        self.signal_name: str | None = None
+        self._previous: dict[int, Any] = {}
+
+    def __bool__(self) -> bool:
+        return self.signal_name is not None
+
+    def _handle(self, signum: int, frame: Any) -> None:
+        if self.signal_name is not None and signum == signal.SIGINT:
+            raise KeyboardInterrupt
+        self.signal_name = signal.Signals(signum).name
+        print(
+            f"\n{self.signal_name} received: finishing the current chunk, then saving a "
+            "checkpoint (press Ctrl-C again to abort without saving)",
+            file=sys.stderr,
+        )
+
+    @contextlib.contextmanager
+    def installed(self) -> Iterator[StopRequest]:
+        for signum in (signal.SIGINT, signal.SIGTERM):
+            self._previous[signum] = signal.signal(signum, self._handle)
+        try:
+            yield self
+        finally:
+            for signum, handler in self._previous.items():
+                signal.signal(signum, handler)
+
+
+# --------------------------------------------------------------------------------------------
+# The training engine.
+
+
+@dataclasses.dataclass(frozen=True)
+class FitOptions:
+    """Everything ``fit`` needs besides the model, optimizer, loss and data."""
+
+    epochs: int
+    batch_size: int
+    seed: int
+    devices: int = 1
+    chunk_steps: int = 50  # steps per jitted scan: the granularity of progress and interrupts
+    eval_batch: int = 1000
+    progress: bool = True
+
+
+def steps_per_epoch(n_train: int, batch_size: int) -> int:
+    """Full batches per epoch; the remainder is dropped (a fresh permutation every epoch)."""
+    if batch_size > n_train:
+        raise ValueError(f"batch size {batch_size} exceeds the {n_train} training examples")
+    return n_train // batch_size
+
+
+def chunk_bounds(n_steps: int, chunk_steps: int) -> list[tuple[int, int]]:
+    """``[(start, stop), ...]`` covering ``range(n_steps)`` in chunks of ``chunk_steps``."""
+    return [(s, min(s + chunk_steps, n_steps)) for s in range(0, n_steps, chunk_steps)]
+
+
+def make_mesh(devices: int) -> Any:
+    """A 1-D ``Mesh`` named ``data`` over the first ``devices`` devices."""
+    import jax
+
+    available = jax.devices()
+    if devices < 1 or devices > len(available):
+        raise ValueError(
+            f"--devices {devices}: expected 1..{len(available)} (JAX sees {available}); on CPU "
+            "the count is set with jax_num_cpu_devices before JAX starts"
+        )
+    return jax.sharding.Mesh(np.array(available[:devices]), ("data",))
+
+
+def epoch_key(seed: int, epoch: int) -> Any:
+    """Key for one epoch; its children (permutation, per-step dropout) depend on nothing else."""
+    import jax
+
+    return jax.random.fold_in(jax.random.key(seed), epoch)
+
+
+def make_train_chunk(graphdef: Any, optimizer: Any, loss_fn: Callable, mesh: Any) -> Callable:
+    """A jitted function running a chunk of training steps in one ``lax.scan``.
+
+    ``(params, opt_state, images, labels, batch_indices, key, first_step)`` ->
+    ``(params, opt_state, loss_sum)``; ``batch_indices`` is ``(steps, batch)`` into the
+    device-resident dataset and step ``s`` draws dropout from ``fold_in(key, s)``.
+    """
+    import jax
+    import optax
+    from flax import nnx
+    from jax.sharding import NamedSharding
+    from jax.sharding import PartitionSpec as P
+
+    batch_sharding = NamedSharding(mesh, P("data"))
+    replicated = NamedSharding(mesh, P())
+
+    def train_chunk(params, opt_state, images, labels, batch_indices, key, first_step):
+        def train_step(carry, inputs):
+            params, opt_state = carry
+            indices, step = inputs
+            # Gather on the replicated dataset, then shard the batch over the mesh.
+            x = jax.lax.with_sharding_constraint(normalize(images[indices]), batch_sharding)
+            y = jax.lax.with_sharding_constraint(labels[indices], batch_sharding)
+            dropout_key = jax.random.fold_in(key, step)
+
+            def loss_of(params):
+                logits = nnx.merge(graphdef, params)(x, dropout_key=dropout_key)
+                return loss_fn(logits, y)
+
+            loss, grads = jax.value_and_grad(loss_of)(params)
+            updates, opt_state = optimizer.update(grads, opt_state, params)
+            params = optax.apply_updates(params, updates)
+            return (jax.lax.with_sharding_constraint(params, replicated), opt_state), loss
+
+        steps = first_step + jax.numpy.arange(batch_indices.shape[0])
+        (params, opt_state), losses = jax.lax.scan(
+            train_step, (params, opt_state), (batch_indices, steps)
+        )
+        return params, opt_state, losses.sum()
+
+    return jax.jit(train_chunk, donate_argnums=(0, 1))
+
+
+def make_eval(graphdef: Any, loss_fn: Callable, eval_batch: int) -> Callable:
+    """A jitted ``(params, images, labels) -> (loss_sum, correct, predictions)`` in batches."""
+    import jax
+    import jax.numpy as jnp
+    from flax import nnx
+
+    def evaluate(params, images, labels):
+        model = nnx.merge(graphdef, params)
+        n = images.shape[0]
+
+        def one_batch(batch):
+            x, y = batch
+            logits = model(normalize(x))
+            return loss_fn(logits, y) * x.shape[0], jnp.argmax(logits, axis=-1)
+
+        losses, predictions = jax.lax.map(
+            one_batch,
+            (
+                images.reshape(n // eval_batch, eval_batch, *images.shape[1:]),
+                labels.reshape(n // eval_batch, eval_batch),
+            ),
+        )
+        predictions = predictions.reshape(n)
+        return losses.sum(), (predictions == labels).sum(), predictions
+
+    return jax.jit(evaluate)
+
+
+def largest_divisor_at_most(n: int, limit: int) -> int:
+    return max(d for d in range(1, min(n, limit) + 1) if n % d == 0)
+
+
+@dataclasses.dataclass
+class FitResult:
+    """What ``fit`` leaves: final params (host numpy), per-epoch records, exit status."""
+
+    params: Any
+    records: list[dict[str, Any]]
+    predictions: np.ndarray | None
+    interrupted: bool
+    exit_code: int
+
+
+def fit(
+    *,
+    model: Any,
+    optimizer: Any,
+    loss_fn: Callable,
+    eval_loss_fn: Callable,
+    data: Dataset,
+    options: FitOptions,
+    run_dir: Path,
+    resume: bool = False,
+    stop: StopRequest | None = None,
+    on_chunk: Callable[[int, int], None] | None = None,
+) -> FitResult:
+    """Trains ``model`` on ``data``, checkpointing to ``run_dir`` every epoch.
+
+    Args:
+      model: an NNX module, already initialised from the seed (only its params are trained).
+      optimizer: an optax transformation; its schedule must count steps from 0.
+      loss_fn / eval_loss_fn: ``(logits, int labels) -> mean loss`` for training / testing.
+      data: host arrays; they are copied once to the devices.
+      options: epochs, batch size, seed, devices, chunking.
+      run_dir: where ``metrics.jsonl`` and ``checkpoints/`` go.
+      resume: continue from the latest checkpoint under ``run_dir``.
+      stop: the interruption flag (installed by the caller); checked between chunks.
+      on_chunk: test hook called as ``on_chunk(epoch, step)`` after each chunk.
+    """
+    import jax
+    import jax.numpy as jnp
+    from flax import nnx
+    from jax.sharding import NamedSharding
+    from jax.sharding import PartitionSpec as P
+    from tqdm import tqdm
+
+    stop = stop if stop is not None else StopRequest()
+    mesh = make_mesh(options.devices)
+    if options.batch_size % options.devices:
+        raise ValueError(
+            f"batch size {options.batch_size} must be divisible by --devices {options.devices}"
+        )
+    replicated = NamedSharding(mesh, P())
+    graphdef, params = nnx.split(model, nnx.Param)
+    opt_state = optimizer.init(params)
+    params, opt_state = jax.device_put((params, opt_state), replicated)
+
+    run_dir.mkdir(parents=True, exist_ok=True)
+    metrics_path = run_dir / "metrics.jsonl"
+    checkpointer = Checkpointer(run_dir / "checkpoints")
+    start_epoch, start_step = 0, 0
+    if resume:
+        abstract = jax.tree.map(
+            lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=replicated),
+            (params, opt_state),
+        )
+        (params, opt_state), position = checkpointer.restore(abstract)
+        start_epoch, start_step = position["epoch"], position["step"]
+        records = [r for r in read_metrics(metrics_path) if r["epoch"] <= start_epoch]
+        rewrite_metrics(metrics_path, records)
+        print(f"resumed from {run_dir} at epoch {start_epoch + 1}, step {start_step}")
+    else:
+        records = []
+        rewrite_metrics(metrics_path, records)
+
+    images = jax.device_put(jnp.asarray(data.train_images.reshape(len(data.train_images), -1)))
+    images, labels = jax.device_put((images, jnp.asarray(data.train_labels)), replicated)
+    test_images = jax.device_put(jnp.asarray(data.test_images), replicated)
+    test_labels = jax.device_put(jnp.asarray(data.test_labels), replicated)
+
+    n_steps = steps_per_epoch(len(data.train_images), options.batch_size)
+    chunks = chunk_bounds(n_steps, options.chunk_steps)
+    train_chunk = make_train_chunk(graphdef, optimizer, loss_fn, mesh)
+    evaluate = make_eval(
+        graphdef, eval_loss_fn, largest_divisor_at_most(len(data.test_images), options.eval_batch)
+    )
+    permute = jax.jit(
+        lambda key: jax.random.permutation(jax.random.fold_in(key, 0), len(data.train_images))[
+            : n_steps * options.batch_size
+        ].reshape(n_steps, options.batch_size)
+    )
+
+    predictions = None
+    interrupted = False
+    for epoch in range(start_epoch, options.epochs):
+        key = epoch_key(options.seed, epoch)
+        # Dropout keys are fold_in(fold_in(epoch_key, 1), step): disjoint from the permutation.
+        dropout_root = jax.random.fold_in(key, 1)
+        order = permute(key)
+        first_step = start_step if epoch == start_epoch else 0
+        bar = tqdm(
+            total=n_steps,
+            initial=first_step,
+            desc=f"epoch {epoch + 1}/{options.epochs}",
+            unit="step",
+            leave=False,
+            disable=not options.progress,
+            dynamic_ncols=True,
+        )
+        loss_sum, loss_steps = 0.0, 0
+        t0 = time.perf_counter()
+        for start, stop_step in chunks:
+            if stop_step <= first_step:
+                continue
+            params, opt_state, chunk_loss = train_chunk(
+                params,
+                opt_state,
+                images,
+                labels,
+                order[start:stop_step],
+                dropout_root,
+                jnp.int32(start),
+            )
+            loss_sum += float(chunk_loss)  # one host sync per chunk: cheap, keeps timing honest
+            loss_steps += stop_step - start
+            bar.update(stop_step - start)
+            bar.set_postfix(loss=f"{loss_sum / loss_steps:.4f}", refresh=False)
+            if on_chunk is not None:
+                on_chunk(epoch, stop_step)
+            if stop and stop_step < n_steps:
+                interrupted = True
+                position = {"epoch": epoch, "step": stop_step}
+                checkpointer.save(epoch * n_steps + stop_step, (params, opt_state), position)
+                break
+        train_seconds = time.perf_counter() - t0
+        bar.close()
+        if interrupted:
+            break
+        test_loss_sum, correct, predictions = evaluate(params, test_images, test_labels)
+        record = {
+            "epoch": epoch + 1,
+            "train_loss": loss_sum / max(loss_steps, 1),
+            "test_loss": float(test_loss_sum) / len(data.test_images),
+            "test_accuracy": int(correct) / len(data.test_images),
+            "images_per_second": loss_steps * options.batch_size / train_seconds,
+            "train_seconds": train_seconds,
+        }
+        records.append(record)
+        append_metrics(metrics_path, record)
+        position = {"epoch": epoch + 1, "step": 0}
+        checkpointer.save((epoch + 1) * n_steps, (params, opt_state), position)
+        tqdm.write(
+            f"epoch {epoch + 1:3d}/{options.epochs}  train loss {record['train_loss']:.4f}  "
+            f"test loss {record['test_loss']:.4f}  test acc {100 * record['test_accuracy']:.2f}%  "
+            f"{record['images_per_second']:,.0f} img/s"
+        )
+        if stop:
+            interrupted = epoch + 1 < options.epochs
+            break
+    checkpointer.close()
+    if predictions is None and not interrupted:
+        _, _, predictions = evaluate(params, test_images, test_labels)
+    host_params = jax.device_get(params)
+    if interrupted:
+        print(
+            f"interrupted by {stop.signal_name}: checkpoint saved under {run_dir / 'checkpoints'}; "
+            f"continue with --resume {run_dir}",
+            file=sys.stderr,
+        )
+    return FitResult(
+        params=host_params,
+        records=records,
+        predictions=None if predictions is None else np.asarray(predictions),
+        interrupted=interrupted,
+        exit_code=EXIT_INTERRUPTED if interrupted else 0,
+    )
+
+
+# --------------------------------------------------------------------------------------------
+# Plots (matplotlib, headless).
+
+
+def _pyplot() -> Any:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def plot_curves(records: Sequence[Mapping[str, Any]], path: Path, title: str) -> None:
+    """Train/test loss and test accuracy against epoch."""
+    plt = _pyplot()
+    epochs = [r["epoch"] for r in records]
+    fig, (ax_loss, ax_acc) = plt.subplots(1, 2, figsize=(10, 4))
+    ax_loss.plot(epochs, [r["train_loss"] for r in records], "o-", label="train (with dropout)")
+    ax_loss.plot(epochs, [r["test_loss"] for r in records], "o-", label="test")
+    ax_loss.set(xlabel="epoch", ylabel="cross-entropy", title="loss")
+    ax_loss.legend()
+    ax_acc.plot(epochs, [100 * r["test_accuracy"] for r in records], "o-", color="C2")
+    best = max(records, key=lambda r: r["test_accuracy"]) if records else None
+    if best is not None:
+        ax_acc.annotate(
+            f"{100 * records[-1]['test_accuracy']:.2f}%",
+            (records[-1]["epoch"], 100 * records[-1]["test_accuracy"]),
+            textcoords="offset points",
+            xytext=(-30, -15),
+        )
+    ax_acc.set(xlabel="epoch", ylabel="test accuracy (%)", title="accuracy")
+    for ax in (ax_loss, ax_acc):
+        ax.grid(alpha=0.3)
+    fig.suptitle(title)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+def confusion_matrix(labels: np.ndarray, predictions: np.ndarray) -> np.ndarray:
+    """``counts[true, predicted]``."""
+    counts = np.zeros((NUM_CLASSES, NUM_CLASSES), dtype=np.int64)
+    np.add.at(counts, (labels, predictions), 1)
+    return counts
+
+
+def plot_confusion(labels: np.ndarray, predictions: np.ndarray, path: Path, title: str) -> None:
+    """The test confusion matrix, counts annotated (log colour scale so errors show)."""
+    from matplotlib.colors import LogNorm
+
+    plt = _pyplot()
+    counts = confusion_matrix(labels, predictions)
+    fig, ax = plt.subplots(figsize=(6.5, 5.5))
+    image = ax.imshow(counts + 1, cmap="Blues", norm=LogNorm())
+    for (true, pred), count in np.ndenumerate(counts):
+        if count:
+            color = "white" if true == pred else "black"
+            ax.text(pred, true, str(count), ha="center", va="center", fontsize=7, color=color)
+    ax.set(
+        xticks=range(NUM_CLASSES),
+        yticks=range(NUM_CLASSES),
+        xlabel="predicted",
+        ylabel="true",
+        title=f"{title}\n{int(np.trace(counts))}/{counts.sum()} correct",
+    )
+    fig.colorbar(image, ax=ax, label="count + 1")
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+def plot_mistakes(
+    images: np.ndarray,
+    labels: np.ndarray,
+    predictions: np.ndarray,
+    path: Path,
+    title: str,
+    max_shown: int = 48,
+) -> None:
+    """A grid of misclassified test digits, each titled ``true -> predicted``."""
+    plt = _pyplot()
+    wrong = np.flatnonzero(labels != predictions)[:max_shown]
+    cols = 8
+    rows = max(1, math.ceil(len(wrong) / cols))
+    fig, axes = plt.subplots(rows, cols, figsize=(cols * 1.2, rows * 1.35 + 0.6), squeeze=False)
+    for ax in axes.flat:
+        ax.axis("off")
+    for ax, index in zip(axes.flat, wrong, strict=False):
+        ax.imshow(images[index], cmap="gray_r")
+        ax.set_title(f"{labels[index]} → {predictions[index]}", fontsize=9, color="C3")
+    fig.suptitle(f"{title}: {len(np.flatnonzero(labels != predictions))} mistakes (true → pred)")
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+def write_plots(run_dir: Path, result: FitResult, data: Dataset, title: str) -> None:
+    """``curves.png``, ``confusion.png`` and ``mistakes.png`` in ``run_dir``."""
+    plot_curves(result.records, run_dir / "curves.png", title)
+    if result.predictions is not None:
+        plot_confusion(data.test_labels, result.predictions, run_dir / "confusion.png", title)
+        plot_mistakes(
+            data.test_images, data.test_labels, result.predictions, run_dir / "mistakes.png", title
+        )

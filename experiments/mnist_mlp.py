@@ -1,0 +1,327 @@
+"""MNIST with a Flax NNX MLP, optax AdamW and jxent's cross-entropy.
+
+    python experiments/mnist_mlp.py                      # 784-512-512-10, dropout, ~98.8 %
+    python experiments/mnist_mlp.py --hidden 1024        # the classic 784-1024-10
+    python experiments/mnist_mlp.py --loss optax         # same model, optax's loss
+    python experiments/mnist_mlp.py --compare            # both losses, accuracy and images/s
+    python experiments/mnist_mlp.py --devices 8          # data parallel (8 CPU devices on CPU)
+    python experiments/mnist_mlp.py --resume runs/mnist_mlp/<timestamp>
+
+Leaves ``config.json``, ``metrics.jsonl``, ``curves.png``, ``confusion.png``, ``mistakes.png``
+and ``checkpoints/`` in the run directory. Ctrl-C saves a checkpoint and exits with status 130.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import itertools
+import json
+import statistics
+import sys
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import common
+import jax
+import optax
+from flax import nnx
+
+EXPERIMENT = "mnist_mlp"
+
+
+@dataclasses.dataclass(frozen=True)
+class Config:
+    """Every knob of a run; saved as ``config.json`` and reloaded by ``--resume``."""
+
+    epochs: int = 15
+    batch_size: int = 128
+    learning_rate: float = 1e-3
+    weight_decay: float = 1e-4
+    warmup_epochs: float = 1.0
+    hidden: tuple[int, ...] = (512, 512)
+    dropout: float = 0.2
+    label_smoothing: float = 0.0
+    seed: int = 0
+    loss: str = "jxent"
+    devices: int = 1
+    chunk_steps: int = 47
+    data_dir: str | None = None
+    train_limit: int | None = None
+    test_limit: int | None = None
+
+
+class MLP(nnx.Module):
+    """784 -> hidden... -> 10 with ReLU and dropout after every hidden layer."""
+
+    def __init__(self, hidden: Sequence[int], dropout: float, *, rngs: nnx.Rngs):
+        sizes = (28 * 28, *hidden)
+        self.layers = nnx.List(
+            [nnx.Linear(n_in, n_out, rngs=rngs) for n_in, n_out in itertools.pairwise(sizes)]
+        )
+        self.dropout = nnx.Dropout(dropout)
+        self.head = nnx.Linear(sizes[-1], common.NUM_CLASSES, rngs=rngs)
+
+    def __call__(self, x: jax.Array, *, dropout_key: jax.Array | None = None) -> jax.Array:
+        """Logits for images ``(B, 28, 28)`` or ``(B, 784)``; dropout iff a key is given."""
+        x = x.reshape(x.shape[0], -1)
+        if dropout_key is None:
+            keys: Sequence[jax.Array | None] = [None] * len(self.layers)
+        else:
+            keys = list(jax.random.split(dropout_key, len(self.layers)))
+        for layer, key in zip(self.layers, keys, strict=True):
+            x = self.dropout(jax.nn.relu(layer(x)), deterministic=key is None, rngs=key)
+        return self.head(x)
+
+
+def build_model(config: Config) -> MLP:
+    """The MLP, initialised from ``config.seed`` alone."""
+    return MLP(config.hidden, config.dropout, rngs=nnx.Rngs(params=config.seed))
+
+
+def build_optimizer(config: Config, steps_per_epoch: int) -> Any:
+    """AdamW with linear warmup then cosine decay to zero over the whole run."""
+
+    total = config.epochs * steps_per_epoch
+    schedule = optax.warmup_cosine_decay_schedule(
+        init_value=0.0,
+        peak_value=config.learning_rate,
+        warmup_steps=int(config.warmup_epochs * steps_per_epoch),
+        decay_steps=total,
+        end_value=0.0,
+    )
+    return optax.adamw(schedule, weight_decay=config.weight_decay)
+
+
+def train(
+    config: Config,
+    run_dir: Path,
+    *,
+    resume: bool = False,
+    data: common.Dataset | None = None,
+    progress: bool = True,
+    stop: common.StopRequest | None = None,
+    on_chunk: Any = None,
+) -> common.FitResult:
+    """Trains, evaluates and writes every artefact of one run into ``run_dir``."""
+    if data is None:
+        data = common.load_dataset(config.data_dir, config.train_limit, config.test_limit)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    if not resume:
+        common.write_json_atomic(run_dir / "config.json", dataclasses.asdict(config))
+    n_steps = common.steps_per_epoch(len(data.train_images), config.batch_size)
+    result = common.fit(
+        model=build_model(config),
+        optimizer=build_optimizer(config, n_steps),
+        loss_fn=common.make_loss(config.loss, config.label_smoothing),
+        eval_loss_fn=common.make_loss(config.loss),
+        data=data,
+        options=common.FitOptions(
+            epochs=config.epochs,
+            batch_size=config.batch_size,
+            seed=config.seed,
+            devices=config.devices,
+            chunk_steps=config.chunk_steps,
+            progress=progress,
+        ),
+        run_dir=run_dir,
+        resume=resume,
+        stop=stop,
+        on_chunk=on_chunk,
+    )
+    if not result.interrupted:
+        title = f"MLP {'-'.join(map(str, (784, *config.hidden, 10)))}, {config.loss} loss"
+        common.write_plots(run_dir, result, data, title)
+    return result
+
+
+def compare_throughput(config: Config, data: common.Dataset, rounds: int) -> dict[str, Any]:
+    """Images/s of jxent's and optax's loss, measured interleaved (A, B, A, B, ...) epochs."""
+    import jax.numpy as jnp
+
+    mesh = common.make_mesh(config.devices)
+    n_steps = common.steps_per_epoch(len(data.train_images), config.batch_size)
+    images = jnp.asarray(data.train_images.reshape(len(data.train_images), -1))
+    labels = jnp.asarray(data.train_labels)
+    order = jax.random.permutation(jax.random.key(config.seed), len(images))
+    order = order[: n_steps * config.batch_size].reshape(n_steps, config.batch_size)
+    chunks = common.chunk_bounds(n_steps, config.chunk_steps)
+    optimizer = build_optimizer(config, n_steps)
+    runners = {}
+    for loss in common.LOSSES:
+        graphdef, params = nnx.split(build_model(config), nnx.Param)
+        step_fn = common.make_train_chunk(
+            graphdef, optimizer, common.make_loss(loss, config.label_smoothing), mesh
+        )
+        runners[loss] = [step_fn, params, optimizer.init(params)]
+    seconds: dict[str, list[float]] = {loss: [] for loss in runners}
+    key = jax.random.key(config.seed + 1)
+    for round_index in range(rounds + 1):  # round 0 compiles and warms up; not counted
+        for loss, runner in runners.items():
+            step_fn, params, opt_state = runner
+            t0 = time.perf_counter()
+            for start, stop in chunks:
+                params, opt_state, chunk_loss = step_fn(
+                    params, opt_state, images, labels, order[start:stop], key, jnp.int32(start)
+                )
+            float(chunk_loss)
+            runner[1:] = [params, opt_state]
+            if round_index:
+                seconds[loss].append(time.perf_counter() - t0)
+    images_per_epoch = n_steps * config.batch_size
+    summary = {
+        loss: {
+            "median_images_per_second": images_per_epoch / statistics.median(times),
+            "epoch_seconds": times,
+        }
+        for loss, times in seconds.items()
+    }
+    summary["jxent_over_optax"] = (
+        summary["jxent"]["median_images_per_second"] / summary["optax"]["median_images_per_second"]
+    )
+    return summary
+
+
+def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
+    defaults = Config()
+    parser = argparse.ArgumentParser(
+        description="Train a Flax NNX MLP on MNIST with jxent's cross-entropy.",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    parser.add_argument("--epochs", type=int, default=defaults.epochs)
+    parser.add_argument("--batch-size", type=int, default=defaults.batch_size)
+    parser.add_argument("--learning-rate", "--lr", type=float, default=defaults.learning_rate)
+    parser.add_argument("--weight-decay", type=float, default=defaults.weight_decay)
+    parser.add_argument("--warmup-epochs", type=float, default=defaults.warmup_epochs)
+    parser.add_argument(
+        "--hidden",
+        type=int,
+        nargs="+",
+        default=list(defaults.hidden),
+        help="hidden layer sizes; `--hidden 1024` is the classic 784-1024-10",
+    )
+    parser.add_argument("--dropout", type=float, default=defaults.dropout)
+    parser.add_argument("--label-smoothing", type=float, default=defaults.label_smoothing)
+    parser.add_argument("--seed", type=int, default=defaults.seed)
+    parser.add_argument("--loss", choices=common.LOSSES, default=defaults.loss)
+    parser.add_argument(
+        "--devices", type=int, default=defaults.devices, help="data-parallel device count"
+    )
+    parser.add_argument(
+        "--chunk-steps",
+        type=int,
+        default=defaults.chunk_steps,
+        help="training steps per jitted scan (progress and interrupt granularity)",
+    )
+    parser.add_argument(
+        "--data-dir",
+        default=None,
+        help="MNIST cache (default: $JXENT_DATA_DIR or ~/.cache/jxent/mnist)",
+    )
+    parser.add_argument(
+        "--out-dir", default=None, help=f"run directory (default: runs/{EXPERIMENT}/<timestamp>)"
+    )
+    parser.add_argument(
+        "--resume",
+        metavar="RUN_DIR",
+        default=None,
+        help="continue the run in RUN_DIR from its latest checkpoint, with its config.json",
+    )
+    parser.add_argument(
+        "--train-limit", type=int, default=None, help="use the first N train images"
+    )
+    parser.add_argument("--test-limit", type=int, default=None, help="use the first N test images")
+    parser.add_argument(
+        "--compare",
+        action="store_true",
+        help="train with jxent and with optax, then time both losses interleaved",
+    )
+    parser.add_argument(
+        "--compare-rounds", type=int, default=5, help="interleaved epochs per loss for --compare"
+    )
+    parser.add_argument("--no-progress", action="store_true", help="hide the progress bars")
+    return parser.parse_args(argv)
+
+
+def config_from_args(args: argparse.Namespace) -> Config:
+    fields = {f.name for f in dataclasses.fields(Config)}
+    values = {k: v for k, v in vars(args).items() if k in fields}
+    values["hidden"] = tuple(values["hidden"])
+    return Config(**values)
+
+
+def load_config(run_dir: Path) -> Config:
+    """The ``Config`` saved in ``run_dir/config.json``."""
+    path = run_dir / "config.json"
+    if not path.is_file():
+        raise SystemExit(f"--resume {run_dir}: no config.json there; is it a run directory?")
+    values = json.loads(path.read_text())
+    values["hidden"] = tuple(values["hidden"])
+    return Config(**values)
+
+
+def print_summary(config: Config, result: common.FitResult, run_dir: Path, wall: float) -> None:
+    if not result.records:
+        return
+    last = result.records[-1]
+    rates = [r["images_per_second"] for r in result.records[1:]] or [
+        result.records[0]["images_per_second"]
+    ]
+    print(
+        f"\n{EXPERIMENT}: test accuracy {100 * last['test_accuracy']:.2f}% "
+        f"(test loss {last['test_loss']:.4f}) after {last['epoch']} epochs, "
+        f"{statistics.median(rates):,.0f} images/s median (epoch 1 includes compilation), "
+        f"{wall:.1f} s wall with {config.loss} loss on {config.devices} device(s)\n"
+        f"run directory: {run_dir}"
+    )
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Command-line entry point; returns the process exit status."""
+    t_start = time.perf_counter()
+    args = parse_args(argv)
+    if args.resume:
+        run_dir = Path(args.resume)
+        config = load_config(run_dir)
+    else:
+        config = config_from_args(args)
+        run_dir = common.new_run_dir(EXPERIMENT, args.out_dir)
+    common.set_cpu_device_count(config.devices)
+    stop = common.StopRequest()
+    progress = not args.no_progress
+    with stop.installed():
+        if not args.compare:
+            result = train(config, run_dir, resume=bool(args.resume), progress=progress, stop=stop)
+            print_summary(config, result, run_dir, time.perf_counter() - t_start)
+            return result.exit_code
+        data = common.load_dataset(config.data_dir, config.train_limit, config.test_limit)
+        accuracy = {}
+        for loss in common.LOSSES:
+            loss_config = dataclasses.replace(config, loss=loss)
+            t0 = time.perf_counter()
+            result = train(loss_config, run_dir / loss, data=data, progress=progress, stop=stop)
+            print_summary(loss_config, result, run_dir / loss, time.perf_counter() - t0)
+            if result.interrupted:
+                return result.exit_code
+            accuracy[loss] = result.records[-1]["test_accuracy"]
+        print(f"timing both losses interleaved, {args.compare_rounds} epochs each...")
+        throughput = compare_throughput(config, data, args.compare_rounds)
+    report = {"test_accuracy": accuracy, "throughput": throughput}
+    common.write_json_atomic(run_dir / "compare.json", report)
+    print(
+        f"\ncompare ({config.devices} device(s)):\n"
+        + "\n".join(
+            f"  {loss:6s} test acc {100 * accuracy[loss]:.2f}%   "
+            f"{throughput[loss]['median_images_per_second']:,.0f} images/s (median)"
+            for loss in common.LOSSES
+        )
+        + f"\n  jxent / optax throughput: {throughput['jxent_over_optax']:.3f}\n"
+        f"written to {run_dir / 'compare.json'}"
+    )
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,835 @@
+"""Softmax cross-entropy (integer and dense labels) and the negative log-likelihood loss.
+
+Conventions shared by every loss here (they are PyTorch's ``cross_entropy`` / ``nll_loss``):
+
+* per example ``n`` with class weights ``w`` (all 1 without ``class_weights``) and smoothing
+  ``ε`` over the ``C`` classes of its row, with ``lp = log_softmax(logits)``:
+
+  - integer label ``y``:
+    ``loss = (1 - ε)·(-w_y·lp_y) + (ε / C)·Σ_c (-w_c·lp_c)``, and the example's weight is ``w_y``;
+  - dense labels ``t``: ``loss = -Σ_c w_c·t'_c·lp_c`` with ``t' = (1 - ε)·t + ε / C``, and the
+    example's weight is 1;
+  - ``z_loss=ζ`` adds ``ζ·lse²`` (``lse`` the log-normaliser), PaLM's auxiliary loss;
+
+* ``reduction="mean"`` divides the sum of the losses by the sum of the examples' weights; a
+  mean over zero valid targets (all ignored or all masked) is 0 with zero gradient;
+* ignored examples and rows masked out entirely by ``where`` give loss 0, gradient 0 and
+  weight 0. With ``where``, ``C`` counts the row's unmasked classes.
+
+The kernels work on class-last arrays ``[..., C]``. Their backward rules form
+``softmax - target`` (with weights, smoothing and z-loss folded in) in one elementwise
+expression that XLA fuses; no one-hot or log-softmax array of the logits' size is made.
+"""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Hashable
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax.experimental import checkify
+from jax.typing import ArrayLike
+
+from jxent import _common as c
+
+# ----------------------------------------------------------------------------- targets
+
+
+class _Targets(NamedTuple):
+    """Where each example's integer label points, and whether it counts."""
+
+    local: jax.Array  # label index within this device's slice of classes
+    in_shard: jax.Array  # the label's class lives on this device
+    active: jax.Array  # contributes to the loss: not ignored, row not masked out, label valid
+    bad: jax.Array  # label out of range, or pointing at a masked-out class: NaN loss
+    weight: jax.Array  # w_y for active examples, else 0: the example's share of the mean
+
+
+def _gather_target(
+    values: jax.Array, local: jax.Array, in_shard: jax.Array, axis_name: Hashable | None
+) -> jax.Array:
+    """``values[..., y]`` for each example, fetched from whichever device holds class ``y``."""
+    index = jnp.clip(local, 0, values.shape[-1] - 1)[..., None]
+    picked = jnp.take_along_axis(values, index, axis=-1)[..., 0]
+    picked = jnp.where(in_shard, picked, jnp.zeros_like(picked))
+    return picked if axis_name is None else jax.lax.psum(picked, axis_name)
+
+
+def _resolve_targets(
+    labels: jax.Array,
+    where: jax.Array | None,
+    weights: jax.Array | None,
+    ignore_index: int | None,
+    num_local: int,
+    axis_name: Hashable | None,
+    dtype: Any,
+) -> _Targets:
+    local = labels - c.class_offset(num_local, axis_name)
+    in_shard = (local >= 0) & (local < num_local)
+    in_range = (labels >= 0) & (labels < c.global_num_classes(num_local, axis_name))
+    ignored = jnp.zeros(labels.shape, bool) if ignore_index is None else labels == ignore_index
+    if where is None:
+        row_valid = jnp.ones(labels.shape, bool)
+        target_unmasked = in_range
+    else:
+        row_valid = c.class_any(where, axis_name)[..., 0]
+        target_unmasked = _gather_target(where.astype(jnp.int32), local, in_shard, axis_name) > 0
+    counted = ~ignored & row_valid
+    bad = counted & ~(in_range & target_unmasked)
+    active = counted & ~bad
+    if weights is None:
+        weight = active.astype(dtype)
+    else:
+        w_y = _gather_target(weights.astype(dtype), local, in_shard, axis_name)
+        weight = jnp.where(active, w_y, jnp.zeros_like(w_y))
+    return _Targets(local, in_shard, active, bad, weight)
+
+
+def _target_mask(targets: _Targets, num_local: int) -> jax.Array:
+    """Boolean ``[..., C]`` "this is the target class"; an iota compare that XLA fuses."""
+    classes = jax.lax.broadcasted_iota(
+        targets.local.dtype, (*targets.local.shape, num_local), targets.local.ndim
+    )
+    return classes == targets.local[..., None]
+
+
+def _scatter_to_classes(
+    values: jax.Array, targets: _Targets, num_local: int, dtype: Any
+) -> jax.Array:
+    """``Σ_n values_n · [y_n = c]`` for each local class ``c`` (a segment sum)."""
+    values = jnp.where(targets.in_shard, values, jnp.zeros_like(values))
+    index = jnp.clip(targets.local, 0, num_local - 1)
+    return jnp.zeros((num_local,), dtype).at[index.reshape(-1)].add(values.reshape(-1))
+
+
+def _batch_sum(x: jax.Array) -> jax.Array:
+    """Sums a ``[..., C]`` array over everything but the class axis."""
+    return jnp.sum(x, axis=tuple(range(x.ndim - 1)))
+
+
+def _row_class_count(x: jax.Array, where: jax.Array | None, axis_name: Hashable | None) -> Any:
+    """Number of classes taking part in each row (``C``, or the unmasked count)."""
+    if where is None:
+        return c.global_num_classes(x.shape[-1], axis_name)
+    return c.class_sum(where.astype(jnp.int32), axis_name)[..., 0]
+
+
+def _nan_where(bad: jax.Array, x: jax.Array) -> jax.Array:
+    return jnp.where(bad, jnp.full_like(x, jnp.nan), x)
+
+
+def _expand(x: Any) -> Any:
+    return x[..., None] if isinstance(x, jax.Array) else x
+
+
+# ----------------------------------------------------------------------------- integer labels
+
+
+class _IntegerConfig(NamedTuple):
+    ignore_index: int | None
+    label_smoothing: float
+    z_loss: float
+    axis_name: Hashable | None
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(4,))
+def _integer_ce_impl(
+    logits: jax.Array,
+    labels: jax.Array,
+    where: jax.Array | None,
+    weights: jax.Array | None,
+    cfg: _IntegerConfig,
+) -> tuple[jax.Array, jax.Array]:
+    return _integer_ce_fwd(logits, labels, where, weights, cfg)[0]
+
+
+def _integer_ce_fwd(
+    logits: jax.Array,
+    labels: jax.Array,
+    where: jax.Array | None,
+    weights: jax.Array | None,
+    cfg: _IntegerConfig,
+) -> tuple[tuple[jax.Array, jax.Array], tuple[Any, ...]]:
+    dtype = c.compute_dtype(logits.dtype)
+    num_local = logits.shape[-1]
+    x = logits.astype(dtype)
+    lse = c.stable_logsumexp(c.mask(x, where, -jnp.inf), cfg.axis_name)[..., 0]
+    targets = _resolve_targets(
+        labels, where, weights, cfg.ignore_index, num_local, cfg.axis_name, dtype
+    )
+    eps = cfg.label_smoothing
+    # (lse - x_y) rather than -(x_y - lse): both operands are O(batch), no log-softmax array.
+    loss = (
+        (1.0 - eps)
+        * targets.weight
+        * (lse - _gather_target(x, targets.local, targets.in_shard, cfg.axis_name))
+    )
+    num_classes = _row_class_count(x, where, cfg.axis_name)
+    smoothing_weight = jnp.zeros_like(lse)
+    if eps:
+        w = jnp.ones((num_local,), dtype) if weights is None else weights.astype(dtype)
+        w = c.mask(jnp.broadcast_to(w, x.shape), where, 0.0)
+        # Σ_c w_c·(lse - x_c) elementwise, so that huge logits do not cancel catastrophically.
+        spread = c.class_sum(w * (lse[..., None] - x), cfg.axis_name)[..., 0]
+        loss = loss + eps / num_classes * spread
+        smoothing_weight = c.class_sum(w, cfg.axis_name)[..., 0]
+    if cfg.z_loss:
+        loss = loss + cfg.z_loss * lse**2
+    loss = _nan_where(targets.bad, jnp.where(targets.active, loss, jnp.zeros_like(loss)))
+    residuals = (logits, where, weights, lse, targets, num_classes, smoothing_weight)
+    return (loss, targets.weight), residuals
+
+
+def _integer_ce_bwd(
+    cfg: _IntegerConfig, residuals: tuple[Any, ...], cotangents: tuple[jax.Array, jax.Array]
+) -> tuple[Any, ...]:
+    logits, where, weights, lse, targets, num_classes, smoothing_weight = residuals
+    g_loss, g_weight = cotangents
+    dtype = lse.dtype
+    num_local = logits.shape[-1]
+    eps = cfg.label_smoothing
+    w_y = targets.weight  # already 0 for inactive examples
+    coef = _nan_where(targets.bad, jnp.where(targets.active, g_loss, jnp.zeros_like(g_loss)))
+    x = logits.astype(dtype)
+    p = jnp.exp(c.mask(x, where, -jnp.inf) - c.finite_or_zero(lse)[..., None])
+    # d loss / d x_c = p_c·A - (1-ε)·w_y·[c = y] - (ε/C)·w_c, with A the total target mass.
+    mass = (1.0 - eps) * w_y + eps / num_classes * smoothing_weight + 2.0 * cfg.z_loss * lse
+    mass = jnp.where(targets.active, mass, jnp.zeros_like(mass))
+    is_target = _target_mask(targets, num_local)
+    grad = p * mass[..., None] - jnp.where(is_target, ((1.0 - eps) * w_y)[..., None], 0.0)
+    w = None
+    if eps:
+        w = jnp.ones((num_local,), dtype) if weights is None else weights.astype(dtype)
+        w = c.mask(jnp.broadcast_to(w, x.shape), where, 0.0)
+        grad = grad - _expand(eps / num_classes) * w
+    dlogits = (coef[..., None] * grad).astype(logits.dtype)
+
+    dweights = None
+    if weights is not None:
+        # loss_n depends on w through w_y (the NLL term, and the mean's weight) and, with
+        # smoothing, on every unmasked w_c.
+        x_y = _gather_target(x, targets.local, targets.in_shard, cfg.axis_name)
+        per_example = coef * (1.0 - eps) * (lse - x_y) + jnp.where(targets.active, g_weight, 0.0)
+        dw = _scatter_to_classes(per_example, targets, num_local, dtype)
+        if eps:
+            spread = c.mask(lse[..., None] - x, where, 0.0)
+            dw = dw + _batch_sum(_expand(coef * eps / num_classes) * spread)
+        dweights = dw.astype(weights.dtype)
+    return dlogits, None, None, dweights
+
+
+_integer_ce_impl.defvjp(_integer_ce_fwd, _integer_ce_bwd)
+
+
+# ----------------------------------------------------------------------------- dense labels
+
+
+class _DenseConfig(NamedTuple):
+    label_smoothing: float
+    z_loss: float
+    axis_name: Hashable | None
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(4,))
+def _dense_ce_impl(
+    logits: jax.Array,
+    labels: jax.Array,
+    where: jax.Array | None,
+    weights: jax.Array | None,
+    cfg: _DenseConfig,
+) -> tuple[jax.Array, jax.Array]:
+    return _dense_ce_fwd(logits, labels, where, weights, cfg)[0]
+
+
+def _smoothed_weighted_targets(
+    labels: jax.Array,
+    where: jax.Array | None,
+    weights: jax.Array | None,
+    num_classes: Any,
+    cfg: _DenseConfig,
+    dtype: Any,
+) -> jax.Array:
+    """``w_c·t'_c`` with ``t' = (1-ε)·t + ε/C``, 0 on masked classes."""
+    t = labels.astype(dtype)
+    eps = cfg.label_smoothing
+    if eps:
+        t = (1.0 - eps) * t + _expand(eps / num_classes)
+    if weights is not None:
+        t = t * weights.astype(dtype)
+    return c.mask(t, where, 0.0)
+
+
+def _dense_ce_fwd(
+    logits: jax.Array,
+    labels: jax.Array,
+    where: jax.Array | None,
+    weights: jax.Array | None,
+    cfg: _DenseConfig,
+) -> tuple[tuple[jax.Array, jax.Array], tuple[Any, ...]]:
+    dtype = c.compute_dtype(logits.dtype)
+    x = logits.astype(dtype)
+    lse = c.stable_logsumexp(c.mask(x, where, -jnp.inf), cfg.axis_name)
+    num_classes = _row_class_count(x, where, cfg.axis_name)
+    wt = _smoothed_weighted_targets(labels, where, weights, num_classes, cfg, dtype)
+    # 0·log 0 = 0: a class with no target mass contributes nothing, even at x_c = -inf.
+    terms = jnp.where(wt == 0, jnp.zeros_like(wt), wt * (lse - x))
+    loss = c.class_sum(terms, cfg.axis_name)[..., 0]
+    mass = c.class_sum(wt, cfg.axis_name)[..., 0]
+    lse = lse[..., 0]
+    if cfg.z_loss:
+        loss = loss + cfg.z_loss * lse**2
+    row_valid = (
+        jnp.ones(lse.shape, bool) if where is None else c.class_any(where, cfg.axis_name)[..., 0]
+    )
+    loss = jnp.where(row_valid, loss, jnp.zeros_like(loss))
+    residuals = (logits, labels, where, weights, lse, mass, num_classes, row_valid)
+    return (loss, row_valid.astype(dtype)), residuals
+
+
+def _dense_ce_bwd(
+    cfg: _DenseConfig, residuals: tuple[Any, ...], cotangents: tuple[jax.Array, jax.Array]
+) -> tuple[Any, ...]:
+    logits, labels, where, weights, lse, mass, num_classes, row_valid = residuals
+    g_loss, _ = cotangents  # the example weight (row valid or not) is piecewise constant
+    dtype = lse.dtype
+    coef = jnp.where(row_valid, g_loss, jnp.zeros_like(g_loss))[..., None]
+    x = logits.astype(dtype)
+    p = jnp.exp(c.mask(x, where, -jnp.inf) - c.finite_or_zero(lse)[..., None])
+    wt = _smoothed_weighted_targets(labels, where, weights, num_classes, cfg, dtype)
+    total_mass = mass + 2.0 * cfg.z_loss * lse
+    dlogits = (coef * (p * total_mass[..., None] - wt)).astype(logits.dtype)
+    # d loss / d t_c = (1-ε)·w_c·(lse - x_c): the negative log-probability, for distillation.
+    neg_log_p = c.mask(c.finite_or_zero(lse)[..., None] - x, where, 0.0)
+    w = jnp.ones((), dtype) if weights is None else weights.astype(dtype)
+    dlabels = (coef * (1.0 - cfg.label_smoothing) * w * neg_log_p).astype(labels.dtype)
+    dweights = None
+    if weights is not None:
+        t = _smoothed_weighted_targets(labels, where, None, num_classes, cfg, dtype)
+        per_class = jnp.where(t == 0, jnp.zeros_like(t), t * neg_log_p)
+        dweights = _batch_sum(coef * per_class).astype(weights.dtype)
+    return dlogits, dlabels, None, dweights
+
+
+_dense_ce_impl.defvjp(_dense_ce_fwd, _dense_ce_bwd)
+
+
+# ----------------------------------------------------------------------------- NLL
+
+
+class _NLLConfig(NamedTuple):
+    ignore_index: int | None
+    axis_name: Hashable | None
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(4,))
+def _nll_impl(
+    log_probs: jax.Array,
+    labels: jax.Array,
+    where: jax.Array | None,
+    weights: jax.Array | None,
+    cfg: _NLLConfig,
+) -> tuple[jax.Array, jax.Array]:
+    return _nll_fwd(log_probs, labels, where, weights, cfg)[0]
+
+
+def _nll_fwd(
+    log_probs: jax.Array,
+    labels: jax.Array,
+    where: jax.Array | None,
+    weights: jax.Array | None,
+    cfg: _NLLConfig,
+) -> tuple[tuple[jax.Array, jax.Array], tuple[Any, ...]]:
+    dtype = c.compute_dtype(log_probs.dtype)
+    num_local = log_probs.shape[-1]
+    targets = _resolve_targets(
+        labels, where, weights, cfg.ignore_index, num_local, cfg.axis_name, dtype
+    )
+    lp_y = _gather_target(log_probs.astype(dtype), targets.local, targets.in_shard, cfg.axis_name)
+    loss = jnp.where(targets.active, -targets.weight * lp_y, jnp.zeros_like(lp_y))
+    loss = _nan_where(targets.bad, loss)
+    return (loss, targets.weight), (log_probs, weights, targets, lp_y)
+
+
+def _nll_bwd(
+    cfg: _NLLConfig, residuals: tuple[Any, ...], cotangents: tuple[jax.Array, jax.Array]
+) -> tuple[Any, ...]:
+    log_probs, weights, targets, lp_y = residuals
+    g_loss, g_weight = cotangents
+    num_local = log_probs.shape[-1]
+    coef = _nan_where(targets.bad, jnp.where(targets.active, g_loss, jnp.zeros_like(g_loss)))
+    is_target = _target_mask(targets, num_local)
+    scale = (-coef * targets.weight)[..., None]
+    dlog_probs = jnp.where(is_target, scale, jnp.zeros_like(scale)).astype(log_probs.dtype)
+    dweights = None
+    if weights is not None:
+        per_example = -coef * lp_y + jnp.where(targets.active, g_weight, 0.0)
+        dw = _scatter_to_classes(per_example, targets, num_local, lp_y.dtype)
+        dweights = dw.astype(weights.dtype)
+    return dlog_probs, None, None, dweights
+
+
+_nll_impl.defvjp(_nll_fwd, _nll_bwd)
+
+
+# ----------------------------------------------------------------------------- public API
+
+
+class _Prepared(NamedTuple):
+    layout: c.ClassLayout
+    logits: jax.Array
+    where: jax.Array | None
+    weights: jax.Array | None
+
+
+def _prepare(
+    logits: ArrayLike,
+    axis: c.Axis,
+    where: ArrayLike | None,
+    class_weights: ArrayLike | None,
+    reduction: str,
+    axis_name: Hashable | None,
+    name: str = "logits",
+) -> _Prepared:
+    c.check_reduction(reduction)
+    c.check_axis_name(axis_name)
+    x = c.as_floating(logits, name)
+    layout = c.ClassLayout(x.shape, c.canonical_axes(axis, x.ndim))
+    weights = c.class_weights_vector(class_weights, layout.num_classes, c.compute_dtype(x.dtype))
+    return _Prepared(layout, layout.to_last(x), c.broadcast_where(where, layout), weights)
+
+
+def _integer_labels(labels: ArrayLike, layout: c.ClassLayout) -> jax.Array:
+    labels = c.as_integer_labels(labels)
+    if labels.shape != layout.batch_shape:
+        raise ValueError(
+            f"integer labels must have the logits' shape without the class axes, "
+            f"{layout.batch_shape} (logits {layout.shape}, class axes {layout.axes}); "
+            f"got labels of shape {labels.shape}."
+        )
+    # A common signed dtype, so that negative ignore_index values compare correctly.
+    return labels.astype(jnp.int64 if labels.dtype.itemsize > 4 else jnp.int32)
+
+
+def _check_labels_in_range(labels: jax.Array, num_classes: int, ignore_index: int | None) -> None:
+    """Raises (eagerly) or adds a ``checkify`` check (traced) naming the first bad label."""
+    ok = (labels >= 0) & (labels < num_classes)
+    if ignore_index is not None:
+        ok = ok | (labels == ignore_index)
+    if isinstance(labels, jax.core.Tracer):
+        flat_index = jnp.argmin(ok.reshape(-1))
+        checkify.check(
+            jnp.all(ok),
+            "jxent: label {label} at flat index {index} is outside [0, {n}) "
+            "and is not ignore_index",
+            label=labels.reshape(-1)[flat_index],
+            index=flat_index,
+            n=num_classes,
+        )
+    elif not bool(jnp.all(ok)):
+        concrete = np.asarray(labels).reshape(-1)
+        first_bad = int(np.argmin(np.asarray(ok).reshape(-1)))
+        raise ValueError(
+            f"jxent: label {concrete[first_bad]} at flat index {first_bad} is outside "
+            f"[0, {num_classes}) and is not ignore_index={ignore_index}."
+        )
+
+
+_INTEGER_STATIC = (
+    "axis",
+    "ignore_index",
+    "label_smoothing",
+    "z_loss",
+    "reduction",
+    "check_labels",
+    "axis_name",
+)
+
+
+def softmax_cross_entropy_with_integer_labels(
+    logits: ArrayLike,
+    labels: ArrayLike,
+    axis: c.Axis = -1,
+    where: ArrayLike | None = None,
+    *,
+    class_weights: ArrayLike | None = None,
+    ignore_index: int | None = None,
+    label_smoothing: float = 0.0,
+    z_loss: float = 0.0,
+    reduction: c.Reduction = "none",
+    check_labels: bool = False,
+    axis_name: Hashable | None = None,
+) -> jax.Array:
+    r"""Softmax cross-entropy with integer labels, with a hand-written gradient.
+
+    With ``lp = log_softmax(logits)``, class weights ``w`` (all 1 by default), smoothing
+    ``ε`` over the row's ``C`` classes and z-loss coefficient ``ζ``:
+
+    .. math::
+        \ell_n = (1-\varepsilon)\,w_{y_n}\,(-lp_{n,y_n})
+                 + \frac{\varepsilon}{C} \sum_c w_c\,(-lp_{n,c})
+                 + \zeta\,\operatorname{lse}(x_n)^2,
+        \qquad
+        \frac{\partial \ell_n}{\partial x_{n,c}} = p_{n,c}\,A_n
+                 - (1-\varepsilon)\,w_{y_n}[c = y_n] - \frac{\varepsilon}{C} w_c,
+
+    with :math:`A_n = (1-\varepsilon) w_{y_n} + \frac{\varepsilon}{C}\sum_c w_c
+    + 2\zeta\,\operatorname{lse}(x_n)`. This is PyTorch's
+    ``torch.nn.functional.cross_entropy(logits, labels, weight=w, ignore_index=...,
+    label_smoothing=ε, reduction=...)`` in value and gradient, plus the z-loss: with
+    ``reduction="mean"`` the sum is divided by :math:`\sum_n w_{y_n}` over non-ignored
+    examples. One deliberate difference: a mean over no valid example is 0 (PyTorch: NaN).
+
+    Positional parameters match :func:`optax.softmax_cross_entropy_with_integer_labels`.
+
+    Args:
+      logits: floating ``[..., C]`` unnormalised log-probabilities.
+      labels: integer class ids of the logits' shape without the class axes. Any integer
+        dtype. An id outside ``[0, C)`` that is not ``ignore_index``, or one pointing at a
+        class masked out by ``where``, gives a NaN loss for its example (never wrapped).
+      axis: class axis, or tuple of axes (a label is then a flat index into them, as optax).
+      where: boolean mask broadcastable to ``logits`` (or of the labels' shape, one flag per
+        example); masked classes take no part, and a row masked out entirely gives loss 0,
+        gradient 0 and no weight in the mean.
+      class_weights: ``[C]`` per-class weights (PyTorch's ``weight``); differentiable.
+      ignore_index: a label value whose examples give loss 0 and no weight in the mean.
+      label_smoothing: ``ε`` in ``[0, 1]``.
+      z_loss: ``ζ >= 0``.
+      reduction: ``"none"`` (per-example losses), ``"sum"`` or ``"mean"`` (weighted).
+      check_labels: also verify every label. Eagerly, a bad label raises ``ValueError``
+        naming it; under ``jax.jit`` this adds a ``jax.experimental.checkify`` check, so wrap
+        the jitted function in ``checkify.checkify`` and call ``err.throw()``.
+      axis_name: vocabulary parallelism inside :func:`jax.shard_map`: the mesh axis over
+        which the class axis (and ``class_weights``) is sharded; labels are global ids.
+
+    Returns:
+      float32 losses (float64 for float64 logits) of the labels' shape, or a scalar.
+
+    Example:
+      >>> import jax, jax.numpy as jnp, jxent
+      >>> logits = jnp.array([[1.2, -0.8, -0.5], [0.9, -1.2, 1.1]])
+      >>> labels = jnp.array([0, 1])
+      >>> jxent.softmax_cross_entropy_with_integer_labels(logits, labels)
+      Array([0.2761, 2.9518], dtype=float32)
+      >>> jax.grad(jxent.softmax_cross_entropy_with_integer_labels)(
+      ...     jnp.array([0.0, 0.0]), jnp.array(1))  # softmax - one_hot
+      Array([ 0.5, -0.5], dtype=float32)
+
+    Note:
+      The gradient is a ``jax.custom_vjp``: reverse mode at any order works (including
+      ``jax.jacrev(jax.grad(f))``), forward mode (``jax.jvp``, ``jax.jacfwd``,
+      ``jax.hessian``) does not; use ``jax.jacrev(jax.jacrev(f))`` for Hessians.
+
+    References:
+      Chowdhery et al., `PaLM <https://arxiv.org/abs/2204.02311>`_, 2022 (z-loss);
+      Szegedy et al., `Rethinking the Inception Architecture
+      <https://arxiv.org/abs/1512.00567>`_, 2016 (label smoothing).
+    """
+    if check_labels and not isinstance(labels, jax.core.Tracer):
+        prepared_shape = np.shape(logits)
+        layout = c.ClassLayout(prepared_shape, c.canonical_axes(axis, len(prepared_shape)))
+        _check_labels_in_range(jnp.asarray(labels), layout.num_classes, ignore_index)
+        check_labels = False
+    return _integer_ce(
+        logits,
+        labels,
+        where,
+        class_weights,
+        axis=axis,
+        ignore_index=ignore_index,
+        label_smoothing=label_smoothing,
+        z_loss=z_loss,
+        reduction=reduction,
+        check_labels=check_labels,
+        axis_name=axis_name,
+    )
+
+
+@functools.partial(jax.jit, static_argnames=_INTEGER_STATIC)
+def _integer_ce(
+    logits: ArrayLike,
+    labels: ArrayLike,
+    where: ArrayLike | None,
+    class_weights: ArrayLike | None,
+    *,
+    axis: c.Axis,
+    ignore_index: int | None,
+    label_smoothing: float,
+    z_loss: float,
+    reduction: str,
+    check_labels: bool,
+    axis_name: Hashable | None,
+) -> jax.Array:
+    c.check_ignore_index(ignore_index)
+    cfg = _IntegerConfig(
+        ignore_index,
+        c.check_unit_interval(label_smoothing, "label_smoothing"),
+        c.check_nonnegative(z_loss, "z_loss"),
+        axis_name,
+    )
+    prepared = _prepare(logits, axis, where, class_weights, reduction, axis_name)
+    int_labels = _integer_labels(labels, prepared.layout)
+    if check_labels and axis_name is None:
+        _check_labels_in_range(int_labels, prepared.layout.num_classes, ignore_index)
+    loss, weight = _integer_ce_impl(
+        prepared.logits, int_labels, prepared.where, prepared.weights, cfg
+    )
+    return c.reduce_loss(loss, weight, reduction)
+
+
+@functools.partial(
+    jax.jit, static_argnames=("axis", "label_smoothing", "z_loss", "reduction", "axis_name")
+)
+def softmax_cross_entropy(
+    logits: ArrayLike,
+    labels: ArrayLike,
+    axis: c.Axis = -1,
+    where: ArrayLike | None = None,
+    *,
+    class_weights: ArrayLike | None = None,
+    label_smoothing: float = 0.0,
+    z_loss: float = 0.0,
+    reduction: c.Reduction = "none",
+    axis_name: Hashable | None = None,
+) -> jax.Array:
+    r"""Softmax cross-entropy with probability (dense) targets, with a hand-written gradient.
+
+    With ``lp = log_softmax(logits)``, smoothed targets :math:`t' = (1-\varepsilon)t +
+    \varepsilon/C`, class weights ``w`` and z-loss coefficient ``ζ``:
+
+    .. math::
+        \ell_n = -\sum_c w_c\,t'_{n,c}\,lp_{n,c} + \zeta\,\operatorname{lse}(x_n)^2,
+        \qquad
+        \frac{\partial \ell_n}{\partial x_{n,c}} = p_{n,c}\Big(\sum_k w_k t'_{n,k}
+            + 2\zeta\operatorname{lse}(x_n)\Big) - w_c t'_{n,c},
+        \qquad
+        \frac{\partial \ell_n}{\partial t_{n,c}} = -(1-\varepsilon)\,w_c\,lp_{n,c}.
+
+    PyTorch's ``cross_entropy`` with class-probability targets in value and gradient
+    (``reduction="mean"`` divides by the number of examples, the weights do not enter the
+    denominator), plus the z-loss; with ``where``, rows masked out entirely count for
+    nothing. Unlike PyTorch and optax, a class with zero target mass contributes 0 even
+    where its logit is ``-inf`` (``0·log 0 = 0``). The targets get a gradient too, for
+    distillation.
+
+    Positional parameters match :func:`optax.softmax_cross_entropy`.
+
+    Args:
+      logits: floating ``[..., C]`` unnormalised log-probabilities.
+      labels: target probabilities, broadcastable to ``logits``.
+      axis: class axis or tuple of axes.
+      where: boolean mask broadcastable to ``logits`` (or one flag per example).
+      class_weights: ``[C]`` per-class weights.
+      label_smoothing: ``ε`` in ``[0, 1]``.
+      z_loss: ``ζ >= 0``.
+      reduction: ``"none"``, ``"sum"`` or ``"mean"``.
+      axis_name: vocabulary parallelism inside :func:`jax.shard_map` (see
+        :func:`softmax_cross_entropy_with_integer_labels`).
+
+    Returns:
+      float32 losses (float64 for float64 logits) of the batch shape, or a scalar.
+
+    Example:
+      >>> import jax.numpy as jnp, jxent
+      >>> logits = jnp.array([[1.2, -0.8, -0.5], [0.9, -1.2, 1.1]])
+      >>> labels = jnp.array([[1.0, 0.0, 0.0], [0.0, 1.0, 0.0]])
+      >>> jxent.softmax_cross_entropy(logits, labels)
+      Array([0.2761, 2.9518], dtype=float32)
+
+    Note:
+      Forward mode (``jax.jvp``, ``jax.jacfwd``, ``jax.hessian``) is not available through
+      a ``jax.custom_vjp``; use ``jax.jacrev(jax.jacrev(f))``.
+    """
+    cfg = _DenseConfig(
+        c.check_unit_interval(label_smoothing, "label_smoothing"),
+        c.check_nonnegative(z_loss, "z_loss"),
+        axis_name,
+    )
+    prepared = _prepare(logits, axis, where, class_weights, reduction, axis_name)
+    targets = c.as_floating(labels, "labels (dense targets)")
+    try:
+        targets = jnp.broadcast_to(targets, prepared.layout.shape)
+    except ValueError:
+        raise ValueError(
+            f"dense labels of shape {targets.shape} are not broadcastable to the logits' "
+            f"shape {prepared.layout.shape}."
+        ) from None
+    loss, weight = _dense_ce_impl(
+        prepared.logits, prepared.layout.to_last(targets), prepared.where, prepared.weights, cfg
+    )
+    return c.reduce_loss(loss, weight, reduction)
+
+
+def nll_loss(
+    log_probs: ArrayLike,
+    labels: ArrayLike,
+    axis: c.Axis = -1,
+    where: ArrayLike | None = None,
+    *,
+    class_weights: ArrayLike | None = None,
+    ignore_index: int | None = None,
+    reduction: c.Reduction = "none",
+    check_labels: bool = False,
+    axis_name: Hashable | None = None,
+) -> jax.Array:
+    r"""Negative log-likelihood of integer labels under given log-probabilities.
+
+    .. math::
+        \ell_n = -w_{y_n}\,lp_{n,y_n},
+        \qquad \frac{\partial \ell_n}{\partial lp_{n,c}} = -w_{y_n}[c = y_n].
+
+    PyTorch's ``torch.nn.functional.nll_loss`` in value and gradient: ``reduction="mean"``
+    divides by :math:`\sum_n w_{y_n}` over non-ignored examples (0 when there are none).
+    ``cross_entropy(x, y)`` equals ``nll_loss(log_softmax(x), y)``.
+
+    Args:
+      log_probs: floating ``[..., C]`` log-probabilities (e.g. from :func:`log_softmax`).
+      labels: integer class ids of the input's shape without the class axes; invalid ids
+        give NaN (see :func:`softmax_cross_entropy_with_integer_labels`).
+      axis: class axis or tuple of axes.
+      where: boolean mask broadcastable to ``log_probs`` (or one flag per example).
+      class_weights: ``[C]`` per-class weights.
+      ignore_index: a label value whose examples give loss 0 and no weight in the mean.
+      reduction: ``"none"``, ``"sum"`` or ``"mean"``.
+      check_labels: verify every label (see
+        :func:`softmax_cross_entropy_with_integer_labels`).
+      axis_name: vocabulary parallelism inside :func:`jax.shard_map`.
+
+    Returns:
+      float32 losses (float64 for float64 inputs) of the labels' shape, or a scalar.
+
+    Example:
+      >>> import jax.numpy as jnp, jxent
+      >>> jxent.nll_loss(jnp.log(jnp.array([[0.25, 0.75]])), jnp.array([1]))
+      Array([0.2877], dtype=float32)
+    """
+    if check_labels and not isinstance(labels, jax.core.Tracer):
+        shape = np.shape(log_probs)
+        layout = c.ClassLayout(shape, c.canonical_axes(axis, len(shape)))
+        _check_labels_in_range(jnp.asarray(labels), layout.num_classes, ignore_index)
+        check_labels = False
+    return _nll(
+        log_probs,
+        labels,
+        where,
+        class_weights,
+        axis=axis,
+        ignore_index=ignore_index,
+        reduction=reduction,
+        check_labels=check_labels,
+        axis_name=axis_name,
+    )
+
+
+@functools.partial(
+    jax.jit, static_argnames=("axis", "ignore_index", "reduction", "check_labels", "axis_name")
+)
+def _nll(
+    log_probs: ArrayLike,
+    labels: ArrayLike,
+    where: ArrayLike | None,
+    class_weights: ArrayLike | None,
+    *,
+    axis: c.Axis,
+    ignore_index: int | None,
+    reduction: str,
+    check_labels: bool,
+    axis_name: Hashable | None,
+) -> jax.Array:
+    c.check_ignore_index(ignore_index)
+    prepared = _prepare(log_probs, axis, where, class_weights, reduction, axis_name, "log_probs")
+    int_labels = _integer_labels(labels, prepared.layout)
+    if check_labels and axis_name is None:
+        _check_labels_in_range(int_labels, prepared.layout.num_classes, ignore_index)
+    cfg = _NLLConfig(ignore_index, axis_name)
+    loss, weight = _nll_impl(prepared.logits, int_labels, prepared.where, prepared.weights, cfg)
+    return c.reduce_loss(loss, weight, reduction)
+
+
+def cross_entropy(
+    logits: ArrayLike,
+    labels: ArrayLike,
+    axis: c.Axis = -1,
+    where: ArrayLike | None = None,
+    *,
+    class_weights: ArrayLike | None = None,
+    ignore_index: int | None = None,
+    label_smoothing: float = 0.0,
+    z_loss: float = 0.0,
+    reduction: c.Reduction = "mean",
+    check_labels: bool = False,
+    axis_name: Hashable | None = None,
+) -> jax.Array:
+    r"""Softmax cross-entropy that picks its form from the labels' dtype; mean by default.
+
+    .. math::
+        \ell_n = -\sum_c w_c\,t_{n,c}\,\log\operatorname{softmax}(x_n)_c
+
+    Integer ``labels`` go to :func:`softmax_cross_entropy_with_integer_labels` (``t`` is
+    one-hot), floating ones to :func:`softmax_cross_entropy` (``t`` are probabilities);
+    every keyword means what it means there. This is the function to put under
+    ``jax.grad``, like PyTorch's ``torch.nn.functional.cross_entropy``.
+
+    Args:
+      logits: floating ``[..., C]`` unnormalised log-probabilities.
+      labels: integer class ids, or target probabilities.
+      axis: class axis or tuple of axes.
+      where: boolean mask (see :func:`softmax_cross_entropy_with_integer_labels`).
+      class_weights: ``[C]`` per-class weights.
+      ignore_index: integer labels only.
+      label_smoothing: ``ε`` in ``[0, 1]``.
+      z_loss: ``ζ >= 0``.
+      reduction: ``"mean"`` (default), ``"sum"`` or ``"none"``.
+      check_labels: integer labels only; see
+        :func:`softmax_cross_entropy_with_integer_labels`.
+      axis_name: vocabulary parallelism inside :func:`jax.shard_map`.
+
+    Returns:
+      The reduced loss (float32, or float64 for float64 logits), or per-example losses.
+
+    Example:
+      >>> import jax, jax.numpy as jnp, jxent
+      >>> logits = jnp.array([[2.0, 0.0, 0.0], [0.0, 2.0, 0.0]])
+      >>> jxent.cross_entropy(logits, jnp.array([0, 1]))
+      Array(0.2395, dtype=float32)
+      >>> jax.grad(jxent.cross_entropy)(logits, jnp.array([0, 1])).shape
+      (2, 3)
+    """
+    label_dtype = jnp.result_type(labels)
+    if jnp.issubdtype(label_dtype, jnp.integer):
+        return softmax_cross_entropy_with_integer_labels(
+            logits,
+            labels,
+            axis,
+            where,
+            class_weights=class_weights,
+            ignore_index=ignore_index,
+            label_smoothing=label_smoothing,
+            z_loss=z_loss,
+            reduction=reduction,
+            check_labels=check_labels,
+            axis_name=axis_name,
+        )
+    if not jnp.issubdtype(label_dtype, jnp.floating):
+        raise TypeError(
+            f"labels must be integer class ids or floating probabilities, got dtype {label_dtype}."
+        )
+    if ignore_index is not None:
+        raise ValueError(
+            f"ignore_index={ignore_index} applies to integer labels; got floating labels."
+        )
+    if check_labels:
+        raise ValueError("check_labels=True applies to integer labels; got floating labels.")
+    return softmax_cross_entropy(
+        logits,
+        labels,
+        axis,
+        where,
+        class_weights=class_weights,
+        label_smoothing=label_smoothing,
+        z_loss=z_loss,
+        reduction=reduction,
+        axis_name=axis_name,
+    )

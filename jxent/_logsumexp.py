@@ -1,0 +1,142 @@
+"""Log-sum-exp with a hand-written gradient."""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Hashable
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+from jax.typing import ArrayLike
+
+from jxent import _common as c
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(3,))
+def _logsumexp_impl(
+    x: jax.Array, b: jax.Array | None, where: jax.Array | None, axis_name: Hashable | None
+) -> tuple[jax.Array, jax.Array]:
+    return _logsumexp_fwd(x, b, where, axis_name)[0]
+
+
+def _active(x: jax.Array, b: jax.Array | None, where: jax.Array | None) -> jax.Array | None:
+    """Entries that take part: inside ``where`` and, as in ``jax.nn``, with ``b != 0``."""
+    if b is None:
+        return where
+    nonzero = b != 0
+    return nonzero if where is None else where & nonzero
+
+
+def _logsumexp_fwd(
+    x: jax.Array, b: jax.Array | None, where: jax.Array | None, axis_name: Hashable | None
+) -> tuple[tuple[jax.Array, jax.Array], tuple[Any, ...]]:
+    dtype = c.compute_dtype(x.dtype)
+    xm = c.mask(x.astype(dtype), _active(x, b, where), -jnp.inf)
+    if b is None:
+        lse = c.stable_logsumexp(xm, axis_name)
+        sign = jnp.where(jnp.isneginf(lse), 0.0, 1.0).astype(dtype)
+    else:
+        # Signed sum: log|Σ b·exp(x)| with its sign, shifted by the row max like the plain case.
+        m = c.class_max(xm, axis_name)
+        m = jax.lax.stop_gradient(jnp.where(jnp.isfinite(m), m, jnp.zeros_like(m)))
+        total = c.class_sum(b.astype(dtype) * jnp.exp(xm - m), axis_name)
+        sign = jnp.sign(total)
+        lse = m + jnp.log(jnp.abs(total))
+    return (lse, sign), (x, b, where, lse, sign)
+
+
+def _logsumexp_bwd(
+    axis_name: Hashable | None, residuals: tuple[Any, ...], cotangents: tuple[jax.Array, jax.Array]
+) -> tuple[Any, ...]:
+    del axis_name  # d lse / d x_i = sign · b_i · exp(x_i - lse) needs no cross-device data.
+    x, b, where, lse, sign = residuals
+    g, _ = cotangents  # the sign is piecewise constant: no gradient.
+    dtype = lse.dtype
+    # exp(x - lse) is 0 for masked entries and for rows whose lse is -inf (all masked).
+    ratio = jnp.exp(c.mask(x.astype(dtype), _active(x, b, where), -jnp.inf) - c.finite_or_zero(lse))
+    scale = g * sign
+    dx = scale * ratio if b is None else scale * ratio * b.astype(dtype)
+    if b is None:
+        db = None
+    else:
+        # d/db_i includes entries with b_i == 0 (they still move the sum); masked ones do not.
+        ratio_b = jnp.exp(c.mask(x.astype(dtype), where, -jnp.inf) - c.finite_or_zero(lse))
+        db = (scale * ratio_b).astype(b.dtype)
+    return dx.astype(x.dtype), db, None
+
+
+_logsumexp_impl.defvjp(_logsumexp_fwd, _logsumexp_bwd)
+
+
+@functools.partial(jax.jit, static_argnames=("axis", "keepdims", "return_sign", "axis_name"))
+def logsumexp(
+    a: ArrayLike,
+    axis: c.Axis = None,
+    b: ArrayLike | None = None,
+    keepdims: bool = False,
+    return_sign: bool = False,
+    where: ArrayLike | None = None,
+    *,
+    axis_name: Hashable | None = None,
+) -> jax.Array | tuple[jax.Array, jax.Array]:
+    r"""Log-sum-exp, computed stably, with a hand-written gradient.
+
+    .. math::
+        \operatorname{lse}(a) = \log \sum_i b_i \exp(a_i)
+        = m + \log \sum_i b_i \exp(a_i - m), \qquad m = \max_i a_i .
+
+    A drop-in for :func:`jax.nn.logsumexp`. Half-precision inputs are accumulated in
+    float32; the result has the input's dtype.
+
+    Degenerate cases: a row whose entries are all ``-inf`` (or all masked out) gives
+    ``-inf`` with gradient 0; masked entries get gradient exactly 0 whatever they hold;
+    NaN inputs give NaN.
+
+    Args:
+      a: input array. Integer inputs are promoted to float.
+      axis: axis or tuple of axes to reduce; ``None`` reduces over all axes.
+      b: optional scaling factors, broadcastable to ``a``; entries with ``b == 0`` are left out.
+      keepdims: keep the reduced axes with size 1.
+      return_sign: also return the sign of the sum. Without it a negative sum gives NaN.
+      where: optional boolean mask, broadcastable to ``a``; ``False`` entries take no part.
+      axis_name: for vocabulary parallelism inside :func:`jax.shard_map`: the mesh axis name
+        over which the reduced (class) axis is sharded. Partial maxima and sums are combined
+        with ``pmax`` / ``psum``; nothing is gathered.
+
+    Returns:
+      The log-sum-exp, or the pair ``(lse, sign)`` when ``return_sign``.
+
+    Example:
+      >>> import jax.numpy as jnp, jxent
+      >>> jxent.logsumexp(jnp.array([1000.0, 1000.0]))
+      Array(1000.6931, dtype=float32)
+
+    Note:
+      The gradient is a ``jax.custom_vjp``, so forward-mode autodiff (``jax.jvp``,
+      ``jax.jacfwd``, ``jax.hessian``) is not available; use ``jax.jacrev(jax.jacrev(f))``.
+    """
+    c.check_axis_name(axis_name)
+    x = c.as_inexact(a)
+    layout = c.ClassLayout(x.shape, c.canonical_axes(axis, x.ndim))
+    x_last = layout.to_last(x)
+    b_last = None
+    if b is not None:
+        b_arr = c.as_inexact(b)
+        try:
+            b_arr = jnp.broadcast_to(b_arr, x.shape)
+        except ValueError:
+            raise ValueError(
+                f"b of shape {b_arr.shape} is not broadcastable to {x.shape}."
+            ) from None
+        b_last = layout.to_last(b_arr)
+    where_last = c.broadcast_where(where, layout)
+    lse, sign = _logsumexp_impl(x_last, b_last, where_last, axis_name)
+    out_shape = layout.keepdims_shape() if keepdims else layout.batch_shape
+    lse = lse.reshape(out_shape).astype(x.dtype)
+    sign = sign.reshape(out_shape).astype(x.dtype)
+    if return_sign:
+        return lse, sign
+    if b is not None:
+        lse = jnp.where(sign < 0, jnp.nan, lse).astype(x.dtype)
+    return lse
