@@ -426,7 +426,7 @@ def _check_labels_in_range(labels: jax.Array, num_classes: int, ignore_index: in
             "and is not ignore_index",
             label=labels.reshape(-1)[flat_index],
             index=flat_index,
-            n=num_classes,
+            n=jnp.asarray(num_classes),
         )
     elif not bool(jnp.all(ok)):
         concrete = np.asarray(labels).reshape(-1)
