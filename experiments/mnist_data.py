@@ -164,12 +164,12 @@ def atomic_write(path: Path, data: bytes) -> None:
 
 
 def read_cached(
-    data_dir: Path, name: str, checksums: Mapping[str, str], log: Callable[[str], None]
+    data_dir: Path, name: str, checksums: Mapping[str, str], problems: list[str]
 ) -> bytes | None:
     """Returns the verified raw contents of ``name`` from the cache, or None if unusable.
 
-    A cached file that fails verification is reported, deleted and treated as missing, so the
-    caller fetches it again.
+    A cached file that fails verification is deleted and treated as missing, so the caller
+    fetches it again; why it was discarded is appended to ``problems``.
     """
     for path in (data_dir / name, data_dir / f"{name}.gz"):
         if not path.is_file():
@@ -177,7 +177,7 @@ def read_cached(
         try:
             return checked_contents(path.read_bytes(), name, checksums)
         except MnistDataError as err:
-            log(f"mnist: discarding corrupt cached file {path}: {err}")
+            problems.append(f"  cache: discarded {path}: {err}")
             path.unlink(missing_ok=True)
     return None
 
@@ -281,12 +281,14 @@ def fetch_files(
     soon as it verifies, so a later source or a later run never fetches it again.
     """
     contents = {}
+    failures: list[str] = []
     for name in names:
-        cached = read_cached(data_dir, name, checksums, log)
+        cached = read_cached(data_dir, name, checksums, failures)
         if cached is not None:
             contents[name] = cached
+    for problem in failures:
+        log(f"mnist: {problem.strip()}; fetching it again")
     missing = [name for name in names if name not in contents]
-    failures = []
     for source in default_sources() if sources is None else sources:
         if not missing:
             break

