@@ -1,0 +1,561 @@
+"""Fused linear + softmax cross-entropy that never materialises the ``[N, V]`` logits.
+
+The tokens are processed in chunks of ``T`` rows inside a ``lax.scan``: each step forms the
+chunk's logits ``x_c @ w`` (``[T, V]``, float32), reduces them to per-row statistics and, when
+the loss is a scalar (``reduction="sum"``/``"mean"``), immediately turns them into the chunk's
+share of every gradient (``dx_c = dz_c @ wᵀ``, ``dw += x_cᵀ @ dz_c``, ``db += Σ dz_c``). The
+gradients are therefore computed during the forward pass (as Liger-Kernel does) and the
+backward pass only scales them by the incoming cotangent: three matmuls in all, the same as the
+unfused computation, with a ``[T, V]`` working set instead of ``[N, V]``.
+
+With ``reduction="none"`` the cotangent differs per example, so the backward pass re-forms each
+chunk's logits from ``x``, ``w`` and the saved per-row log-normalisers (four matmuls in all).
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+from collections.abc import Hashable
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+from jax.typing import ArrayLike
+
+from jxent import _common as c
+
+# The default chunk keeps one [T, V] float32 logits block near this many bytes: big enough
+# for efficient matmuls and few scan steps, small enough that the handful of block-sized
+# temporaries XLA keeps stays far below the unfused [N, V] logits and their gradient.
+_CHUNK_BYTES = 64 * 2**20
+_MIN_CHUNK = 64
+_MAX_CHUNK = 4096
+
+
+class _Config(NamedTuple):
+    """Static options of one call (hashable: the ``nondiff_argnums`` of the custom_vjp)."""
+
+    chunk_size: int
+    num_rows: int  # N before padding to a multiple of chunk_size
+    ignore_index: int | None
+    label_smoothing: float
+    z_loss: float
+    logit_softcap: float | None
+    reduction: str
+    axis_name: Hashable | None
+
+
+class _Rows(NamedTuple):
+    """Per-example facts that depend only on the labels (computed once, before the scan)."""
+
+    local: jax.Array  # label index into this device's slice of classes
+    in_shard: jax.Array  # the label's class lives on this device
+    active: jax.Array  # counts: a real (not padding) row, not ignored, label in range
+    bad: jax.Array  # label out of range and not ignore_index: NaN loss
+    weight: jax.Array  # w_y for active rows, else 0: the row's share of the mean's divisor
+
+
+def default_chunk_size(num_rows: int, num_local_classes: int) -> int:
+    """Rows per chunk when ``chunk_size=None``.
+
+    The largest power of two ``T`` with ``T * V * 4 bytes <= 64 MiB`` (one float32 logits
+    block), clipped to ``[64, 4096]`` and to ``N`` rounded up to a multiple of 8.
+    """
+    rows = _CHUNK_BYTES // (4 * max(num_local_classes, 1))
+    chunk = 2 ** max(int(math.log2(max(rows, 1))), 0)
+    chunk = min(max(chunk, _MIN_CHUNK), _MAX_CHUNK)
+    return max(1, min(chunk, -(-num_rows // 8) * 8))
+
+
+# ----------------------------------------------------------------------------- chunk kernels
+
+
+def _chunk_logits(
+    x: jax.Array, w: jax.Array, bias: jax.Array | None, cfg: _Config
+) -> tuple[jax.Array, jax.Array | None]:
+    """float32 logits of one chunk, soft-capped, and ``tanh(z/s)`` for the cap's derivative."""
+    z = jnp.matmul(x, w, preferred_element_type=c.compute_dtype(x.dtype))
+    if bias is not None:
+        z = z + bias.astype(z.dtype)
+    if cfg.logit_softcap is None:
+        return z, None
+    capped = jnp.tanh(z / cfg.logit_softcap)
+    return cfg.logit_softcap * capped, capped
+
+
+def _gather_rows(values: jax.Array, rows: _Rows, axis_name: Hashable | None) -> jax.Array:
+    """``values[n, y_n]`` fetched from whichever device holds class ``y_n``."""
+    index = jnp.clip(rows.local, 0, values.shape[-1] - 1)[:, None]
+    picked = jnp.take_along_axis(values, index, axis=-1)[:, 0]
+    picked = jnp.where(rows.in_shard, picked, jnp.zeros_like(picked))
+    return picked if axis_name is None else lax.psum(picked, axis_name)
+
+
+def _chunk_loss(
+    z: jax.Array,
+    rows: _Rows,
+    class_weights: jax.Array | None,
+    weight_total: jax.Array,
+    num_classes: Any,
+    cfg: _Config,
+) -> tuple[jax.Array, jax.Array]:
+    """Per-row losses (0 when inactive, NaN when bad) and log-normalisers of one chunk."""
+    lse = c.stable_logsumexp(z, cfg.axis_name)[:, 0]
+    eps = cfg.label_smoothing
+    loss = (1.0 - eps) * rows.weight * (lse - _gather_rows(z, rows, cfg.axis_name))
+    if eps:
+        # Σ_c w_c (lse - z_c) = W·lse - Σ_c w_c z_c: one matrix-vector product for the chunk.
+        weighted = (
+            c.class_sum(z, cfg.axis_name)[:, 0]
+            if class_weights is None
+            else _psum(jnp.matmul(z, class_weights.astype(z.dtype)), cfg.axis_name)
+        )
+        loss = loss + eps / num_classes * (weight_total * lse - weighted)
+    if cfg.z_loss:
+        loss = loss + cfg.z_loss * lse**2
+    loss = jnp.where(rows.active, loss, jnp.zeros_like(loss))
+    return jnp.where(rows.bad, jnp.full_like(loss, jnp.nan), loss), lse
+
+
+def _chunk_logits_grad(
+    z: jax.Array,
+    capped: jax.Array | None,
+    lse: jax.Array,
+    rows: _Rows,
+    scale: jax.Array,
+    class_weights: jax.Array | None,
+    weight_total: jax.Array,
+    num_classes: Any,
+    cfg: _Config,
+) -> jax.Array:
+    """``scale_n · d loss_n / d z_raw`` for one chunk: one elementwise expression XLA fuses.
+
+    d loss_n / d z_c = p_c·A_n - (1-ε)·w_y·[c = y] - (ε/C)·w_c with the target mass
+    A_n = (1-ε)·w_y + (ε/C)·W + 2ζ·lse_n; the soft cap multiplies by 1 - tanh²(z_raw/s).
+    """
+    eps = cfg.label_smoothing
+    p = jnp.exp(z - c.finite_or_zero(lse)[:, None])
+    mass = (1.0 - eps) * rows.weight + eps / num_classes * weight_total + 2.0 * cfg.z_loss * lse
+    classes = lax.broadcasted_iota(rows.local.dtype, z.shape, 1)
+    is_target = classes == rows.local[:, None]
+    grad = p * mass[:, None] - jnp.where(is_target, ((1.0 - eps) * rows.weight)[:, None], 0.0)
+    if eps:
+        spread = 1.0 if class_weights is None else class_weights.astype(z.dtype)[None, :]
+        grad = grad - (eps / num_classes) * spread
+    grad = scale[:, None] * grad
+    if capped is not None:
+        grad = grad * (1.0 - capped * capped)
+    return grad
+
+
+def _psum(x: jax.Array, axis_name: Hashable | None) -> jax.Array:
+    return x if axis_name is None else lax.psum(x, axis_name)
+
+
+# ----------------------------------------------------------------------------- layout
+
+
+def _resolve_rows(
+    labels: jax.Array,
+    num_rows: int,
+    class_weights: jax.Array | None,
+    num_local: int,
+    cfg: _Config,
+    dtype: Any,
+) -> _Rows:
+    local = labels - c.class_offset(num_local, cfg.axis_name)
+    in_shard = (local >= 0) & (local < num_local)
+    in_range = (labels >= 0) & (labels < c.global_num_classes(num_local, cfg.axis_name))
+    real = jnp.arange(labels.shape[0]) < num_rows  # padding rows count for nothing
+    counted = real if cfg.ignore_index is None else real & (labels != cfg.ignore_index)
+    bad = counted & ~in_range
+    active = counted & in_range
+    if class_weights is None:
+        weight = active.astype(dtype)
+    else:
+        index = jnp.clip(local, 0, num_local - 1)
+        w_y = jnp.where(in_shard, class_weights.astype(dtype)[index], 0.0)
+        weight = jnp.where(active, _psum(w_y, cfg.axis_name), 0.0)
+    return _Rows(local, in_shard, active, bad, weight)
+
+
+def _to_chunks(tree: Any, chunk: int) -> Any:
+    return jax.tree.map(lambda a: a.reshape((a.shape[0] // chunk, chunk, *a.shape[1:])), tree)
+
+
+def _row_scale(rows: _Rows, cotangent: Any) -> jax.Array:
+    """Per-row factor of the logits' gradient: the cotangent for rows that count, 0 for rows
+    that do not (ignored, padding), NaN for rows with an invalid label (their loss is NaN)."""
+    g = jnp.broadcast_to(jnp.asarray(cotangent, rows.weight.dtype), rows.weight.shape)
+    return jnp.where(rows.active, g, jnp.where(rows.bad, jnp.nan, 0.0).astype(g.dtype))
+
+
+def _mean_scale(rows: _Rows) -> jax.Array:
+    """d mean / d loss_n = 1 / Σ w_y; 0 when nothing counts (the mean is then 0, with zero
+    gradient, where PyTorch gives NaN)."""
+    total = jnp.sum(rows.weight)
+    return jnp.where(total == 0, 0.0, 1.0 / jnp.where(total == 0, 1.0, total))
+
+
+def _reduce(losses: jax.Array, rows: _Rows, cfg: _Config) -> jax.Array:
+    if cfg.reduction == "none":
+        return losses
+    total = jnp.sum(losses)
+    if cfg.reduction == "sum":
+        return total
+    divisor = jnp.sum(rows.weight)
+    safe = jnp.where(divisor == 0, 1.0, divisor)
+    return jnp.where(divisor == 0, jnp.zeros_like(total), total / safe)
+
+
+def _class_totals(
+    class_weights: jax.Array | None, num_local: int, cfg: _Config, dtype: Any
+) -> tuple[jax.Array, Any]:
+    """(W = Σ_c w_c over all classes, C) for the smoothing term."""
+    num_classes = c.global_num_classes(num_local, cfg.axis_name)
+    if class_weights is None:
+        return jnp.asarray(num_classes, dtype), num_classes
+    return _psum(jnp.sum(class_weights.astype(dtype)), cfg.axis_name), num_classes
+
+
+def _setup(
+    x: jax.Array, w: jax.Array, labels: jax.Array, class_weights: jax.Array | None, cfg: _Config
+) -> tuple[_Rows, jax.Array, Any]:
+    dtype = c.compute_dtype(x.dtype)
+    rows = _resolve_rows(labels, cfg.num_rows, class_weights, w.shape[1], cfg, dtype)
+    return rows, *_class_totals(class_weights, w.shape[1], cfg, dtype)
+
+
+# ----------------------------------------------------------------------------- custom_vjp
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(5,))
+def _impl(
+    x: jax.Array,
+    w: jax.Array,
+    bias: jax.Array | None,
+    labels: jax.Array,
+    class_weights: jax.Array | None,
+    cfg: _Config,
+) -> jax.Array:
+    """Loss only (no gradient work): the path taken by evaluation."""
+    rows, weight_total, num_classes = _setup(x, w, labels, class_weights, cfg)
+
+    def step(carry: None, chunk: tuple[Any, ...]) -> tuple[None, jax.Array]:
+        x_c, rows_c = chunk
+        z, _ = _chunk_logits(x_c, w, bias, cfg)
+        loss, _ = _chunk_loss(z, rows_c, class_weights, weight_total, num_classes, cfg)
+        return carry, loss
+
+    _, losses = lax.scan(step, None, _to_chunks((x, rows), cfg.chunk_size))
+    return _reduce(losses.reshape(-1), rows, cfg)
+
+
+def _fwd(
+    x: jax.Array,
+    w: jax.Array,
+    bias: jax.Array | None,
+    labels: jax.Array,
+    class_weights: jax.Array | None,
+    cfg: _Config,
+) -> tuple[jax.Array, tuple[Any, ...]]:
+    if cfg.reduction == "none":
+        return _fwd_per_example(x, w, bias, labels, class_weights, cfg)
+    rows, weight_total, num_classes = _setup(x, w, labels, class_weights, cfg)
+    # Gradients for a unit cotangent; the backward pass scales them by the real one.
+    scale = _row_scale(rows, _mean_scale(rows) if cfg.reduction == "mean" else 1.0)
+
+    def step(carry: tuple[Any, ...], chunk: tuple[Any, ...]) -> tuple[Any, Any]:
+        dw, db = carry
+        x_c, rows_c, scale_c = chunk
+        z, capped = _chunk_logits(x_c, w, bias, cfg)
+        loss, lse = _chunk_loss(z, rows_c, class_weights, weight_total, num_classes, cfg)
+        dz = _chunk_logits_grad(
+            z, capped, lse, rows_c, scale_c, class_weights, weight_total, num_classes, cfg
+        )
+        dz_op = dz.astype(x.dtype)
+        dx_c = _psum(jnp.matmul(dz_op, w.T, preferred_element_type=dz.dtype), cfg.axis_name)
+        dw = dw + jnp.matmul(x_c.T, dz_op, preferred_element_type=dz.dtype)
+        if db is not None:
+            db = db + jnp.sum(dz, axis=0)
+        return (dw, db), (loss, dx_c.astype(x.dtype))
+
+    init = (
+        jnp.zeros(w.shape, c.compute_dtype(w.dtype)),
+        None if bias is None else jnp.zeros(bias.shape, c.compute_dtype(w.dtype)),
+    )
+    (dw, db), (losses, dx) = lax.scan(step, init, _to_chunks((x, rows, scale), cfg.chunk_size))
+    loss = _reduce(losses.reshape(-1), rows, cfg)
+    grads = (
+        dx.reshape(x.shape),
+        dw.astype(w.dtype),
+        None if db is None else db.astype(bias.dtype),  # type: ignore[union-attr]
+    )
+    return loss, grads
+
+
+def _fwd_per_example(
+    x: jax.Array,
+    w: jax.Array,
+    bias: jax.Array | None,
+    labels: jax.Array,
+    class_weights: jax.Array | None,
+    cfg: _Config,
+) -> tuple[jax.Array, tuple[Any, ...]]:
+    rows, weight_total, num_classes = _setup(x, w, labels, class_weights, cfg)
+
+    def step(carry: None, chunk: tuple[Any, ...]) -> tuple[None, Any]:
+        x_c, rows_c = chunk
+        z, _ = _chunk_logits(x_c, w, bias, cfg)
+        return carry, _chunk_loss(z, rows_c, class_weights, weight_total, num_classes, cfg)
+
+    _, (losses, lse) = lax.scan(step, None, _to_chunks((x, rows), cfg.chunk_size))
+    residuals = (x, w, bias, rows, class_weights, lse.reshape(-1))
+    return losses.reshape(-1), residuals
+
+
+def _bwd(cfg: _Config, residuals: tuple[Any, ...], g: jax.Array) -> tuple[Any, ...]:
+    if cfg.reduction == "none":
+        return _bwd_per_example(cfg, residuals, g)
+    dx, dw, db = residuals
+    scale = g.astype(c.compute_dtype(g.dtype))
+    dx = (scale * dx).astype(dx.dtype)
+    dw = (scale * dw).astype(dw.dtype)
+    db = None if db is None else (scale * db).astype(db.dtype)
+    return dx, dw, db, None, None
+
+
+def _bwd_per_example(cfg: _Config, saved: tuple[Any, ...], g: jax.Array) -> tuple[Any, ...]:
+    x, w, bias, rows, class_weights, lse = saved
+    weight_total, num_classes = _class_totals(
+        class_weights, w.shape[1], cfg, c.compute_dtype(x.dtype)
+    )
+
+    def step(carry: tuple[Any, ...], chunk: tuple[Any, ...]) -> tuple[Any, Any]:
+        dw, db = carry
+        x_c, rows_c, lse_c, g_c = chunk
+        z, capped = _chunk_logits(x_c, w, bias, cfg)
+        dz = _chunk_logits_grad(
+            z, capped, lse_c, rows_c, g_c, class_weights, weight_total, num_classes, cfg
+        )
+        dz_op = dz.astype(x.dtype)
+        dx_c = _psum(jnp.matmul(dz_op, w.T, preferred_element_type=dz.dtype), cfg.axis_name)
+        dw = dw + jnp.matmul(x_c.T, dz_op, preferred_element_type=dz.dtype)
+        if db is not None:
+            db = db + jnp.sum(dz, axis=0)
+        return (dw, db), dx_c.astype(x.dtype)
+
+    g = _row_scale(rows, g)
+    init = (
+        jnp.zeros(w.shape, c.compute_dtype(w.dtype)),
+        None if bias is None else jnp.zeros(bias.shape, c.compute_dtype(w.dtype)),
+    )
+    chunks = _to_chunks((x, rows, lse, g), cfg.chunk_size)
+    (dw, db), dx = lax.scan(step, init, chunks)
+    return (
+        dx.reshape(x.shape),
+        dw.astype(w.dtype),
+        None if db is None else db.astype(bias.dtype),
+        None,
+        None,
+    )
+
+
+_impl.defvjp(_fwd, _bwd)
+
+
+# ----------------------------------------------------------------------------- public API
+
+
+def _check_shapes(
+    x: jax.Array,
+    w: jax.Array,
+    labels: jax.Array,
+    bias: jax.Array | None,
+) -> None:
+    if x.ndim < 1:
+        raise ValueError(f"x must have shape [..., D], got a scalar of shape {x.shape}.")
+    if w.ndim != 2:
+        raise ValueError(f"w must have shape [D, V], got shape {w.shape}.")
+    if x.shape[-1] != w.shape[0]:
+        raise ValueError(
+            f"x's last dimension must equal w's first dimension (D): got x of shape "
+            f"{x.shape} and w of shape {w.shape}."
+        )
+    if labels.shape != x.shape[:-1]:
+        raise ValueError(
+            f"labels must have x's shape without its last dimension, {x.shape[:-1]}; "
+            f"got labels of shape {labels.shape} (x has shape {x.shape})."
+        )
+    if bias is not None and bias.shape != (w.shape[1],):
+        raise ValueError(
+            f"bias must have shape ({w.shape[1]},) (w's vocabulary dimension), "
+            f"got shape {bias.shape}."
+        )
+
+
+def _check_softcap(logit_softcap: float | None) -> float | None:
+    if logit_softcap is None:
+        return None
+    if isinstance(logit_softcap, jax.core.Tracer):
+        raise TypeError(f"logit_softcap must be a static Python float, got {logit_softcap}.")
+    value = float(logit_softcap)
+    if not value > 0.0:
+        raise ValueError(f"logit_softcap must be > 0 (or None), got {logit_softcap}.")
+    return value
+
+
+def _check_chunk_size(chunk_size: int | None) -> None:
+    if chunk_size is None:
+        return
+    if not isinstance(chunk_size, int) or isinstance(chunk_size, bool) or chunk_size < 1:
+        raise ValueError(f"chunk_size must be a positive int or None, got {chunk_size!r}.")
+
+
+@functools.partial(
+    jax.jit,
+    static_argnames=(
+        "chunk_size",
+        "ignore_index",
+        "label_smoothing",
+        "z_loss",
+        "logit_softcap",
+        "reduction",
+        "axis_name",
+    ),
+)
+def fused_linear_cross_entropy(
+    x: ArrayLike,
+    w: ArrayLike,
+    labels: ArrayLike,
+    *,
+    bias: ArrayLike | None = None,
+    chunk_size: int | None = None,
+    class_weights: ArrayLike | None = None,
+    ignore_index: int | None = None,
+    label_smoothing: float = 0.0,
+    z_loss: float = 0.0,
+    logit_softcap: float | None = None,
+    reduction: c.Reduction = "mean",
+    axis_name: Hashable | None = None,
+) -> jax.Array:
+    r"""Cross-entropy of ``x @ w + bias`` against integer labels, without forming the logits.
+
+    With logits :math:`z = x w + b` (soft-capped to :math:`s \tanh(z / s)` when
+    ``logit_softcap=s``), :math:`lp = \operatorname{log\_softmax}(z)`, class weights
+    :math:`w_c` (all 1 by default), smoothing :math:`\varepsilon` over the ``V`` classes and
+    z-loss coefficient :math:`\zeta`:
+
+    .. math::
+        \ell_n = (1-\varepsilon)\,w_{y_n}\,(-lp_{n,y_n})
+                 + \frac{\varepsilon}{V} \sum_c w_c\,(-lp_{n,c})
+                 + \zeta \operatorname{lse}(z_n)^2,
+        \qquad
+        \text{mean} = \frac{\sum_n \ell_n}{\sum_{n \text{ not ignored}} w_{y_n}} .
+
+    This equals ``softmax_cross_entropy_with_integer_labels(x @ w + bias, labels, ...)``
+    (PyTorch's ``cross_entropy`` semantics for ``weight``, ``ignore_index``,
+    ``label_smoothing`` and ``reduction``, plus PaLM's z-loss) in value and in the gradients
+    for ``x``, ``w`` and ``bias``, but never holds the ``[N, V]`` logits or their gradient:
+    the ``N`` tokens are processed in chunks of ``chunk_size`` rows in a ``lax.scan``. For
+    ``reduction="mean"``/``"sum"`` the gradients are formed chunk by chunk during the forward
+    pass (three matmuls in all, like the unfused computation); ``reduction="none"`` re-forms
+    each chunk's logits in the backward pass (four matmuls). Calling it without
+    differentiating does no gradient work.
+
+    Ignored examples give loss 0 and no weight in the mean; a mean over no valid example is
+    0 with zero gradient (PyTorch: NaN). A label outside ``[0, V)`` that is not
+    ``ignore_index`` gives NaN for its example (never wrapped to another class).
+
+    ``chunk_size=None`` picks the largest power of two ``T`` with a float32 ``[T, V]`` block
+    of at most 64 MiB, clipped to ``[64, 4096]`` and to ``N`` (rounded up to a multiple of
+    8). ``N`` is padded to a multiple of ``T`` with rows that count for nothing.
+
+    Args:
+      x: floating ``[..., D]`` inputs (hidden states).
+      w: floating ``[D, V]`` output projection (for vocabulary parallelism: this device's
+        ``[D, V / devices]`` slice).
+      labels: integer class ids of shape ``x.shape[:-1]``; global ids under ``axis_name``.
+      bias: optional ``[V]`` bias (sharded like ``w`` under ``axis_name``).
+      chunk_size: tokens per chunk; ``None`` chooses one from the shapes (see above).
+      class_weights: optional ``[V]`` per-class weights (PyTorch's ``weight``; sharded like
+        ``w`` under ``axis_name``). Treated as constants: they get no gradient.
+      ignore_index: a label value whose examples give loss 0 and no weight in the mean.
+      label_smoothing: ``ε`` in ``[0, 1]``.
+      z_loss: ``ζ >= 0``; adds ``ζ·lse²`` per non-ignored example, inside the same mean.
+      logit_softcap: ``s > 0`` applies ``z -> s·tanh(z / s)`` to the logits (Gemma 2).
+      reduction: ``"mean"`` (weighted, as above), ``"sum"`` or ``"none"`` (per-example
+        losses of the labels' shape).
+      axis_name: vocabulary parallelism inside :func:`jax.shard_map`: the mesh axis over
+        which ``w``'s vocabulary axis is sharded (device ``i`` holds classes
+        ``[i·V_local, (i+1)·V_local)``). The per-row max, sum of exponentials and target
+        logit are combined with ``pmax`` / ``psum``; the vocabulary is never gathered.
+        ``x``'s gradient is summed over the axis.
+
+    Returns:
+      The float32 loss (float64 for float64 inputs): a scalar, or per-example losses of the
+      labels' shape for ``reduction="none"``. Gradients come in the inputs' dtypes; bf16
+      inputs are multiplied with float32 accumulation.
+
+    Example:
+      >>> import jax, jax.numpy as jnp
+      >>> from jxent._fused_linear import fused_linear_cross_entropy
+      >>> x = jnp.array([[1.0, 0.0], [0.0, 2.0]])
+      >>> w = jnp.array([[1.0, -1.0, 0.0], [0.5, 0.0, 1.0]])
+      >>> fused_linear_cross_entropy(x, w, jnp.array([0, 2]))
+      Array(0.4269, dtype=float32)
+      >>> dx, dw = jax.grad(fused_linear_cross_entropy, argnums=(0, 1))(x, w, jnp.array([0, 2]))
+      >>> dw.shape
+      (2, 3)
+
+    Note:
+      The gradient is a ``jax.custom_vjp``, so forward mode (``jax.jvp``, ``jax.jacfwd``,
+      ``jax.hessian``) is not available. Only first-order reverse mode is supported: the
+      gradients are formed inside the forward pass and are not themselves differentiable.
+
+    References:
+      Wijmans et al., `Cut Your Losses in Large-Vocabulary Language Models
+      <https://arxiv.org/abs/2411.09009>`_, 2024;
+      Hsu et al., `Liger Kernel: Efficient Triton Kernels for LLM Training
+      <https://arxiv.org/abs/2410.10989>`_, 2024 (chunked fused linear cross-entropy);
+      Gemma Team, `Gemma 2 <https://arxiv.org/abs/2408.00118>`_, 2024 (logit soft-capping);
+      Chowdhery et al., `PaLM <https://arxiv.org/abs/2204.02311>`_, 2022 (z-loss).
+    """
+    c.check_reduction(reduction)
+    c.check_axis_name(axis_name)
+    c.check_ignore_index(ignore_index)
+    _check_chunk_size(chunk_size)
+    smoothing = c.check_unit_interval(label_smoothing, "label_smoothing")
+    z_coef = c.check_nonnegative(z_loss, "z_loss")
+    softcap = _check_softcap(logit_softcap)
+    x = c.as_floating(x, "x")
+    w = c.as_floating(w, "w")
+    labels = c.as_integer_labels(labels)
+    bias_arr = None if bias is None else c.as_floating(bias, "bias")
+    _check_shapes(x, w, labels, bias_arr)
+    # One operand dtype for the matmuls; astype's transpose returns each gradient in its
+    # input's dtype.
+    operand_dtype = jnp.result_type(x.dtype, w.dtype)
+    x, w = x.astype(operand_dtype), w.astype(operand_dtype)
+    num_local = w.shape[1]
+    weights = c.class_weights_vector(class_weights, num_local, c.compute_dtype(operand_dtype))
+    if weights is not None:
+        weights = lax.stop_gradient(weights)
+
+    batch_shape = x.shape[:-1]
+    num_rows = math.prod(batch_shape)
+    chunk = default_chunk_size(num_rows, num_local) if chunk_size is None else chunk_size
+    padded = -(-num_rows // chunk) * chunk
+    # A signed label dtype, so that a negative ignore_index compares correctly.
+    flat_labels = labels.reshape(-1).astype(jnp.int64 if labels.dtype.itemsize > 4 else jnp.int32)
+    flat_x = x.reshape(num_rows, x.shape[-1])
+    if padded != num_rows:
+        flat_x = jnp.pad(flat_x, ((0, padded - num_rows), (0, 0)))
+        flat_labels = jnp.pad(flat_labels, (0, padded - num_rows))
+    cfg = _Config(chunk, num_rows, ignore_index, smoothing, z_coef, softcap, reduction, axis_name)
+    loss = _impl(flat_x, w, bias_arr, flat_labels, weights, cfg)
+    if reduction == "none":
+        return loss[:num_rows].reshape(batch_shape)
+    return loss
