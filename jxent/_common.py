@@ -151,24 +151,29 @@ class ClassLayout:
         return tuple(1 if i in self.axes else d for i, d in enumerate(self.shape))
 
 
-def broadcast_where(where: ArrayLike | None, layout: ClassLayout, name: str = "where") -> Any:
+def broadcast_where(
+    where: ArrayLike | None, layout: ClassLayout, *, per_example: bool = False
+) -> Any:
     """Broadcasts a mask to the full shape and moves it to the class-last layout.
 
-    Like optax, a mask with the batch shape (one flag per example) is accepted too.
+    With ``per_example`` (the losses, as in optax), a mask of exactly the batch shape is
+    one flag per example; otherwise masks follow NumPy broadcasting (as in ``jax.nn``).
     """
     if where is None:
         return None
     where = jnp.asarray(where)
     if where.dtype != jnp.bool_:
-        raise TypeError(f"{name} must be a boolean mask, got dtype {where.dtype}.")
-    if where.ndim == len(layout.batch_shape) and where.ndim != len(layout.shape):
+        raise TypeError(f"where must be a boolean mask, got dtype {where.dtype}.")
+    given_shape = where.shape
+    if per_example and given_shape == layout.batch_shape and where.ndim != len(layout.shape):
         where = jnp.expand_dims(where, layout.axes)
     try:
         where = jnp.broadcast_to(where, layout.shape)
     except ValueError:
         raise ValueError(
-            f"{name} of shape {where.shape} is not broadcastable to the input shape "
-            f"{layout.shape} (nor equal to the batch shape {layout.batch_shape})."
+            f"where of shape {given_shape} is not broadcastable to the input shape "
+            f"{layout.shape}"
+            + (f" (nor equal to the batch shape {layout.batch_shape})." if per_example else ".")
         ) from None
     return layout.to_last(where)
 

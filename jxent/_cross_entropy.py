@@ -398,7 +398,9 @@ def _prepare(
     x = c.as_floating(logits, name)
     layout = c.ClassLayout(x.shape, c.canonical_axes(axis, x.ndim))
     weights = c.class_weights_vector(class_weights, layout.num_classes, c.compute_dtype(x.dtype))
-    return _Prepared(layout, layout.to_last(x), c.broadcast_where(where, layout), weights)
+    return _Prepared(
+        layout, layout.to_last(x), c.broadcast_where(where, layout, per_example=True), weights
+    )
 
 
 def _integer_labels(labels: ArrayLike, layout: c.ClassLayout) -> jax.Array:

@@ -32,6 +32,8 @@ from jxent import _common as c
 _CHUNK_BYTES = 64 * 2**20
 _MIN_CHUNK = 64
 _MAX_CHUNK = 4096
+# Classes per block when adding a chunk's ``xᵀ @ dz`` into the ``[D, V]`` gradient.
+_DW_BLOCK = 8192
 
 
 class _Config(NamedTuple):
@@ -148,6 +150,27 @@ def _chunk_logits_grad(
     if capped is not None:
         grad = grad * (1.0 - capped * capped)
     return grad
+
+
+def _add_input_grad_product(dw: jax.Array, x: jax.Array, dz: jax.Array) -> jax.Array:
+    """``dw + xᵀ @ dz``, one block of ``_DW_BLOCK`` classes at a time.
+
+    XLA:CPU writes a dot into a fresh buffer before adding it, so a single ``xᵀ @ dz`` would
+    hold a second ``[D, V]`` array; per block, the scratch is ``[D, _DW_BLOCK]`` and every
+    update lands in place in the accumulator.
+    """
+    num_classes = dz.shape[1]
+    if num_classes <= _DW_BLOCK:
+        return dw + jnp.matmul(x.T, dz, preferred_element_type=dw.dtype)
+    for start in range(0, num_classes, _DW_BLOCK):
+        stop = min(start + _DW_BLOCK, num_classes)
+        product = jnp.matmul(x.T, dz[:, start:stop], preferred_element_type=dw.dtype)
+        block = lax.slice_in_dim(dw, start, stop, axis=1) + product
+        dw = lax.dynamic_update_slice_in_dim(dw, block, start, axis=1)
+        # Without this the scheduler may run every block's dot before the first update and
+        # hold all their products at once; the barrier makes block k+1 wait for update k.
+        dw, dz = lax.optimization_barrier((dw, dz))
+    return dw
 
 
 def _psum(x: jax.Array, axis_name: Hashable | None) -> jax.Array:
@@ -277,7 +300,7 @@ def _fwd(
         )
         dz_op = dz.astype(x.dtype)
         dx_c = _psum(jnp.matmul(dz_op, w.T, preferred_element_type=dz.dtype), cfg.axis_name)
-        dw = dw + jnp.matmul(x_c.T, dz_op, preferred_element_type=dz.dtype)
+        dw = _add_input_grad_product(dw, x_c, dz_op)
         if db is not None:
             db = db + jnp.sum(dz, axis=0)
         return (dw, db), (loss, dx_c.astype(x.dtype))
@@ -342,7 +365,7 @@ def _bwd_per_example(cfg: _Config, saved: tuple[Any, ...], g: jax.Array) -> tupl
         )
         dz_op = dz.astype(x.dtype)
         dx_c = _psum(jnp.matmul(dz_op, w.T, preferred_element_type=dz.dtype), cfg.axis_name)
-        dw = dw + jnp.matmul(x_c.T, dz_op, preferred_element_type=dz.dtype)
+        dw = _add_input_grad_product(dw, x_c, dz_op)
         if db is not None:
             db = db + jnp.sum(dz, axis=0)
         return (dw, db), dx_c.astype(x.dtype)
