@@ -121,7 +121,8 @@ class TestValidation:
             jxent.logsumexp(jnp.zeros((2, 3)), axis=3)
 
     def test_where_not_broadcastable_names_shapes(self):
-        with pytest.raises(ValueError, match=r"where of shape \(4,\) is not broadcastable.*\(2, 3\)"):
+        message = r"where of shape \(4,\) is not broadcastable.*\(2, 3\)"
+        with pytest.raises(ValueError, match=message):
             jxent.logsumexp(jnp.zeros((2, 3)), axis=-1, where=jnp.ones(4, bool))
 
     def test_b_not_broadcastable_names_shapes(self):
