@@ -16,6 +16,7 @@ maps a batch of uint8-derived float images to logits. Its design goals, and how 
 
 from __future__ import annotations
 
+import argparse
 import contextlib
 import dataclasses
 import datetime
@@ -23,6 +24,7 @@ import json
 import math
 import os
 import signal
+import statistics
 import sys
 import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
@@ -276,6 +278,7 @@ class FitOptions:
     devices: int = 1
     chunk_steps: int = 50  # steps per jitted scan: the granularity of progress and interrupts
     eval_batch: int = 1000
+    max_shift: int = 0  # random-translation augmentation, in pixels (0: none)
     progress: bool = True
 
 
@@ -287,8 +290,15 @@ def steps_per_epoch(n_train: int, batch_size: int) -> int:
 
 
 def chunk_bounds(n_steps: int, chunk_steps: int) -> list[tuple[int, int]]:
-    """``[(start, stop), ...]`` covering ``range(n_steps)`` in chunks of ``chunk_steps``."""
-    return [(s, min(s + chunk_steps, n_steps)) for s in range(0, n_steps, chunk_steps)]
+    """``[(start, stop), ...]`` covering ``range(n_steps)`` in chunks of at most ``chunk_steps``.
+
+    Prefers equal chunks (a divisor of ``n_steps`` no smaller than half of ``chunk_steps``),
+    because every distinct chunk length is one more compilation of the scan.
+    """
+    size = largest_divisor_at_most(n_steps, chunk_steps)
+    if 2 * size < chunk_steps:
+        size = chunk_steps
+    return [(s, min(s + size, n_steps)) for s in range(0, n_steps, size)]
 
 
 def make_mesh(devices: int) -> Any:
@@ -311,7 +321,30 @@ def epoch_key(seed: int, epoch: int) -> Any:
     return jax.random.fold_in(jax.random.key(seed), epoch)
 
 
-def make_train_chunk(graphdef: Any, optimizer: Any, loss_fn: Callable, mesh: Any) -> Callable:
+def random_shift(images: Any, key: Any, max_shift: int) -> Any:
+    """Translates each uint8 image ``(B, 28, 28)`` by up to ``max_shift`` pixels, zero-filled.
+
+    The classic MNIST augmentation: cheap, label-preserving, and for an MLP (which has no
+    translation invariance of its own) worth a few tenths of a percent of test accuracy.
+    """
+    import jax
+    import jax.numpy as jnp
+
+    if max_shift <= 0:
+        return images
+    height, width = images.shape[1:]
+    padded = jnp.pad(images, ((0, 0), (max_shift, max_shift), (max_shift, max_shift)))
+    offsets = jax.random.randint(key, (images.shape[0], 2), 0, 2 * max_shift + 1)
+
+    def crop(image, offset):
+        return jax.lax.dynamic_slice(image, (offset[0], offset[1]), (height, width))
+
+    return jax.vmap(crop)(padded, offsets)
+
+
+def make_train_chunk(
+    graphdef: Any, optimizer: Any, loss_fn: Callable, mesh: Any, max_shift: int = 0
+) -> Callable:
     """A jitted function running a chunk of training steps in one ``lax.scan``.
 
     ``(params, opt_state, images, labels, batch_indices, key, first_step)`` ->
@@ -331,10 +364,12 @@ def make_train_chunk(graphdef: Any, optimizer: Any, loss_fn: Callable, mesh: Any
         def train_step(carry, inputs):
             params, opt_state = carry
             indices, step = inputs
+            step_key = jax.random.fold_in(key, step)
+            dropout_key, shift_key = jax.random.split(step_key)
             # Gather on the replicated dataset, then shard the batch over the mesh.
-            x = jax.lax.with_sharding_constraint(normalize(images[indices]), batch_sharding)
+            x = random_shift(images[indices].reshape(-1, 28, 28), shift_key, max_shift)
+            x = normalize(jax.lax.with_sharding_constraint(x, batch_sharding))
             y = jax.lax.with_sharding_constraint(labels[indices], batch_sharding)
-            dropout_key = jax.random.fold_in(key, step)
 
             def loss_of(params):
                 logits = nnx.merge(graphdef, params)(x, dropout_key=dropout_key)
@@ -466,7 +501,7 @@ def fit(
 
     n_steps = steps_per_epoch(len(data.train_images), options.batch_size)
     chunks = chunk_bounds(n_steps, options.chunk_steps)
-    train_chunk = make_train_chunk(graphdef, optimizer, loss_fn, mesh)
+    train_chunk = make_train_chunk(graphdef, optimizer, loss_fn, mesh, options.max_shift)
     evaluate = make_eval(
         graphdef, eval_loss_fn, largest_divisor_at_most(len(data.test_images), options.eval_batch)
     )
@@ -560,6 +595,104 @@ def fit(
         interrupted=interrupted,
         exit_code=EXIT_INTERRUPTED if interrupted else 0,
     )
+
+
+# --------------------------------------------------------------------------------------------
+# Command line plumbing shared by the MNIST scripts.
+
+
+def add_run_flags(parser: argparse.ArgumentParser, defaults: Any, experiment: str) -> None:
+    """Flags every MNIST experiment has: seed, loss, devices, data/out dirs, resume, limits."""
+    parser.add_argument("--seed", type=int, default=defaults.seed)
+    parser.add_argument("--loss", choices=LOSSES, default=defaults.loss)
+    parser.add_argument(
+        "--devices", type=int, default=defaults.devices, help="data-parallel device count"
+    )
+    parser.add_argument(
+        "--chunk-steps",
+        type=int,
+        default=defaults.chunk_steps,
+        help="training steps per jitted scan (progress and interrupt granularity)",
+    )
+    parser.add_argument(
+        "--data-dir",
+        default=None,
+        help="MNIST cache (default: $JXENT_DATA_DIR or ~/.cache/jxent/mnist)",
+    )
+    parser.add_argument(
+        "--out-dir", default=None, help=f"run directory (default: runs/{experiment}/<timestamp>)"
+    )
+    parser.add_argument(
+        "--resume",
+        metavar="RUN_DIR",
+        default=None,
+        help="continue the run in RUN_DIR from its latest checkpoint, with its config.json "
+        "(other flags are ignored)",
+    )
+    parser.add_argument(
+        "--train-limit", type=int, default=None, help="use the first N train images"
+    )
+    parser.add_argument("--test-limit", type=int, default=None, help="use the first N test images")
+    parser.add_argument("--no-progress", action="store_true", help="hide the progress bars")
+
+
+def config_from_args(config_cls: type, args: argparse.Namespace) -> Any:
+    """The dataclass ``config_cls`` filled from the parsed flags of the same names."""
+    values = {f.name: getattr(args, f.name) for f in dataclasses.fields(config_cls)}
+    return config_cls(**_tuples(values))
+
+
+def _tuples(values: dict[str, Any]) -> dict[str, Any]:
+    return {k: tuple(v) if isinstance(v, list) else v for k, v in values.items()}
+
+
+def load_config(config_cls: type, run_dir: Path) -> Any:
+    """The ``config_cls`` saved in ``run_dir/config.json`` (for ``--resume``)."""
+    path = run_dir / "config.json"
+    if not path.is_file():
+        raise SystemExit(f"--resume {run_dir}: no config.json there; expected a run directory")
+    return config_cls(**_tuples(json.loads(path.read_text())))
+
+
+def print_summary(
+    experiment: str, config: Any, result: FitResult, run_dir: Path, wall: float
+) -> None:
+    """The final summary line: accuracy, median throughput, wall time, run directory."""
+    if not result.records:
+        return
+    last = result.records[-1]
+    rates = [r["images_per_second"] for r in result.records[1:]] or [
+        result.records[0]["images_per_second"]
+    ]
+    print(
+        f"\n{experiment}: test accuracy {100 * last['test_accuracy']:.2f}% "
+        f"(test loss {last['test_loss']:.4f}) after {last['epoch']} epochs; "
+        f"{statistics.median(rates):,.0f} images/s (median epoch, epoch 1 excluded: it "
+        f"compiles); {wall:.1f} s wall; {config.loss} loss on {config.devices} device(s)\n"
+        f"run directory: {run_dir}"
+    )
+
+
+def run_from_args(experiment: str, config_cls: type, args: argparse.Namespace, train: Any) -> int:
+    """Builds or reloads the config, installs the signal handlers, trains, summarises.
+
+    ``train(config, run_dir, *, resume, progress, stop)`` must return a ``FitResult``.
+    """
+    t_start = time.perf_counter()
+    if args.resume:
+        run_dir = Path(args.resume)
+        config = load_config(config_cls, run_dir)
+    else:
+        config = config_from_args(config_cls, args)
+        run_dir = new_run_dir(experiment, args.out_dir)
+    set_cpu_device_count(config.devices)
+    stop = StopRequest()
+    with stop.installed():
+        result = train(
+            config, run_dir, resume=bool(args.resume), progress=not args.no_progress, stop=stop
+        )
+    print_summary(experiment, config, result, run_dir, time.perf_counter() - t_start)
+    return result.exit_code
 
 
 # --------------------------------------------------------------------------------------------

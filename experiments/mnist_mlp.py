@@ -16,7 +16,6 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import itertools
-import json
 import statistics
 import sys
 import time
@@ -44,10 +43,11 @@ class Config:
     hidden: tuple[int, ...] = (512, 512)
     dropout: float = 0.2
     label_smoothing: float = 0.0
+    max_shift: int = 2
     seed: int = 0
     loss: str = "jxent"
     devices: int = 1
-    chunk_steps: int = 47
+    chunk_steps: int = 40
     data_dir: str | None = None
     train_limit: int | None = None
     test_limit: int | None = None
@@ -88,7 +88,7 @@ def build_optimizer(config: Config, steps_per_epoch: int) -> Any:
     schedule = optax.warmup_cosine_decay_schedule(
         init_value=0.0,
         peak_value=config.learning_rate,
-        warmup_steps=int(config.warmup_epochs * steps_per_epoch),
+        warmup_steps=min(int(config.warmup_epochs * steps_per_epoch), total // 2),
         decay_steps=total,
         end_value=0.0,
     )
@@ -124,6 +124,7 @@ def train(
             seed=config.seed,
             devices=config.devices,
             chunk_steps=config.chunk_steps,
+            max_shift=config.max_shift,
             progress=progress,
         ),
         run_dir=run_dir,
@@ -153,7 +154,11 @@ def compare_throughput(config: Config, data: common.Dataset, rounds: int) -> dic
     for loss in common.LOSSES:
         graphdef, params = nnx.split(build_model(config), nnx.Param)
         step_fn = common.make_train_chunk(
-            graphdef, optimizer, common.make_loss(loss, config.label_smoothing), mesh
+            graphdef,
+            optimizer,
+            common.make_loss(loss, config.label_smoothing),
+            mesh,
+            config.max_shift,
         )
         runners[loss] = [step_fn, params, optimizer.init(params)]
     seconds: dict[str, list[float]] = {loss: [] for loss in runners}
@@ -204,35 +209,13 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     )
     parser.add_argument("--dropout", type=float, default=defaults.dropout)
     parser.add_argument("--label-smoothing", type=float, default=defaults.label_smoothing)
-    parser.add_argument("--seed", type=int, default=defaults.seed)
-    parser.add_argument("--loss", choices=common.LOSSES, default=defaults.loss)
     parser.add_argument(
-        "--devices", type=int, default=defaults.devices, help="data-parallel device count"
-    )
-    parser.add_argument(
-        "--chunk-steps",
+        "--max-shift",
         type=int,
-        default=defaults.chunk_steps,
-        help="training steps per jitted scan (progress and interrupt granularity)",
+        default=defaults.max_shift,
+        help="augment by random translations of up to this many pixels (0: off)",
     )
-    parser.add_argument(
-        "--data-dir",
-        default=None,
-        help="MNIST cache (default: $JXENT_DATA_DIR or ~/.cache/jxent/mnist)",
-    )
-    parser.add_argument(
-        "--out-dir", default=None, help=f"run directory (default: runs/{EXPERIMENT}/<timestamp>)"
-    )
-    parser.add_argument(
-        "--resume",
-        metavar="RUN_DIR",
-        default=None,
-        help="continue the run in RUN_DIR from its latest checkpoint, with its config.json",
-    )
-    parser.add_argument(
-        "--train-limit", type=int, default=None, help="use the first N train images"
-    )
-    parser.add_argument("--test-limit", type=int, default=None, help="use the first N test images")
+    common.add_run_flags(parser, defaults, EXPERIMENT)
     parser.add_argument(
         "--compare",
         action="store_true",
@@ -241,68 +224,30 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument(
         "--compare-rounds", type=int, default=5, help="interleaved epochs per loss for --compare"
     )
-    parser.add_argument("--no-progress", action="store_true", help="hide the progress bars")
     return parser.parse_args(argv)
-
-
-def config_from_args(args: argparse.Namespace) -> Config:
-    fields = {f.name for f in dataclasses.fields(Config)}
-    values = {k: v for k, v in vars(args).items() if k in fields}
-    values["hidden"] = tuple(values["hidden"])
-    return Config(**values)
-
-
-def load_config(run_dir: Path) -> Config:
-    """The ``Config`` saved in ``run_dir/config.json``."""
-    path = run_dir / "config.json"
-    if not path.is_file():
-        raise SystemExit(f"--resume {run_dir}: no config.json there; is it a run directory?")
-    values = json.loads(path.read_text())
-    values["hidden"] = tuple(values["hidden"])
-    return Config(**values)
-
-
-def print_summary(config: Config, result: common.FitResult, run_dir: Path, wall: float) -> None:
-    if not result.records:
-        return
-    last = result.records[-1]
-    rates = [r["images_per_second"] for r in result.records[1:]] or [
-        result.records[0]["images_per_second"]
-    ]
-    print(
-        f"\n{EXPERIMENT}: test accuracy {100 * last['test_accuracy']:.2f}% "
-        f"(test loss {last['test_loss']:.4f}) after {last['epoch']} epochs, "
-        f"{statistics.median(rates):,.0f} images/s median (epoch 1 includes compilation), "
-        f"{wall:.1f} s wall with {config.loss} loss on {config.devices} device(s)\n"
-        f"run directory: {run_dir}"
-    )
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Command-line entry point; returns the process exit status."""
-    t_start = time.perf_counter()
     args = parse_args(argv)
-    if args.resume:
-        run_dir = Path(args.resume)
-        config = load_config(run_dir)
-    else:
-        config = config_from_args(args)
-        run_dir = common.new_run_dir(EXPERIMENT, args.out_dir)
+    if not args.compare:
+        return common.run_from_args(EXPERIMENT, Config, args, train)
+    config = common.config_from_args(Config, args)
+    run_dir = common.new_run_dir(EXPERIMENT, args.out_dir)
     common.set_cpu_device_count(config.devices)
     stop = common.StopRequest()
-    progress = not args.no_progress
     with stop.installed():
-        if not args.compare:
-            result = train(config, run_dir, resume=bool(args.resume), progress=progress, stop=stop)
-            print_summary(config, result, run_dir, time.perf_counter() - t_start)
-            return result.exit_code
         data = common.load_dataset(config.data_dir, config.train_limit, config.test_limit)
         accuracy = {}
         for loss in common.LOSSES:
             loss_config = dataclasses.replace(config, loss=loss)
             t0 = time.perf_counter()
-            result = train(loss_config, run_dir / loss, data=data, progress=progress, stop=stop)
-            print_summary(loss_config, result, run_dir / loss, time.perf_counter() - t0)
+            result = train(
+                loss_config, run_dir / loss, data=data, progress=not args.no_progress, stop=stop
+            )
+            common.print_summary(
+                EXPERIMENT, loss_config, result, run_dir / loss, time.perf_counter() - t0
+            )
             if result.interrupted:
                 return result.exit_code
             accuracy[loss] = result.records[-1]["test_accuracy"]

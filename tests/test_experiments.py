@@ -1,0 +1,180 @@
+"""Fast checks of the MNIST experiments: smoke runs, resume, determinism, data parallelism.
+
+Tiny models on a few hundred images (real MNIST when cached, synthetic otherwise); no network.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import signal
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import jax
+import numpy as np
+import pytest
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "experiments"))
+
+import common
+import five_clusters
+import mnist_data
+import mnist_lenet5
+import mnist_mlp
+
+EXPERIMENTS = Path(__file__).resolve().parents[1] / "experiments"
+RUN_FILES = ("config.json", "metrics.jsonl", "curves.png", "confusion.png", "mistakes.png")
+TINY = mnist_mlp.Config(
+    epochs=2, batch_size=32, hidden=(32,), chunk_steps=4, learning_rate=3e-3, max_shift=1
+)
+
+
+def small_data(n_train: int = 384, n_test: int = 200) -> common.Dataset:
+    """The first images of real MNIST if it is cached (never downloaded here), else synthetic."""
+    try:
+        mnist = mnist_data.load_mnist(sources=[], log=lambda message: None)
+    except mnist_data.MnistDataError:
+        return common.synthetic_dataset(n_train, n_test)
+    return common.Dataset(
+        mnist.train_images[:n_train],
+        mnist.train_labels[:n_train].astype(np.int32),
+        mnist.test_images[:n_test],
+        mnist.test_labels[:n_test].astype(np.int32),
+        source="mnist",
+    )
+
+
+@pytest.fixture(scope="module")
+def data() -> common.Dataset:
+    return small_data()
+
+
+def assert_trees_equal(a, b) -> None:
+    for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b), strict=True):
+        np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
+
+
+def without_timings(records):
+    return [{k: v for k, v in r.items() if k not in ("images_per_second", "train_seconds")}
+            for r in records]  # fmt: skip
+
+
+def test_mlp_smoke_run_learns_and_leaves_every_artefact(tmp_path, data):
+    result = mnist_mlp.train(TINY, tmp_path, data=data, progress=False)
+    assert result.exit_code == 0 and not result.interrupted
+    first, last = result.records[0], result.records[-1]
+    assert last["train_loss"] < first["train_loss"]
+    assert last["test_loss"] < np.log(10)  # better than chance
+    for name in RUN_FILES:
+        assert (tmp_path / name).stat().st_size > 0, name
+    lines = (tmp_path / "metrics.jsonl").read_text().splitlines()
+    assert [json.loads(line)["epoch"] for line in lines] == [1, 2]
+    assert json.loads((tmp_path / "config.json").read_text())["hidden"] == [32]
+    assert any((tmp_path / "checkpoints").iterdir())
+
+
+def test_same_seed_gives_identical_metrics_and_params(tmp_path, data):
+    config = dataclasses.replace(TINY, epochs=1)
+    a = mnist_mlp.train(config, tmp_path / "a", data=data, progress=False)
+    b = mnist_mlp.train(config, tmp_path / "b", data=data, progress=False)
+    assert without_timings(a.records) == without_timings(b.records)
+    assert_trees_equal(a.params, b.params)
+
+
+# 384 images in batches of 32 are 12 steps per epoch, run in chunks of 4.
+@pytest.mark.parametrize("interrupt_at", [(1, 4), (0, 12)], ids=["mid-epoch", "epoch-end"])
+def test_resume_after_signal_matches_uninterrupted_run_bit_for_bit(tmp_path, data, interrupt_at):
+    config = dataclasses.replace(TINY, epochs=3)
+    reference = mnist_mlp.train(config, tmp_path / "reference", data=data, progress=False)
+
+    def interrupt(epoch: int, step: int) -> None:
+        # A real SIGINT, delivered to this process as Ctrl-C would be.
+        if (epoch, step) == interrupt_at:
+            signal.raise_signal(signal.SIGINT)
+
+    run_dir = tmp_path / "interrupted"
+    stop = common.StopRequest()
+    with stop.installed():
+        first = mnist_mlp.train(
+            config, run_dir, data=data, progress=False, stop=stop, on_chunk=interrupt
+        )
+    assert first.interrupted and first.exit_code == common.EXIT_INTERRUPTED
+    assert len(first.records) < config.epochs
+
+    resumed = mnist_mlp.train(config, run_dir, data=data, progress=False, resume=True)
+    assert not resumed.interrupted
+    assert_trees_equal(resumed.params, reference.params)
+    assert without_timings(common.read_metrics(run_dir / "metrics.jsonl")) == without_timings(
+        reference.records
+    )
+
+
+def test_data_parallel_on_four_cpu_devices_matches_one_device(tmp_path):
+    # jax_num_cpu_devices only works before JAX starts its backend: use a fresh interpreter.
+    script = textwrap.dedent(f"""
+        import sys, dataclasses, json
+        sys.path.insert(0, {str(EXPERIMENTS)!r})
+        import jax
+        jax.config.update("jax_num_cpu_devices", 4)
+        import numpy as np, common, mnist_mlp
+        sys.path.insert(0, {str(Path(__file__).parent)!r})
+        from test_experiments import TINY, small_data
+        data = small_data(256, 100)
+        out = {{}}
+        for devices in (1, 4):
+            config = dataclasses.replace(TINY, devices=devices)
+            result = mnist_mlp.train(config, __import__("pathlib").Path({str(tmp_path)!r}) /
+                                     str(devices), data=data, progress=False)
+            out[devices] = dict(records=result.records,
+                                params=[np.asarray(x).tolist() for x in
+                                        jax.tree.leaves(result.params)])
+        print(json.dumps(out))
+    """)
+    completed = subprocess.run(
+        [sys.executable, "-c", script], capture_output=True, text=True, timeout=300, check=False
+    )
+    assert completed.returncode == 0, completed.stderr[-3000:]
+    out = json.loads(completed.stdout.strip().splitlines()[-1])
+    one, four = out["1"], out["4"]
+    for r1, r4 in zip(one["records"], four["records"], strict=True):
+        np.testing.assert_allclose(r1["train_loss"], r4["train_loss"], rtol=1e-4)
+        np.testing.assert_allclose(r1["test_loss"], r4["test_loss"], rtol=1e-4)
+        assert abs(r1["test_accuracy"] - r4["test_accuracy"]) <= 0.01
+    for p1, p4 in zip(one["params"], four["params"], strict=True):
+        np.testing.assert_allclose(p1, p4, rtol=1e-3, atol=1e-5)
+
+
+def test_optax_loss_trains_the_identical_model(tmp_path, data):
+    config = dataclasses.replace(TINY, epochs=1, max_shift=0, dropout=0.0)
+    ours = mnist_mlp.train(config, tmp_path / "jxent", data=data, progress=False)
+    theirs = mnist_mlp.train(
+        dataclasses.replace(config, loss="optax"), tmp_path / "optax", data=data, progress=False
+    )
+    np.testing.assert_allclose(
+        ours.records[0]["train_loss"], theirs.records[0]["train_loss"], rtol=1e-4
+    )
+
+
+def test_lenet5_smoke_run(tmp_path, data):
+    config = mnist_lenet5.Config(epochs=1, batch_size=32, chunk_steps=4)
+    result = mnist_lenet5.train(config, tmp_path, data=data, progress=False)
+    assert result.records[0]["test_accuracy"] > 0.2
+    for name in RUN_FILES:
+        assert (tmp_path / name).exists(), name
+
+
+def test_five_clusters_writes_plot_and_adam_beats_the_tutorial_recipe(tmp_path):
+    report = five_clusters.run(tmp_path, n_per_cluster=60, epochs=300)
+    tutorial, good = report["test_accuracy"].values()
+    assert good > tutorial and good > 0.85
+    assert (tmp_path / "decision_boundary.png").stat().st_size > 0
+
+
+def test_mlp_command_line_help_exits_cleanly(capsys):
+    with pytest.raises(SystemExit) as info:
+        mnist_mlp.main(["--help"])
+    assert info.value.code == 0
+    assert "--label-smoothing" in capsys.readouterr().out
