@@ -17,11 +17,6 @@ def _softplus(x: jax.Array) -> jax.Array:
     return jnp.logaddexp(x, jnp.zeros_like(x))
 
 
-def _times(weight: jax.Array, value: jax.Array) -> jax.Array:
-    """``weight · value`` with ``0 · inf = 0``: a label with no mass costs nothing."""
-    return jnp.where(weight == 0, jnp.zeros_like(value), weight * value)
-
-
 @functools.partial(jax.custom_vjp, nondiff_argnums=(3,))
 def _bce_impl(x: jax.Array, y: jax.Array, pos_weight: jax.Array, eps: float) -> jax.Array:
     return _bce_fwd(x, y, pos_weight, eps)[0]
@@ -37,7 +32,7 @@ def _bce_fwd(
     dtype = c.compute_dtype(x.dtype)
     xf, t, pw = x.astype(dtype), _smooth(y.astype(dtype), eps), pos_weight.astype(dtype)
     # -log sigmoid(x) = softplus(-x) and -log(1 - sigmoid(x)) = softplus(x).
-    loss = _times(pw * t, _softplus(-xf)) + _times(1.0 - t, _softplus(xf))
+    loss = c.weighted(pw * t, _softplus(-xf)) + c.weighted(1.0 - t, _softplus(xf))
     return loss, (x, y, pos_weight)
 
 
@@ -48,7 +43,7 @@ def _bce_bwd(eps: float, residuals: tuple[Any, ...], g: jax.Array) -> tuple[Any,
     sig = jax.nn.sigmoid(xf)
     dx = g * (pw * t * (sig - 1.0) + (1.0 - t) * sig)
     dy = g * (1.0 - eps) * (pw * _softplus(-xf) - _softplus(xf))
-    dpw = g * _times(t, _softplus(-xf))
+    dpw = g * c.weighted(t, _softplus(-xf))
     return dx.astype(x.dtype), dy.astype(y.dtype), dpw.astype(pos_weight.dtype)
 
 

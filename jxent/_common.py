@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Hashable, Sequence
-from typing import Any, Literal
+from typing import Any, Literal, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -229,26 +229,59 @@ def class_any(x: jax.Array, axis_name: Hashable | None = None) -> jax.Array:
     return class_sum(x.astype(jnp.int32), axis_name) > 0
 
 
+def weighted(weight: jax.Array, value: jax.Array) -> jax.Array:
+    """``weight · value`` with ``0 · inf = 0``: a term with no weight contributes nothing."""
+    return jnp.where(weight == 0, jnp.zeros_like(value), weight * value)
+
+
 def mask(x: jax.Array, where: jax.Array | None, fill: float) -> jax.Array:
     return x if where is None else jnp.where(where, x, jnp.asarray(fill, x.dtype))
 
 
-def stable_logsumexp(x: jax.Array, axis_name: Hashable | None = None) -> jax.Array:
-    """``log Σ exp(x)`` over the last axis (keepdims) for an already masked ``x``.
+class Normaliser(NamedTuple):
+    """``log Σ exp(x)`` over the last axis, kept as ``shift + log_sum`` (both keepdims).
+
+    Keeping the two parts apart is what makes huge logits exact: for ``x = [3e38, 3e38]``,
+    ``shift + log_sum`` rounds to ``3e38`` in float32, but the log-probabilities
+    ``(x - shift) - log_sum = -log 2`` are exact.
+    """
+
+    shift: jax.Array  # the row max, constant under autodiff; 0 for rows with no finite max
+    log_sum: jax.Array  # log Σ exp(x - shift); -inf for an empty (all -inf / masked) row
+
+    def lse(self) -> jax.Array:
+        return self.shift + self.log_sum
+
+    def log_probs(self, x: jax.Array) -> jax.Array:
+        """``x - lse``; ``-inf`` (not NaN) on rows whose entries are all ``-inf``."""
+        return (x - self.shift) - finite_or_zero(self.log_sum)
+
+
+def log_normaliser(x: jax.Array, axis_name: Hashable | None = None) -> Normaliser:
+    """The log-normaliser of an already masked ``x`` over its last axis.
 
     The shift by the row max is held constant under autodiff: the result does not depend
     on it, and a non-finite max (an all ``-inf`` row) is replaced by 0 so that such a row
     gives ``-inf`` rather than NaN. The forward rules of the ``custom_vjp`` functions use
     this, and their outer derivatives (``grad`` of ``grad``) differentiate through it.
     """
+    m = row_shift(x, axis_name)
+    return Normaliser(m, jnp.log(class_sum(jnp.exp(x - m), axis_name)))
+
+
+def row_shift(x: jax.Array, axis_name: Hashable | None = None) -> jax.Array:
+    """The row max (keepdims) as a constant for autodiff; 0 where it is not finite."""
     m = class_max(x, axis_name)
-    m = lax.stop_gradient(jnp.where(jnp.isfinite(m), m, jnp.zeros_like(m)))
-    return m + jnp.log(class_sum(jnp.exp(x - m), axis_name))
+    return lax.stop_gradient(jnp.where(jnp.isfinite(m), m, jnp.zeros_like(m)))
+
+
+def stable_logsumexp(x: jax.Array, axis_name: Hashable | None = None) -> jax.Array:
+    """``log Σ exp(x)`` over the last axis (keepdims) of an already masked ``x``."""
+    return log_normaliser(x, axis_name).lse()
 
 
 def finite_or_zero(x: jax.Array) -> jax.Array:
-    """Replaces ``±inf`` by 0 (NaN stays NaN) so that ``exp(x - lse)`` is 0, not NaN, on
-    rows whose log-normaliser is ``-inf``."""
+    """Replaces ``±inf`` by 0 (NaN stays NaN)."""
     return jnp.where(jnp.isinf(x), jnp.zeros_like(x), x)
 
 

@@ -83,7 +83,12 @@ def _resolve_targets(
     if weights is None:
         weight = active.astype(dtype)
     else:
-        w_y = _gather_target(weights.astype(dtype), local, in_shard, axis_name)
+        w_y = _gather_target(
+            jnp.broadcast_to(weights.astype(dtype), (*labels.shape, num_local)),
+            local,
+            in_shard,
+            axis_name,
+        )
         weight = jnp.where(active, w_y, jnp.zeros_like(w_y))
     return _Targets(local, in_shard, active, bad, weight)
 
@@ -146,6 +151,19 @@ def _integer_ce_impl(
     return _integer_ce_fwd(logits, labels, where, weights, cfg)[0]
 
 
+def _smoothing_weights(
+    weights: jax.Array | None, where: jax.Array | None, shape: tuple[int, ...], dtype: Any
+) -> jax.Array:
+    """``w_c`` broadcast over the batch, 0 on masked classes: where the smoothing mass goes."""
+    w = jnp.ones((), dtype) if weights is None else weights.astype(dtype)
+    return c.mask(jnp.broadcast_to(w, shape), where, 0.0)
+
+
+def _neg_log_probs(x: jax.Array, norm: c.Normaliser) -> jax.Array:
+    """``-log p = log_sum - (x - shift)``: exact even where ``x`` and ``lse`` are ~3e38."""
+    return c.finite_or_zero(norm.log_sum) - (x - norm.shift)
+
+
 def _integer_ce_fwd(
     logits: jax.Array,
     labels: jax.Array,
@@ -156,54 +174,49 @@ def _integer_ce_fwd(
     dtype = c.compute_dtype(logits.dtype)
     num_local = logits.shape[-1]
     x = logits.astype(dtype)
-    lse = c.stable_logsumexp(c.mask(x, where, -jnp.inf), cfg.axis_name)[..., 0]
+    norm = c.log_normaliser(c.mask(x, where, -jnp.inf), cfg.axis_name)
     targets = _resolve_targets(
         labels, where, weights, cfg.ignore_index, num_local, cfg.axis_name, dtype
     )
     eps = cfg.label_smoothing
-    # (lse - x_y) rather than -(x_y - lse): both operands are O(batch), no log-softmax array.
-    loss = (
-        (1.0 - eps)
-        * targets.weight
-        * (lse - _gather_target(x, targets.local, targets.in_shard, cfg.axis_name))
-    )
+    # Only O(batch) values: the target's -log p from the gathered logit, no log-softmax array.
+    x_y = _gather_target(x, targets.local, targets.in_shard, cfg.axis_name)
+    target_nll = norm.log_sum[..., 0] + (norm.shift[..., 0] - x_y)
+    loss = (1.0 - eps) * c.weighted(targets.weight, target_nll)
     num_classes = _row_class_count(x, where, cfg.axis_name)
-    smoothing_weight = jnp.zeros_like(lse)
+    smoothing_mass = jnp.zeros_like(loss)
     if eps:
-        w = jnp.ones((num_local,), dtype) if weights is None else weights.astype(dtype)
-        w = c.mask(jnp.broadcast_to(w, x.shape), where, 0.0)
-        # Σ_c w_c·(lse - x_c) elementwise, so that huge logits do not cancel catastrophically.
-        spread = c.class_sum(w * (lse[..., None] - x), cfg.axis_name)[..., 0]
+        w = _smoothing_weights(weights, where, x.shape, dtype)
+        spread = c.class_sum(c.weighted(w, _neg_log_probs(x, norm)), cfg.axis_name)[..., 0]
         loss = loss + eps / num_classes * spread
-        smoothing_weight = c.class_sum(w, cfg.axis_name)[..., 0]
+        smoothing_mass = c.class_sum(w, cfg.axis_name)[..., 0]
     if cfg.z_loss:
-        loss = loss + cfg.z_loss * lse**2
+        loss = loss + cfg.z_loss * norm.lse()[..., 0] ** 2
     loss = _nan_where(targets.bad, jnp.where(targets.active, loss, jnp.zeros_like(loss)))
-    residuals = (logits, where, weights, lse, targets, num_classes, smoothing_weight)
+    residuals = (logits, where, weights, norm, targets, num_classes, smoothing_mass)
     return (loss, targets.weight), residuals
 
 
 def _integer_ce_bwd(
     cfg: _IntegerConfig, residuals: tuple[Any, ...], cotangents: tuple[jax.Array, jax.Array]
 ) -> tuple[Any, ...]:
-    logits, where, weights, lse, targets, num_classes, smoothing_weight = residuals
+    logits, where, weights, norm, targets, num_classes, smoothing_mass = residuals
     g_loss, g_weight = cotangents
-    dtype = lse.dtype
     num_local = logits.shape[-1]
     eps = cfg.label_smoothing
     w_y = targets.weight  # already 0 for inactive examples
     coef = _nan_where(targets.bad, jnp.where(targets.active, g_loss, jnp.zeros_like(g_loss)))
-    x = logits.astype(dtype)
-    p = jnp.exp(c.mask(x, where, -jnp.inf) - c.finite_or_zero(lse)[..., None])
+    x = logits.astype(norm.shift.dtype)
+    p = jnp.exp(norm.log_probs(c.mask(x, where, -jnp.inf)))
     # d loss / d x_c = p_c·A - (1-ε)·w_y·[c = y] - (ε/C)·w_c, with A the total target mass.
-    mass = (1.0 - eps) * w_y + eps / num_classes * smoothing_weight + 2.0 * cfg.z_loss * lse
+    mass = (1.0 - eps) * w_y + eps / num_classes * smoothing_mass
+    if cfg.z_loss:
+        mass = mass + 2.0 * cfg.z_loss * c.finite_or_zero(norm.lse()[..., 0])
     mass = jnp.where(targets.active, mass, jnp.zeros_like(mass))
     is_target = _target_mask(targets, num_local)
     grad = p * mass[..., None] - jnp.where(is_target, ((1.0 - eps) * w_y)[..., None], 0.0)
-    w = None
     if eps:
-        w = jnp.ones((num_local,), dtype) if weights is None else weights.astype(dtype)
-        w = c.mask(jnp.broadcast_to(w, x.shape), where, 0.0)
+        w = _smoothing_weights(weights, where, x.shape, x.dtype)
         grad = grad - _expand(eps / num_classes) * w
     dlogits = (coef[..., None] * grad).astype(logits.dtype)
 
@@ -212,10 +225,13 @@ def _integer_ce_bwd(
         # loss_n depends on w through w_y (the NLL term, and the mean's weight) and, with
         # smoothing, on every unmasked w_c.
         x_y = _gather_target(x, targets.local, targets.in_shard, cfg.axis_name)
-        per_example = coef * (1.0 - eps) * (lse - x_y) + jnp.where(targets.active, g_weight, 0.0)
-        dw = _scatter_to_classes(per_example, targets, num_local, dtype)
+        target_nll = norm.log_sum[..., 0] + (norm.shift[..., 0] - x_y)
+        per_example = jnp.where(
+            targets.active, coef * (1.0 - eps) * target_nll + g_weight, jnp.zeros_like(coef)
+        )
+        dw = _scatter_to_classes(per_example, targets, num_local, x.dtype)
         if eps:
-            spread = c.mask(lse[..., None] - x, where, 0.0)
+            spread = c.mask(_neg_log_probs(x, norm), where, 0.0)
             dw = dw + _batch_sum(_expand(coef * eps / num_classes) * spread)
         dweights = dw.astype(weights.dtype)
     return dlogits, None, None, dweights
@@ -271,45 +287,43 @@ def _dense_ce_fwd(
 ) -> tuple[tuple[jax.Array, jax.Array], tuple[Any, ...]]:
     dtype = c.compute_dtype(logits.dtype)
     x = logits.astype(dtype)
-    lse = c.stable_logsumexp(c.mask(x, where, -jnp.inf), cfg.axis_name)
+    norm = c.log_normaliser(c.mask(x, where, -jnp.inf), cfg.axis_name)
     num_classes = _row_class_count(x, where, cfg.axis_name)
     wt = _smoothed_weighted_targets(labels, where, weights, num_classes, cfg, dtype)
     # 0·log 0 = 0: a class with no target mass contributes nothing, even at x_c = -inf.
-    terms = jnp.where(wt == 0, jnp.zeros_like(wt), wt * (lse - x))
-    loss = c.class_sum(terms, cfg.axis_name)[..., 0]
+    loss = c.class_sum(c.weighted(wt, _neg_log_probs(x, norm)), cfg.axis_name)[..., 0]
     mass = c.class_sum(wt, cfg.axis_name)[..., 0]
-    lse = lse[..., 0]
     if cfg.z_loss:
-        loss = loss + cfg.z_loss * lse**2
+        loss = loss + cfg.z_loss * norm.lse()[..., 0] ** 2
     row_valid = (
-        jnp.ones(lse.shape, bool) if where is None else c.class_any(where, cfg.axis_name)[..., 0]
+        jnp.ones(loss.shape, bool) if where is None else c.class_any(where, cfg.axis_name)[..., 0]
     )
     loss = jnp.where(row_valid, loss, jnp.zeros_like(loss))
-    residuals = (logits, labels, where, weights, lse, mass, num_classes, row_valid)
+    residuals = (logits, labels, where, weights, norm, mass, num_classes, row_valid)
     return (loss, row_valid.astype(dtype)), residuals
 
 
 def _dense_ce_bwd(
     cfg: _DenseConfig, residuals: tuple[Any, ...], cotangents: tuple[jax.Array, jax.Array]
 ) -> tuple[Any, ...]:
-    logits, labels, where, weights, lse, mass, num_classes, row_valid = residuals
+    logits, labels, where, weights, norm, mass, num_classes, row_valid = residuals
     g_loss, _ = cotangents  # the example weight (row valid or not) is piecewise constant
-    dtype = lse.dtype
+    dtype = norm.shift.dtype
     coef = jnp.where(row_valid, g_loss, jnp.zeros_like(g_loss))[..., None]
     x = logits.astype(dtype)
-    p = jnp.exp(c.mask(x, where, -jnp.inf) - c.finite_or_zero(lse)[..., None])
+    p = jnp.exp(norm.log_probs(c.mask(x, where, -jnp.inf)))
     wt = _smoothed_weighted_targets(labels, where, weights, num_classes, cfg, dtype)
-    total_mass = mass + 2.0 * cfg.z_loss * lse
-    dlogits = (coef * (p * total_mass[..., None] - wt)).astype(logits.dtype)
-    # d loss / d t_c = (1-ε)·w_c·(lse - x_c): the negative log-probability, for distillation.
-    neg_log_p = c.mask(c.finite_or_zero(lse)[..., None] - x, where, 0.0)
+    if cfg.z_loss:
+        mass = mass + 2.0 * cfg.z_loss * c.finite_or_zero(norm.lse()[..., 0])
+    dlogits = (coef * (p * mass[..., None] - wt)).astype(logits.dtype)
+    # d loss / d t_c = (1-ε)·w_c·(-log p_c): the negative log-probability, for distillation.
+    neg_log_p = c.mask(_neg_log_probs(x, norm), where, 0.0)
     w = jnp.ones((), dtype) if weights is None else weights.astype(dtype)
     dlabels = (coef * (1.0 - cfg.label_smoothing) * w * neg_log_p).astype(labels.dtype)
     dweights = None
     if weights is not None:
         t = _smoothed_weighted_targets(labels, where, None, num_classes, cfg, dtype)
-        per_class = jnp.where(t == 0, jnp.zeros_like(t), t * neg_log_p)
-        dweights = _batch_sum(coef * per_class).astype(weights.dtype)
+        dweights = _batch_sum(coef * c.weighted(t, neg_log_p)).astype(weights.dtype)
     return dlogits, dlabels, None, dweights
 
 

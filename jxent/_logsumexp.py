@@ -34,36 +34,34 @@ def _logsumexp_fwd(
     dtype = c.compute_dtype(x.dtype)
     xm = c.mask(x.astype(dtype), _active(x, b, where), -jnp.inf)
     if b is None:
-        lse = c.stable_logsumexp(xm, axis_name)
-        sign = jnp.where(jnp.isneginf(lse), 0.0, 1.0).astype(dtype)
+        norm = c.log_normaliser(xm, axis_name)
+        sign = jnp.where(jnp.isneginf(norm.log_sum), 0.0, 1.0).astype(dtype)
     else:
-        # Signed sum: log|Σ b·exp(x)| with its sign, shifted by the row max like the plain case.
-        m = c.class_max(xm, axis_name)
-        m = jax.lax.stop_gradient(jnp.where(jnp.isfinite(m), m, jnp.zeros_like(m)))
+        # Signed sum: log|Σ b·exp(x - m)| with its sign, shifted by the row max as usual.
+        m = c.row_shift(xm, axis_name)
         total = c.class_sum(b.astype(dtype) * jnp.exp(xm - m), axis_name)
         sign = jnp.sign(total)
-        lse = m + jnp.log(jnp.abs(total))
-    return (lse, sign), (x, b, where, lse, sign)
+        norm = c.Normaliser(m, jnp.log(jnp.abs(total)))
+    return (norm.lse(), sign), (x, b, where, norm, sign)
 
 
 def _logsumexp_bwd(
     axis_name: Hashable | None, residuals: tuple[Any, ...], cotangents: tuple[jax.Array, jax.Array]
 ) -> tuple[Any, ...]:
     del axis_name  # d lse / d x_i = sign · b_i · exp(x_i - lse) needs no cross-device data.
-    x, b, where, lse, sign = residuals
+    x, b, where, norm, sign = residuals
     g, _ = cotangents  # the sign is piecewise constant: no gradient.
-    dtype = lse.dtype
+    dtype = sign.dtype
+    xf = x.astype(dtype)
     # exp(x - lse) is 0 for masked entries and for rows whose lse is -inf (all masked).
-    ratio = jnp.exp(c.mask(x.astype(dtype), _active(x, b, where), -jnp.inf) - c.finite_or_zero(lse))
+    ratio = jnp.exp(norm.log_probs(c.mask(xf, _active(x, b, where), -jnp.inf)))
     scale = g * sign
-    dx = scale * ratio if b is None else scale * ratio * b.astype(dtype)
     if b is None:
-        db = None
-    else:
-        # d/db_i includes entries with b_i == 0 (they still move the sum); masked ones do not.
-        ratio_b = jnp.exp(c.mask(x.astype(dtype), where, -jnp.inf) - c.finite_or_zero(lse))
-        db = (scale * ratio_b).astype(b.dtype)
-    return dx.astype(x.dtype), db, None
+        return (scale * ratio).astype(x.dtype), None, None
+    dx = scale * ratio * b.astype(dtype)
+    # d/db_i includes entries with b_i == 0 (they still move the sum); masked ones do not.
+    db = scale * jnp.exp(norm.log_probs(c.mask(xf, where, -jnp.inf)))
+    return dx.astype(x.dtype), db.astype(b.dtype), None
 
 
 _logsumexp_impl.defvjp(_logsumexp_fwd, _logsumexp_bwd)

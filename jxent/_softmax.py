@@ -17,15 +17,13 @@ from jax.typing import ArrayLike
 from jxent import _common as c
 
 
-def _probabilities(x: jax.Array, where: jax.Array | None, lse: jax.Array) -> jax.Array:
+def _masked(x: jax.Array, where: jax.Array | None) -> jax.Array:
+    return c.mask(x.astype(c.compute_dtype(x.dtype)), where, -jnp.inf)
+
+
+def _probabilities(x: jax.Array, where: jax.Array | None, norm: c.Normaliser) -> jax.Array:
     """``exp(x - lse)`` in the compute dtype; 0 on masked entries and on all-masked rows."""
-    xm = c.mask(x.astype(lse.dtype), where, -jnp.inf)
-    return jnp.exp(xm - c.finite_or_zero(lse))
-
-
-def _log_normaliser(x: jax.Array, where: jax.Array | None, axis_name: Hashable | None) -> jax.Array:
-    xm = c.mask(x.astype(c.compute_dtype(x.dtype)), where, -jnp.inf)
-    return c.stable_logsumexp(xm, axis_name)
+    return jnp.exp(norm.log_probs(_masked(x, where)))
 
 
 # ----------------------------------------------------------------------------- softmax
@@ -39,17 +37,17 @@ def _softmax_impl(x: jax.Array, where: jax.Array | None, axis_name: Hashable | N
 def _softmax_fwd(
     x: jax.Array, where: jax.Array | None, axis_name: Hashable | None
 ) -> tuple[jax.Array, tuple[Any, ...]]:
-    lse = _log_normaliser(x, where, axis_name)
-    return _probabilities(x, where, lse).astype(x.dtype), (x, where, lse)
+    norm = c.log_normaliser(_masked(x, where), axis_name)
+    return _probabilities(x, where, norm).astype(x.dtype), (x, where, norm)
 
 
 def _softmax_bwd(
     axis_name: Hashable | None, residuals: tuple[Any, ...], g: jax.Array
 ) -> tuple[Any, ...]:
     # J = diag(p) - p pᵀ, so Jᵀ g = p ⊙ (g - <g, p>).
-    x, where, lse = residuals
-    p = _probabilities(x, where, lse)
-    g = g.astype(lse.dtype)
+    x, where, norm = residuals
+    p = _probabilities(x, where, norm)
+    g = g.astype(p.dtype)
     dx = p * (g - c.class_sum(g * p, axis_name))
     return dx.astype(x.dtype), None
 
@@ -70,18 +68,17 @@ def _log_softmax_impl(
 def _log_softmax_fwd(
     x: jax.Array, where: jax.Array | None, axis_name: Hashable | None
 ) -> tuple[jax.Array, tuple[Any, ...]]:
-    lse = _log_normaliser(x, where, axis_name)
-    out = c.mask(x.astype(lse.dtype) - lse, where, -jnp.inf)
-    return out.astype(x.dtype), (x, where, lse)
+    norm = c.log_normaliser(_masked(x, where), axis_name)
+    return norm.log_probs(_masked(x, where)).astype(x.dtype), (x, where, norm)
 
 
 def _log_softmax_bwd(
     axis_name: Hashable | None, residuals: tuple[Any, ...], g: jax.Array
 ) -> tuple[Any, ...]:
     # d log p_i / d x_j = δ_ij - p_j, so Jᵀ g = g - p Σ g (masked entries take no part).
-    x, where, lse = residuals
-    p = _probabilities(x, where, lse)
-    g = c.mask(g.astype(lse.dtype), where, 0.0)
+    x, where, norm = residuals
+    p = _probabilities(x, where, norm)
+    g = c.mask(g.astype(p.dtype), where, 0.0)
     dx = g - p * c.class_sum(g, axis_name)
     return dx.astype(x.dtype), None
 
