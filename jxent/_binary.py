@@ -43,8 +43,17 @@ def _bce_bwd(eps: float, residuals: tuple[Any, ...], g: jax.Array) -> tuple[Any,
     sig = jax.nn.sigmoid(xf)
     dx = g * (pw * t * (sig - 1.0) + (1.0 - t) * sig)
     dy = g * (1.0 - eps) * (pw * _softplus(-xf) - _softplus(xf))
-    dpw = g * c.weighted(t, _softplus(-xf))
+    dpw = _sum_to_shape(g * c.weighted(t, _softplus(-xf)), pos_weight.shape)
     return dx.astype(x.dtype), dy.astype(y.dtype), dpw.astype(pos_weight.dtype)
+
+
+def _sum_to_shape(x: jax.Array, shape: tuple[int, ...]) -> jax.Array:
+    """Sums a cotangent over the axes along which a ``shape``-shaped input was broadcast."""
+    lead = x.ndim - len(shape)
+    axes = tuple(range(lead)) + tuple(
+        lead + i for i, d in enumerate(shape) if d == 1 and x.shape[lead + i] != 1
+    )
+    return jnp.sum(x, axis=axes).reshape(shape)
 
 
 _bce_impl.defvjp(_bce_fwd, _bce_bwd)
@@ -99,11 +108,14 @@ def sigmoid_binary_cross_entropy(
     if not jnp.issubdtype(y.dtype, jnp.floating):
         y = y.astype(x.dtype)
     pw = jnp.ones((), c.compute_dtype(x.dtype)) if pos_weight is None else jnp.asarray(pos_weight)
+    # pos_weight stays small (e.g. [C]); the rules broadcast it and sum its cotangent back.
     try:
-        pw = jnp.broadcast_to(pw, x.shape)
+        fits = jnp.broadcast_shapes(pw.shape, x.shape) == x.shape
     except ValueError:
+        fits = False
+    if not fits:
         raise ValueError(
             f"pos_weight of shape {pw.shape} is not broadcastable to the logits' shape {x.shape}."
-        ) from None
+        )
     loss = _bce_impl(x, y, pw, eps)
     return c.reduce_loss(loss, jnp.ones_like(loss), reduction)
