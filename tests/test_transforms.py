@@ -222,7 +222,7 @@ class TestVocabParallel:
         sharded = self._sharded(loss, P(), P("vocab"))
         single = functools.partial(loss, axis_name=None)
         np.testing.assert_allclose(sharded(LOGITS, WEIGHTS), single(LOGITS, WEIGHTS), rtol=1e-6)
-        total = lambda f: lambda x, w: jnp.sum(f(x, w) * jnp.arange(1.0, 1.0 + f(x, w).size))  # noqa: E731
+        total = lambda f: lambda x, w: jnp.sum(f(x, w) * jnp.arange(1.0, 1.0 + f(x, w).size))
         got = jax.grad(total(sharded), (0, 1))(LOGITS, WEIGHTS)
         want = jax.grad(total(single), (0, 1))(LOGITS, WEIGHTS)
         for g, w in zip(got, want, strict=True):
