@@ -119,7 +119,9 @@ def _row_class_count(x: jax.Array, where: jax.Array | None, axis_name: Hashable 
     """Number of classes taking part in each row (``C``, or the unmasked count)."""
     if where is None:
         return c.global_num_classes(x.shape[-1], axis_name)
-    return c.class_sum(where.astype(jnp.int32), axis_name)[..., 0]
+    # At least 1: a fully masked row counts for nothing, and ε/0 = inf would turn the zeros
+    # that mask it (0·inf) into NaN in its gradient and in the class-weight gradient.
+    return jnp.maximum(c.class_sum(where.astype(jnp.int32), axis_name)[..., 0], 1)
 
 
 def _nan_where(bad: jax.Array, x: jax.Array) -> jax.Array:
