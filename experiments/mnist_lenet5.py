@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import functools
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -68,8 +69,15 @@ class LeNet5(nnx.Module):
         return self.fc3(x)
 
 
+@functools.cache
+def _compiled_init() -> Any:
+    # One compiled initialiser: op-by-op init compiles dozens of tiny programs.
+    return nnx.jit(lambda key: LeNet5(rngs=nnx.Rngs(params=key)))
+
+
 def build_model(config: Config) -> LeNet5:
-    return LeNet5(rngs=nnx.Rngs(params=config.seed))
+    """LeNet-5 initialised from ``config.seed`` alone."""
+    return _compiled_init()(jax.random.key(config.seed))
 
 
 def build_optimizer(config: Config) -> optax.GradientTransformation:
@@ -86,8 +94,13 @@ def train(
     progress: bool = True,
     stop: common.StopRequest | None = None,
     on_chunk: Any = None,
+    plots: bool = True,
 ) -> common.FitResult:
-    """Trains, evaluates and writes every artefact of one run into ``run_dir``."""
+    """Trains, evaluates and writes every artefact of one run into ``run_dir``.
+
+    ``data`` replaces the MNIST loader (tests); ``plots=False`` skips the PNGs (tests);
+    ``stop``/``on_chunk`` are the interruption flag and a per-chunk hook (see ``common.fit``).
+    """
     if data is None:
         data = common.load_dataset(config.data_dir, config.train_limit, config.test_limit)
     run_dir.mkdir(parents=True, exist_ok=True)
@@ -111,8 +124,9 @@ def train(
         resume=resume,
         stop=stop,
         on_chunk=on_chunk,
+        cache_key=(EXPERIMENT, config),
     )
-    if not result.interrupted:
+    if plots and not result.interrupted:
         common.write_plots(run_dir, result, data, f"LeNet-5, {config.loss} loss")
     return result
 
