@@ -285,6 +285,31 @@ class TestSoftmaxCrossEntropyWithIntegerLabels:
         expected = ref.integer_cross_entropy(case.logits_ref, case.labels, weights=case.weights_ref)
         assert_close(loss, expected.value)
 
+    @pytest.mark.parametrize(
+        ("ignore_index", "label_dtype", "ignored_label"),
+        [(0, jnp.int32, 0), (255, jnp.uint8, 255), (-100, jnp.int8, -100)],
+    )
+    def test_ignore_index_any_value_any_label_dtype(self, ignore_index, label_dtype, ignored_label):
+        """``ignore_index`` may be a valid class id (PyTorch allows it) or a value only the
+        labels' dtype can hold; its examples give 0 and leave the weighted mean."""
+        case = IntCase((4, 3), weights=True, seed=22)
+        labels = np.array([ignored_label, 1, 2, ignored_label])
+        loss = jxent.softmax_cross_entropy_with_integer_labels(
+            case.logits,
+            jnp.asarray(labels, label_dtype),
+            class_weights=case.weights,
+            ignore_index=ignore_index,
+            reduction="mean",
+        )
+        expected = ref.integer_cross_entropy(
+            case.logits_ref,
+            labels,
+            weights=case.weights_ref,
+            ignore_index=ignore_index,
+            reduction="mean",
+        )
+        assert_close(loss, expected.value)
+
     def test_int64_labels_under_x64(self):
         """int64 labels (x64) work, including a negative ignore_index."""
         with jax.enable_x64(True):
