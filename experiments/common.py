@@ -46,6 +46,22 @@ NUM_CLASSES = 10
 EXIT_INTERRUPTED = 130
 
 
+def initialize_distributed(
+    coordinator: str | None, num_processes: int | None, process_id: int | None
+) -> None:
+    """Joins a multi-host JAX job (``jax.distributed.initialize``); ``None`` = auto-detect.
+
+    On SLURM, Open MPI, Kubernetes and Cloud TPU every argument can be left ``None``.
+    """
+    import jax
+
+    # Only the CPU backend reads this: cross-process CPU collectives (a CPU-only test cluster).
+    jax.config.update("jax_cpu_collectives_implementation", "gloo")
+    jax.distributed.initialize(
+        coordinator_address=coordinator, num_processes=num_processes, process_id=process_id
+    )
+
+
 def set_cpu_device_count(devices: int) -> None:
     """Asks JAX for ``devices`` host (CPU) devices; must run before JAX's first operation."""
     import jax
@@ -417,6 +433,25 @@ def make_eval(graphdef: Any, loss_fn: Callable, eval_batch: int) -> Callable:
     return jax.jit(evaluate)
 
 
+def replicate(tree: Any, sharding: Any) -> Any:
+    """Host values -> global arrays replicated over ``sharding``'s mesh.
+
+    ``make_array_from_callback`` also works when the mesh spans several processes (each process
+    passes the same host values and fills its own devices), unlike a plain ``device_put``.
+    """
+    import jax
+
+    def one(value: Any) -> Any:
+        host = np.asarray(value)
+        return jax.make_array_from_callback(host.shape, sharding, lambda index: host[index])
+
+    return jax.tree.map(one, tree)
+
+
+def _silent(message: str) -> None:
+    del message
+
+
 def largest_divisor_at_most(n: int, limit: int) -> int:
     return max(d for d in range(1, min(n, limit) + 1) if n % d == 0)
 
@@ -482,7 +517,8 @@ def fit(
     replicated = NamedSharding(mesh, P())
     graphdef, params = nnx.split(model, nnx.Param)
     opt_state = optimizer.init(params)
-    params, opt_state = jax.device_put((params, opt_state), replicated)
+    params, opt_state = replicate((params, opt_state), replicated)
+    main_process = jax.process_index() == 0  # multi-host: one process writes files
 
     run_dir.mkdir(parents=True, exist_ok=True)
     metrics_path = run_dir / "metrics.jsonl"
@@ -497,17 +533,25 @@ def fit(
         start_epoch, start_step = position["epoch"], position["step"]
         resumed_loss_sum = position.get("loss_sum", 0.0)
         records = [r for r in read_metrics(metrics_path) if r["epoch"] <= start_epoch]
-        rewrite_metrics(metrics_path, records)
+        if main_process:
+            rewrite_metrics(metrics_path, records)
         print(f"resumed from {run_dir} at epoch {start_epoch + 1}, step {start_step}")
     else:
         records = []
-        rewrite_metrics(metrics_path, records)
+        if main_process:
+            rewrite_metrics(metrics_path, records)
         resumed_loss_sum = 0.0
 
-    images = jax.device_put(jnp.asarray(data.train_images.reshape(len(data.train_images), -1)))
-    images, labels = jax.device_put((images, jnp.asarray(data.train_labels)), replicated)
-    test_images = jax.device_put(jnp.asarray(data.test_images), replicated)
-    test_labels = jax.device_put(jnp.asarray(data.test_labels), replicated)
+    # The whole dataset lives on every device (uint8: 47 MB); batches are gathered on device.
+    images, labels, test_images, test_labels = replicate(
+        (
+            data.train_images.reshape(len(data.train_images), -1),
+            data.train_labels,
+            data.test_images,
+            data.test_labels,
+        ),
+        replicated,
+    )
 
     n_steps = steps_per_epoch(len(data.train_images), options.batch_size)
     chunks = chunk_bounds(n_steps, options.chunk_steps)
@@ -547,7 +591,7 @@ def fit(
             desc=f"epoch {epoch + 1}/{options.epochs}",
             unit="step",
             leave=False,
-            disable=not options.progress,
+            disable=not (options.progress and main_process),
             dynamic_ncols=True,
         )
         # A mid-epoch resume carries the epoch's loss so far, so its record matches a clean run.
@@ -592,10 +636,12 @@ def fit(
             "train_seconds": train_seconds,
         }
         records.append(record)
-        append_metrics(metrics_path, record)
+        if main_process:
+            append_metrics(metrics_path, record)
         position = {"epoch": epoch + 1, "step": 0}
         checkpointer.save((epoch + 1) * n_steps, (params, opt_state), position)
-        tqdm.write(
+        log = tqdm.write if main_process else _silent
+        log(
             f"epoch {epoch + 1:3d}/{options.epochs}  train loss {record['train_loss']:.4f}  "
             f"test loss {record['test_loss']:.4f}  test acc {100 * record['test_accuracy']:.2f}%  "
             f"{record['images_per_second']:,.0f} img/s"
@@ -659,6 +705,23 @@ def add_run_flags(parser: argparse.ArgumentParser, defaults: Any, experiment: st
     )
     parser.add_argument("--test-limit", type=int, default=None, help="use the first N test images")
     parser.add_argument("--no-progress", action="store_true", help="hide the progress bars")
+    multi_host = parser.add_argument_group(
+        "multi-host", "run the same command on every host; --devices counts all hosts' devices"
+    )
+    multi_host.add_argument(
+        "--distributed", action="store_true", help="call jax.distributed.initialize() first"
+    )
+    multi_host.add_argument("--coordinator", default=None, help="HOST:PORT of process 0")
+    multi_host.add_argument("--num-processes", type=int, default=None)
+    multi_host.add_argument("--process-id", type=int, default=None)
+
+
+def start_jax(args: argparse.Namespace, devices: int) -> None:
+    """Multi-host initialisation or the CPU device count, before JAX's first operation."""
+    if args.distributed:
+        initialize_distributed(args.coordinator, args.num_processes, args.process_id)
+    else:
+        set_cpu_device_count(devices)
 
 
 def config_from_args(config_cls: type, args: argparse.Namespace) -> Any:
@@ -710,7 +773,7 @@ def run_from_args(experiment: str, config_cls: type, args: argparse.Namespace, t
     else:
         config = config_from_args(config_cls, args)
         run_dir = new_run_dir(experiment, args.out_dir)
-    set_cpu_device_count(config.devices)
+    start_jax(args, config.devices)
     stop = StopRequest()
     with stop.installed():
         result = train(

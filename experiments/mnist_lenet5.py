@@ -104,7 +104,7 @@ def train(
     if data is None:
         data = common.load_dataset(config.data_dir, config.train_limit, config.test_limit)
     run_dir.mkdir(parents=True, exist_ok=True)
-    if not resume:
+    if not resume and jax.process_index() == 0:
         common.write_json_atomic(run_dir / "config.json", dataclasses.asdict(config))
     result = common.fit(
         model=build_model(config),
@@ -126,7 +126,7 @@ def train(
         on_chunk=on_chunk,
         cache_key=(EXPERIMENT, config),
     )
-    if plots and not result.interrupted:
+    if plots and not result.interrupted and jax.process_index() == 0:
         common.write_plots(run_dir, result, data, f"LeNet-5, {config.loss} loss")
     return result
 

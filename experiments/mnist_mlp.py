@@ -121,7 +121,7 @@ def train(
     if data is None:
         data = common.load_dataset(config.data_dir, config.train_limit, config.test_limit)
     run_dir.mkdir(parents=True, exist_ok=True)
-    if not resume:
+    if not resume and jax.process_index() == 0:
         common.write_json_atomic(run_dir / "config.json", dataclasses.asdict(config))
     n_steps = common.steps_per_epoch(len(data.train_images), config.batch_size)
     result = common.fit(
@@ -145,7 +145,7 @@ def train(
         on_chunk=on_chunk,
         cache_key=(EXPERIMENT, config),
     )
-    if plots and not result.interrupted:
+    if plots and not result.interrupted and jax.process_index() == 0:
         title = f"MLP {'-'.join(map(str, (784, *config.hidden, 10)))}, {config.loss} loss"
         common.write_plots(run_dir, result, data, title)
     return result
@@ -247,7 +247,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         return common.run_from_args(EXPERIMENT, Config, args, train)
     config = common.config_from_args(Config, args)
     run_dir = common.new_run_dir(EXPERIMENT, args.out_dir)
-    common.set_cpu_device_count(config.devices)
+    common.start_jax(args, config.devices)
     stop = common.StopRequest()
     with stop.installed():
         data = common.load_dataset(config.data_dir, config.train_limit, config.test_limit)
