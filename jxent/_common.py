@@ -265,8 +265,35 @@ def log_normaliser(x: jax.Array, axis_name: Hashable | None = None) -> Normalise
     gives ``-inf`` rather than NaN. The forward rules of the ``custom_vjp`` functions use
     this, and their outer derivatives (``grad`` of ``grad``) differentiate through it.
     """
-    m = row_shift(x, axis_name)
-    return Normaliser(m, jnp.log(class_sum(jnp.exp(x - m), axis_name)))
+    return exponentials(x, axis_name)[1]
+
+
+def exponentials(
+    x: jax.Array, axis_name: Hashable | None = None
+) -> tuple[jax.Array, Normaliser, jax.Array]:
+    """``e = exp(x - shift)``, the :class:`Normaliser` and ``1 / Σ e`` (0 for empty rows).
+
+    ``e · (1 / Σ e)`` is the softmax. The losses keep ``e`` for their backward pass: on CPU
+    recomputing the exponentials costs more than storing them, and XLA writes the gradient
+    over ``e`` in place, so no extra memory is held.
+    """
+    shift = row_shift(x, axis_name)
+    e = jnp.exp(x - shift)
+    total = class_sum(e, axis_name)
+    # 0 for an empty row (so its zeros stay zeros); NaN stays NaN.
+    inverse = jnp.where(total == 0, 0.0, 1.0 / jnp.where(total == 0, 1.0, total))
+    return e, Normaliser(shift, jnp.log(total)), inverse
+
+
+def capped(x: jax.Array) -> jax.Array:
+    """``min(x, largest finite float)``, so that a zero weight times it is 0, never NaN.
+
+    Used for ``-log p`` inside class sums: a select (``where``) there would keep XLA:CPU
+    from fusing the elementwise work into the reduction and materialise a logits-sized
+    array, a ``minimum`` does not. The price: positive mass on a class whose ``-log p``
+    is infinite contributes ``mass · 3.4e38`` (float32) instead of ``inf``.
+    """
+    return jnp.minimum(x, jnp.finfo(x.dtype).max)
 
 
 def row_shift(x: jax.Array, axis_name: Hashable | None = None) -> jax.Array:

@@ -83,12 +83,9 @@ def _resolve_targets(
     if weights is None:
         weight = active.astype(dtype)
     else:
-        w_y = _gather_target(
-            jnp.broadcast_to(weights.astype(dtype), (*labels.shape, num_local)),
-            local,
-            in_shard,
-            axis_name,
-        )
+        w_y = jnp.take(weights.astype(dtype), jnp.clip(local, 0, num_local - 1))
+        w_y = jnp.where(in_shard, w_y, jnp.zeros_like(w_y))
+        w_y = w_y if axis_name is None else jax.lax.psum(w_y, axis_name)
         weight = jnp.where(active, w_y, jnp.zeros_like(w_y))
     return _Targets(local, in_shard, active, bad, weight)
 
@@ -162,7 +159,7 @@ def _smoothing_weights(
 
 
 def _neg_log_probs(x: jax.Array, norm: c.Normaliser) -> jax.Array:
-    """``-log p = log_sum - (x - shift)``: exact even where ``x`` and ``lse`` are ~3e38."""
+    """``-log p = log_sum - (x - shift)``, exact even where ``x`` and ``lse`` are ~3e38."""
     return c.finite_or_zero(norm.log_sum) - (x - norm.shift)
 
 
@@ -176,7 +173,8 @@ def _integer_ce_fwd(
     dtype = c.compute_dtype(logits.dtype)
     num_local = logits.shape[-1]
     x = logits.astype(dtype)
-    norm = c.log_normaliser(c.mask(x, where, -jnp.inf), cfg.axis_name)
+    xm = c.mask(x, where, -jnp.inf)
+    e, norm, inverse = c.exponentials(xm, cfg.axis_name)
     targets = _resolve_targets(
         labels, where, weights, cfg.ignore_index, num_local, cfg.axis_name, dtype
     )
@@ -189,51 +187,66 @@ def _integer_ce_fwd(
     smoothing_mass = jnp.zeros_like(loss)
     if eps:
         w = _smoothing_weights(weights, where, x.shape, dtype)
-        spread = c.class_sum(c.weighted(w, _neg_log_probs(x, norm)), cfg.axis_name)[..., 0]
+        spread = c.class_sum(w * c.capped(_neg_log_probs(xm, norm)), cfg.axis_name)[..., 0]
         loss = loss + eps / num_classes * spread
         smoothing_mass = c.class_sum(w, cfg.axis_name)[..., 0]
     if cfg.z_loss:
         loss = loss + cfg.z_loss * norm.lse()[..., 0] ** 2
     loss = _nan_where(targets.bad, jnp.where(targets.active, loss, jnp.zeros_like(loss)))
-    residuals = (logits, where, weights, norm, targets, num_classes, smoothing_mass)
+    # The logits themselves are needed again only for the class-weight gradient's smoothing
+    # term; otherwise the exponentials e (the one logits-sized residual) suffice.
+    keep_logits = logits if (weights is not None and eps) else None
+    residuals = (
+        keep_logits,
+        e.astype(logits.dtype),
+        where,
+        weights,
+        norm,
+        inverse,
+        targets,
+        target_nll,
+        num_classes,
+        smoothing_mass,
+    )
     return (loss, targets.weight), residuals
 
 
 def _integer_ce_bwd(
     cfg: _IntegerConfig, residuals: tuple[Any, ...], cotangents: tuple[jax.Array, jax.Array]
 ) -> tuple[Any, ...]:
-    logits, where, weights, norm, targets, num_classes, smoothing_mass = residuals
+    (logits, e, where, weights, norm, inverse, targets, target_nll, num_classes, smoothing_mass) = (
+        residuals
+    )
     g_loss, g_weight = cotangents
-    num_local = logits.shape[-1]
+    dtype = norm.shift.dtype
+    num_local = e.shape[-1]
     eps = cfg.label_smoothing
     w_y = targets.weight  # already 0 for inactive examples
     coef = _nan_where(targets.bad, jnp.where(targets.active, g_loss, jnp.zeros_like(g_loss)))
-    x = logits.astype(norm.shift.dtype)
-    p = jnp.exp(norm.log_probs(c.mask(x, where, -jnp.inf)))
     # d loss / d x_c = p_c·A - (1-ε)·w_y·[c = y] - (ε/C)·w_c, with A the total target mass.
     mass = (1.0 - eps) * w_y + eps / num_classes * smoothing_mass
     if cfg.z_loss:
         mass = mass + 2.0 * cfg.z_loss * c.finite_or_zero(norm.lse()[..., 0])
     mass = jnp.where(targets.active, mass, jnp.zeros_like(mass))
     is_target = _target_mask(targets, num_local)
-    grad = p * mass[..., None] - jnp.where(is_target, ((1.0 - eps) * w_y)[..., None], 0.0)
+    p_scale = (coef * mass * inverse[..., 0])[..., None]
+    target_scale = (coef * (1.0 - eps) * w_y)[..., None]
+    grad = e.astype(dtype) * p_scale - jnp.where(is_target, target_scale, 0.0)
     if eps:
-        w = _smoothing_weights(weights, where, x.shape, x.dtype)
-        grad = grad - _expand(eps / num_classes) * w
-    dlogits = (coef[..., None] * grad).astype(logits.dtype)
+        w = _smoothing_weights(weights, where, e.shape, dtype)
+        grad = grad - _expand(coef * eps / num_classes) * w
+    dlogits = grad.astype(e.dtype)
 
     dweights = None
     if weights is not None:
         # loss_n depends on w through w_y (the NLL term, and the mean's weight) and, with
         # smoothing, on every unmasked w_c.
-        x_y = _gather_target(x, targets.local, targets.in_shard, cfg.axis_name)
-        target_nll = norm.log_sum[..., 0] + (norm.shift[..., 0] - x_y)
         per_example = jnp.where(
             targets.active, coef * (1.0 - eps) * target_nll + g_weight, jnp.zeros_like(coef)
         )
-        dw = _scatter_to_classes(per_example, targets, num_local, x.dtype)
+        dw = _scatter_to_classes(per_example, targets, num_local, dtype)
         if eps:
-            spread = c.mask(_neg_log_probs(x, norm), where, 0.0)
+            spread = c.mask(_neg_log_probs(logits.astype(dtype), norm), where, 0.0)
             dw = dw + _batch_sum(_expand(coef * eps / num_classes) * spread)
         dweights = dw.astype(weights.dtype)
     return dlogits, None, None, dweights
@@ -289,11 +302,12 @@ def _dense_ce_fwd(
 ) -> tuple[tuple[jax.Array, jax.Array], tuple[Any, ...]]:
     dtype = c.compute_dtype(logits.dtype)
     x = logits.astype(dtype)
-    norm = c.log_normaliser(c.mask(x, where, -jnp.inf), cfg.axis_name)
+    xm = c.mask(x, where, -jnp.inf)
+    e, norm, inverse = c.exponentials(xm, cfg.axis_name)
     num_classes = _row_class_count(x, where, cfg.axis_name)
     wt = _smoothed_weighted_targets(labels, where, weights, num_classes, cfg, dtype)
     # 0·log 0 = 0: a class with no target mass contributes nothing, even at x_c = -inf.
-    loss = c.class_sum(c.weighted(wt, _neg_log_probs(x, norm)), cfg.axis_name)[..., 0]
+    loss = c.class_sum(wt * c.capped(_neg_log_probs(xm, norm)), cfg.axis_name)[..., 0]
     mass = c.class_sum(wt, cfg.axis_name)[..., 0]
     if cfg.z_loss:
         loss = loss + cfg.z_loss * norm.lse()[..., 0] ** 2
@@ -301,25 +315,36 @@ def _dense_ce_fwd(
         jnp.ones(loss.shape, bool) if where is None else c.class_any(where, cfg.axis_name)[..., 0]
     )
     loss = jnp.where(row_valid, loss, jnp.zeros_like(loss))
-    residuals = (logits, labels, where, weights, norm, mass, num_classes, row_valid)
+    residuals = (
+        logits,
+        e.astype(logits.dtype),
+        labels,
+        where,
+        weights,
+        norm,
+        inverse,
+        mass,
+        num_classes,
+        row_valid,
+    )
     return (loss, row_valid.astype(dtype)), residuals
 
 
 def _dense_ce_bwd(
     cfg: _DenseConfig, residuals: tuple[Any, ...], cotangents: tuple[jax.Array, jax.Array]
 ) -> tuple[Any, ...]:
-    logits, labels, where, weights, norm, mass, num_classes, row_valid = residuals
+    logits, e, labels, where, weights, norm, inverse, mass, num_classes, row_valid = residuals
     g_loss, _ = cotangents  # the example weight (row valid or not) is piecewise constant
     dtype = norm.shift.dtype
     coef = jnp.where(row_valid, g_loss, jnp.zeros_like(g_loss))[..., None]
-    x = logits.astype(dtype)
-    p = jnp.exp(norm.log_probs(c.mask(x, where, -jnp.inf)))
     wt = _smoothed_weighted_targets(labels, where, weights, num_classes, cfg, dtype)
     if cfg.z_loss:
         mass = mass + 2.0 * cfg.z_loss * c.finite_or_zero(norm.lse()[..., 0])
-    dlogits = (coef * (p * mass[..., None] - wt)).astype(logits.dtype)
+    p_scale = coef * (mass * inverse[..., 0])[..., None]
+    dlogits = (e.astype(dtype) * p_scale - coef * wt).astype(logits.dtype)
     # d loss / d t_c = (1-ε)·w_c·(-log p_c): the negative log-probability, for distillation.
-    neg_log_p = c.mask(_neg_log_probs(x, norm), where, 0.0)
+    # (XLA drops this computation when the labels' gradient is not used.)
+    neg_log_p = c.mask(_neg_log_probs(logits.astype(dtype), norm), where, 0.0)
     w = jnp.ones((), dtype) if weights is None else weights.astype(dtype)
     dlabels = (coef * (1.0 - cfg.label_smoothing) * w * neg_log_p).astype(labels.dtype)
     dweights = None

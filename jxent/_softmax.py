@@ -37,19 +37,20 @@ def _softmax_impl(x: jax.Array, where: jax.Array | None, axis_name: Hashable | N
 def _softmax_fwd(
     x: jax.Array, where: jax.Array | None, axis_name: Hashable | None
 ) -> tuple[jax.Array, tuple[Any, ...]]:
-    norm = c.log_normaliser(_masked(x, where), axis_name)
-    return _probabilities(x, where, norm).astype(x.dtype), (x, where, norm)
+    e, _, inverse = c.exponentials(_masked(x, where), axis_name)
+    p = (e * inverse).astype(x.dtype)
+    return p, (p,)
 
 
 def _softmax_bwd(
     axis_name: Hashable | None, residuals: tuple[Any, ...], g: jax.Array
 ) -> tuple[Any, ...]:
-    # J = diag(p) - p pᵀ, so Jᵀ g = p ⊙ (g - <g, p>).
-    x, where, norm = residuals
-    p = _probabilities(x, where, norm)
+    # J = diag(p) - p pᵀ, so Jᵀ g = p ⊙ (g - <g, p>); masked entries have p = 0.
+    (p_saved,) = residuals
+    p = p_saved.astype(c.compute_dtype(p_saved.dtype))
     g = g.astype(p.dtype)
     dx = p * (g - c.class_sum(g * p, axis_name))
-    return dx.astype(x.dtype), None
+    return dx.astype(p_saved.dtype), None
 
 
 _softmax_impl.defvjp(_softmax_fwd, _softmax_bwd)

@@ -80,7 +80,7 @@ class TestAgreementWithJaxNN:
         assert got.dtype == dtype
         want, _ = reference_logsumexp(np.asarray(a.astype(jnp.float32)), axis=-1)
         # Only the final rounding to the half type is lost.
-        np.testing.assert_allclose(got.astype(np.float32), want, rtol=2 ** -7)
+        np.testing.assert_allclose(got.astype(np.float32), want, rtol=2**-7)
 
 
 class TestFloat64Reference:
