@@ -801,7 +801,7 @@ def plot_curves(records: Sequence[Mapping[str, Any]], path: Path, title: str) ->
     plt = _pyplot()
     epochs = [r["epoch"] for r in records]
     fig, (ax_loss, ax_acc) = plt.subplots(1, 2, figsize=(10, 4))
-    ax_loss.plot(epochs, [r["train_loss"] for r in records], "o-", label="train (with dropout)")
+    ax_loss.plot(epochs, [r["train_loss"] for r in records], "o-", label="train (running)")
     ax_loss.plot(epochs, [r["test_loss"] for r in records], "o-", label="test")
     ax_loss.set(xlabel="epoch", ylabel="cross-entropy", title="loss")
     ax_loss.legend()
