@@ -1,0 +1,347 @@
+"""Tests for jxent's fused linear + cross-entropy against an unfused float64 reference.
+
+The reference forms the float64 logits ``x @ w + b`` (soft-capped when asked) with NumPy and
+hands them to the independent float64 cross-entropy reference in ``tests/reference.py``; the
+gradients for ``x``, ``w`` and ``bias`` follow from its logits gradient by the chain rule.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+import reference as ref
+from jax.sharding import Mesh
+from jax.sharding import PartitionSpec as P
+
+from jxent._fused_linear import default_chunk_size, fused_linear_cross_entropy
+
+N, D, V = 29, 12, 37  # N is not a multiple of the chunk sizes below: padding is exercised.
+RTOL = 1e-5
+
+
+def _inputs(seed=0, n=N, d=D, v=V):
+    rng = np.random.default_rng(seed)
+    x = rng.normal(size=(n, d)).astype(np.float32)
+    w = (rng.normal(size=(d, v)) / np.sqrt(d)).astype(np.float32) * 3
+    b = rng.normal(size=(v,)).astype(np.float32)
+    y = rng.integers(0, v, size=(n,)).astype(np.int32)
+    return x, w, b, y
+
+
+X, W, B, Y = _inputs()
+CLASS_WEIGHTS = np.random.default_rng(1).uniform(0.2, 2.0, size=(V,)).astype(np.float32)
+COTANGENT = np.random.default_rng(2).normal(size=(N,))
+
+
+def reference(x, w, labels, *, bias=None, logit_softcap=None, cotangent=None, **options):
+    """(value, dx, dw, dbias) of the unfused computation in float64."""
+    x64 = np.asarray(x, np.float64).reshape(-1, np.shape(x)[-1])
+    w64 = np.asarray(w, np.float64)
+    z = x64 @ w64
+    if bias is not None:
+        z = z + np.asarray(bias, np.float64)
+    capped = None
+    if logit_softcap is not None:
+        capped = np.tanh(z / logit_softcap)
+        z = logit_softcap * capped
+    options = dict(options)
+    if "class_weights" in options:
+        options["weights"] = options.pop("class_weights")
+    result = ref.integer_cross_entropy(
+        z, np.asarray(labels).reshape(-1), cotangent=cotangent, **options
+    )
+    dz = result.grads["logits"]
+    if capped is not None:
+        dz = dz * (1.0 - capped**2)
+    value = result.value
+    if options.get("reduction") == "none":
+        value = np.asarray(value).reshape(np.shape(labels))
+    return value, (dz @ w64.T).reshape(np.shape(x)), x64.T @ dz, dz.sum(axis=0)
+
+
+def _objective(reduction, cotangent):
+    """The scalar that is differentiated: the loss, or Σ v_n·loss_n for reduction="none"."""
+    if reduction == "none":
+        return lambda loss: jnp.sum(loss * jnp.asarray(cotangent, jnp.float32).reshape(loss.shape))
+    return lambda loss: loss
+
+
+def _assert_close(got, want, rtol=RTOL):
+    got = np.asarray(got, np.float64)
+    want = np.asarray(want, np.float64)
+    scale = np.max(np.abs(want[np.isfinite(want)]), initial=0.0)
+    np.testing.assert_allclose(got, want, rtol=rtol, atol=rtol * scale)
+
+
+OPTIONS = {
+    "plain": {},
+    "bias": {"bias": B},
+    "class_weights": {"class_weights": CLASS_WEIGHTS},
+    "ignore_index": {"ignore_index": int(Y[0])},  # ignores every example of that class
+    "label_smoothing": {"label_smoothing": 0.2},
+    "z_loss": {"z_loss": 1e-2},
+    "softcap": {"logit_softcap": 2.5},
+    "everything": {
+        "bias": B,
+        "class_weights": CLASS_WEIGHTS,
+        "ignore_index": int(Y[0]),
+        "label_smoothing": 0.1,
+        "z_loss": 1e-3,
+        "logit_softcap": 3.0,
+    },
+}
+
+
+@pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
+@pytest.mark.parametrize("option", list(OPTIONS))
+def test_value_and_grads_match_unfused_float64(option, reduction):
+    options = OPTIONS[option]
+    bias = options.get("bias")
+    kwargs = {k: v for k, v in options.items() if k != "bias"}
+    want_value, want_dx, want_dw, want_db = reference(
+        X, W, Y, bias=bias, reduction=reduction, cotangent=COTANGENT, **kwargs
+    )
+    objective = _objective(reduction, COTANGENT)
+
+    def loss(x, w, b):
+        out = fused_linear_cross_entropy(
+            x, w, Y, bias=b, chunk_size=8, reduction=reduction, **kwargs
+        )
+        return objective(out), out
+
+    argnums = (0, 1, 2) if bias is not None else (0, 1)
+    step = jax.jit(jax.value_and_grad(loss, argnums=argnums, has_aux=True))
+    (_, value), grads = step(X, W, bias)
+    _assert_close(value, want_value)
+    _assert_close(grads[0], want_dx)
+    _assert_close(grads[1], want_dw)
+    if bias is not None:
+        _assert_close(grads[2], want_db)
+
+
+@pytest.mark.parametrize("reduction", ["mean", "none"])
+def test_evaluation_path_matches_gradient_path(reduction):
+    """Without differentiation no gradient work is done; the value must be the same."""
+    kwargs = OPTIONS["everything"]
+    value = fused_linear_cross_entropy(X, W, Y, chunk_size=8, reduction=reduction, **kwargs)
+    _assert_close(value, reference(X, W, Y, reduction=reduction, **kwargs)[0])
+
+
+@pytest.mark.parametrize("chunk_size", [None, 1, 7, 29, 64])
+def test_chunk_size_does_not_change_the_result(chunk_size):
+    want_value, want_dx, want_dw, _ = reference(X, W, Y, reduction="mean")
+    loss = functools.partial(fused_linear_cross_entropy, labels=Y, chunk_size=chunk_size)
+    value, (dx, dw) = jax.value_and_grad(loss, argnums=(0, 1))(X, W)
+    _assert_close(value, want_value)
+    _assert_close(dx, want_dx)
+    _assert_close(dw, want_dw)
+
+
+def test_batch_shape_and_reduction_none_shape():
+    x = X[:28].reshape(2, 14, D)
+    y = Y[:28].reshape(2, 14)
+    out = fused_linear_cross_entropy(x, W, y, reduction="none", chunk_size=8)
+    assert out.shape == (2, 14) and out.dtype == jnp.float32
+    want = reference(x, W, y, reduction="none")[0]
+    _assert_close(out, want)
+    dx = jax.grad(lambda x: fused_linear_cross_entropy(x, W, y, chunk_size=8))(x)
+    assert dx.shape == x.shape
+    _assert_close(dx, reference(x, W, y, reduction="mean")[1])
+
+
+def test_long_vocabulary_blocked_weight_gradient():
+    """D > chunk and V above the block size: the [D, V] update runs block by block."""
+    x, w, b, y = _inputs(seed=3, n=40, d=24, v=2 * 8192 + 300)
+    want_value, want_dx, want_dw, want_db = reference(x, w, y, bias=b, reduction="sum")
+    loss = functools.partial(fused_linear_cross_entropy, labels=y, reduction="sum")
+    value, (dx, dw, db) = jax.value_and_grad(
+        lambda x, w, b: loss(x, w, bias=b, chunk_size=16), argnums=(0, 1, 2)
+    )(x, w, b)
+    _assert_close(value, want_value)
+    _assert_close(dx, want_dx)
+    _assert_close(dw, want_dw)
+    _assert_close(db, want_db)
+
+
+@pytest.mark.parametrize("bad_label", [V, V + 5, -1])
+def test_out_of_range_label_gives_nan_for_that_example_only(bad_label):
+    y = Y.copy()
+    y[4] = bad_label
+    out = fused_linear_cross_entropy(X, W, y, reduction="none", ignore_index=-100, chunk_size=8)
+    assert np.isnan(out[4])
+    assert np.all(np.isfinite(np.delete(np.asarray(out), 4)))
+    assert np.isnan(fused_linear_cross_entropy(X, W, y))
+    # Not wrapped to another class: the other examples are untouched.
+    _assert_close(
+        np.delete(np.asarray(out), 4), np.delete(reference(X, W, Y, reduction="none")[0], 4)
+    )
+
+
+def test_all_ignored_mean_is_zero_with_zero_gradient():
+    y = np.full_like(Y, -100)
+    loss = functools.partial(
+        fused_linear_cross_entropy, labels=y, ignore_index=-100, label_smoothing=0.1, z_loss=0.1
+    )
+    value, (dx, dw) = jax.value_and_grad(loss, argnums=(0, 1))(X, W)
+    assert value == 0.0
+    assert not np.any(dx) and not np.any(dw)
+
+
+def test_vmap_matches_a_loop():
+    xs = np.stack([X, _inputs(seed=5)[0]])
+    ys = np.stack([Y, _inputs(seed=5)[3]])
+
+    def loss(x, y, w):
+        return fused_linear_cross_entropy(x, w, y, label_smoothing=0.1, chunk_size=8)
+
+    batched = jax.vmap(jax.value_and_grad(loss, argnums=(0, 2)), in_axes=(0, 0, None))
+    values, (dxs, dws) = batched(xs, ys, W)
+    for i in range(2):
+        want_value, want_dx, want_dw, _ = reference(
+            xs[i], W, ys[i], label_smoothing=0.1, reduction="mean"
+        )
+        _assert_close(values[i], want_value)
+        _assert_close(dxs[i], want_dx)
+        _assert_close(dws[i], want_dw)
+
+
+def test_bfloat16_inputs_accumulate_in_float32():
+    x16, w16 = jnp.asarray(X, jnp.bfloat16), jnp.asarray(W, jnp.bfloat16)
+    loss = functools.partial(fused_linear_cross_entropy, labels=Y, chunk_size=8)
+    value, (dx, dw) = jax.value_and_grad(loss, argnums=(0, 1))(x16, w16)
+    assert value.dtype == jnp.float32
+    assert dx.dtype == jnp.bfloat16 and dw.dtype == jnp.bfloat16
+    # The reference sees the same bf16-rounded inputs; what remains is bf16 gradient rounding.
+    want_value, want_dx, want_dw, _ = reference(
+        np.asarray(x16, np.float32), np.asarray(w16, np.float32), Y, reduction="mean"
+    )
+    _assert_close(value, want_value, rtol=1e-5)
+    _assert_close(dx, want_dx, rtol=2e-2)
+    _assert_close(dw, want_dw, rtol=2e-2)
+
+
+def test_jit_and_float64(x64):
+    x, w = np.asarray(X, np.float64), np.asarray(W, np.float64)
+    value, dx = jax.jit(
+        jax.value_and_grad(lambda x: fused_linear_cross_entropy(x, w, Y, z_loss=0.1))
+    )(x)
+    assert value.dtype == jnp.float64 and dx.dtype == jnp.float64
+    want_value, want_dx, _, _ = reference(x, w, Y, z_loss=0.1, reduction="mean")
+    _assert_close(value, want_value, rtol=1e-12)
+    _assert_close(dx, want_dx, rtol=1e-12)
+
+
+def test_labels_are_not_differentiated_and_forward_mode_is_refused():
+    with pytest.raises(TypeError, match="custom_vjp"):
+        jax.jvp(lambda x: fused_linear_cross_entropy(x, W, Y), (X,), (X,))
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "error", "match"),
+    [
+        ({"x": np.zeros((4, 5), np.float32)}, ValueError, r"x of shape \(4, 5\).*w of shape"),
+        ({"labels": np.zeros((3,), np.int32)}, ValueError, r"labels of shape \(3,\)"),
+        ({"labels": np.zeros((N,), np.float32)}, TypeError, "integer dtype"),
+        ({"x": np.zeros((N, D), np.int32)}, TypeError, "x must have a floating dtype"),
+        ({"w": np.zeros((D, V), np.int32)}, TypeError, "w must have a floating dtype"),
+        ({"w": np.zeros((D, V, 1), np.float32)}, ValueError, r"w must have shape \[D, V\]"),
+        ({"bias": np.zeros((V + 1,), np.float32)}, ValueError, r"bias must have shape \(37,\)"),
+        ({"class_weights": np.ones((V - 1,))}, ValueError, r"class_weights must have shape"),
+        ({"reduction": "avg"}, ValueError, "reduction must be one of"),
+        ({"label_smoothing": 1.5}, ValueError, r"label_smoothing must lie in \[0, 1\], got 1.5"),
+        ({"label_smoothing": -0.1}, ValueError, r"label_smoothing must lie in \[0, 1\]"),
+        ({"z_loss": -1.0}, ValueError, "z_loss must be >= 0"),
+        ({"logit_softcap": 0.0}, ValueError, "logit_softcap must be > 0"),
+        ({"chunk_size": 0}, ValueError, "chunk_size must be a positive int"),
+        ({"ignore_index": 1.5}, TypeError, "ignore_index must be an int"),
+    ],
+)
+def test_validation_errors_name_the_offending_value(kwargs, error, match):
+    args = {"x": X, "w": W, "labels": Y, **kwargs}
+    x, w, labels = args.pop("x"), args.pop("w"), args.pop("labels")
+    with pytest.raises(error, match=match):
+        fused_linear_cross_entropy(x, w, labels, **args)
+
+
+def test_default_chunk_size_rule():
+    # K = ceil(N·V·4 B / 256 MiB) equal chunks, rows rounded up to a multiple of 8.
+    assert default_chunk_size(4096, 32000) == 2048  # 500 MiB -> 2 chunks
+    assert default_chunk_size(8192, 128256) == 512  # 3.9 GiB -> 16 chunks
+    assert default_chunk_size(29, 37) == 32  # one chunk, padded to a multiple of 8
+    assert default_chunk_size(100_000, 10**7) == 8  # at least 8 rows
+
+
+def test_compiled_memory_is_far_below_unfused():
+    """No [N, V] array in the compiled program (compiled only, nothing is run)."""
+    n, d, v = 8192, 64, 32768
+    spec = (
+        jax.ShapeDtypeStruct((n, d), jnp.float32),
+        jax.ShapeDtypeStruct((d, v), jnp.float32),
+        jax.ShapeDtypeStruct((n,), jnp.int32),
+    )
+
+    def unfused(x, w, y):
+        logits = x @ w
+        target = jnp.take_along_axis(logits, y[:, None], axis=-1)[:, 0]
+        return jnp.mean(jax.nn.logsumexp(logits, axis=-1) - target)
+
+    def temp_bytes(fn):
+        jitted = jax.jit(jax.value_and_grad(fn, argnums=(0, 1)))
+        return jitted.lower(*spec).compile().memory_analysis().temp_size_in_bytes
+
+    fused = temp_bytes(lambda x, w, y: fused_linear_cross_entropy(x, w, y, chunk_size=512))
+    assert fused * 16 <= temp_bytes(unfused)
+    assert fused < 2 * 512 * v * 4  # about one [chunk, V] block, never [N, V]
+
+
+def _vocab_mesh():
+    if len(jax.devices()) < 8:
+        pytest.skip("needs 8 (host) devices: see tests/conftest.py")
+    return Mesh(np.array(jax.devices()[:8]), ("vocab",))
+
+
+@pytest.mark.parametrize("reduction", ["mean", "none"])
+def test_vocab_parallel_equals_single_device(reduction):
+    mesh = _vocab_mesh()
+    x, w, b, y = _inputs(seed=7, n=21, d=6, v=8 * 5)
+    weights = np.random.default_rng(8).uniform(0.5, 1.5, size=(40,)).astype(np.float32)
+    y[3] = -100
+    options = {
+        "ignore_index": -100,
+        "label_smoothing": 0.1,
+        "z_loss": 1e-3,
+        "logit_softcap": 4.0,
+        "reduction": reduction,
+        "chunk_size": 8,
+    }
+    cot = np.random.default_rng(9).normal(size=(21,)).astype(np.float32)
+    objective = _objective(reduction, cot)
+
+    def local(x, w, b, cw, y):
+        out = fused_linear_cross_entropy(
+            x, w, y, bias=b, class_weights=cw, axis_name="vocab", **options
+        )
+        return objective(out)
+
+    sharded = jax.shard_map(
+        local,
+        mesh=mesh,
+        in_specs=(P(), P(None, "vocab"), P("vocab"), P("vocab"), P()),
+        out_specs=P(),
+    )
+
+    def single(x, w, b):
+        out = fused_linear_cross_entropy(x, w, y, bias=b, class_weights=weights, **options)
+        return objective(out)
+
+    got_value, got_grads = jax.jit(
+        jax.value_and_grad(lambda x, w, b: sharded(x, w, b, weights, y), argnums=(0, 1, 2))
+    )(x, w, b)
+    want_value, want_grads = jax.value_and_grad(single, argnums=(0, 1, 2))(x, w, b)
+    _assert_close(got_value, want_value)
+    for got, want in zip(got_grads, want_grads, strict=True):
+        _assert_close(got, want)
