@@ -159,8 +159,14 @@ def _smoothing_weights(
 
 
 def _neg_log_probs(x: jax.Array, norm: c.Normaliser) -> jax.Array:
-    """``-log p = log_sum - (x - shift)``, exact even where ``x`` and ``lse`` are ~3e38."""
-    return c.finite_or_zero(norm.log_sum) - (x - norm.shift)
+    """``-log p = log_sum + (shift - x)``, exact even where ``x`` and ``lse`` are ~3e38.
+
+    Written so that XLA:CPU fuses it into the class sums that consume it: ``shift - x``
+    rather than ``-(x - shift)`` (no subexpression shared with the exponentials), and no
+    select on ``log_sum``. Rows whose ``log_sum`` is ``-inf`` (all masked) come out NaN here;
+    the callers zero those rows after the reduction.
+    """
+    return norm.log_sum + (norm.shift - x)
 
 
 def _integer_ce_fwd(
