@@ -237,6 +237,7 @@ class Record:
     reference: str
     median_ms: float | None = None
     min_ms: float | None = None
+    median_cpu_ms: float | None = None  # process CPU time: less sensitive to other load
     samples: int = 0
     calls_per_sample: int = 0
     temp_bytes: int | None = None
@@ -245,6 +246,7 @@ class Record:
     alias_bytes: int | None = None
     in_place: bool | None = None
     time_ratio: float | None = None
+    cpu_time_ratio: float | None = None
     temp_ratio: float | None = None
     rel_error: float | None = None
     ref_rel_error: float | None = None
@@ -293,35 +295,37 @@ class _Runner:
             (jax.block_until_ready(jnp.copy(self.args[0])), *self.args[1:]) for _ in range(count)
         ]
 
-    def sample(self, calls: int) -> float:
-        """Seconds per call, averaged over ``calls`` back-to-back calls."""
+    def sample(self, calls: int) -> tuple[float, float]:
+        """(wall, process CPU) seconds per call, averaged over ``calls`` back-to-back calls."""
         batches = self._fresh_args(calls)
         pointer = batches[-1][0].unsafe_buffer_pointer() if self.donated else None
         out = None
+        cpu_start = time.process_time()
         start = time.perf_counter()
         for batch in batches:
             out = self.compiled(*batch)
         jax.block_until_ready(out)
         elapsed = (time.perf_counter() - start) / calls
+        cpu = (time.process_time() - cpu_start) / calls
         if self.donated:
             grad = _gradient_of_first_arg(out)
             if grad is not None:
                 self.in_place = grad.unsafe_buffer_pointer() == pointer
         del out, batches
-        return elapsed
+        return elapsed, cpu
 
 
 def time_candidates(
     runners: dict[str, _Runner], repeats: int, min_sample_s: float
-) -> dict[str, list[float]]:
+) -> dict[str, list[tuple[float, float]]]:
     """Round-robin timing: each repeat calls every candidate once, rotating the order."""
     calls: dict[str, int] = {}
     for name, runner in runners.items():  # Warm-up, and sizing of the inner loop.
         runner.sample(1)
-        once = runner.sample(1)
+        once, _ = runner.sample(1)
         calls[name] = max(1, min(1000, int(min_sample_s / max(once, 1e-7))))
     names = list(runners)
-    times: dict[str, list[float]] = {name: [] for name in names}
+    times: dict[str, list[tuple[float, float]]] = {name: [] for name in names}
     for r in range(repeats):
         shift = r % len(names)
         for name in names[shift:] + names[:shift]:
@@ -364,8 +368,10 @@ def measure_case(
             times = {}
         for name, samples in times.items():
             rec = mode_records[name]
-            rec.median_ms = 1e3 * statistics.median(samples)
-            rec.min_ms = 1e3 * min(samples)
+            wall = [t for t, _ in samples]
+            rec.median_ms = 1e3 * statistics.median(wall)
+            rec.min_ms = 1e3 * min(wall)
+            rec.median_cpu_ms = 1e3 * statistics.median(cpu for _, cpu in samples)
             rec.samples = len(samples)
             rec.in_place = runners[name].in_place
         del runners
@@ -407,6 +413,8 @@ def _fill_ratios(records: dict[str, Record], reference: str) -> None:
             continue
         if rec.median_ms is not None and ref.median_ms:
             rec.time_ratio = rec.median_ms / ref.median_ms
+        if rec.median_cpu_ms is not None and ref.median_cpu_ms:
+            rec.cpu_time_ratio = rec.median_cpu_ms / ref.median_cpu_ms
         if rec.temp_bytes is not None and ref.temp_bytes is not None:
             # A reference with no scratch at all: equal is 1.0, anything more is infinite.
             if ref.temp_bytes:
@@ -534,6 +542,7 @@ def _fmt(value: float | None, spec: str) -> str:
 def format_table(records: list[Record]) -> str:
     header = (
         f"{'shape':>17} {'op':<11} {'mode':<22} {'candidate':<14} {'ms':>9} {'x ref':>6} "
+        f"{'cpu x':>6} "
         f"{'temp MB':>9} {'x ref':>7} {'in-place':>8}  note"
     )
     lines = [header, "-" * len(header)]
@@ -546,7 +555,8 @@ def format_table(records: list[Record]) -> str:
             note = f"rel.err {r.rel_error:.1e} {note}".strip()
         lines.append(
             f"{shape:>17} {r.op:<11} {r.mode:<22} {r.candidate:<14} {_fmt(r.median_ms, '9.3f')} "
-            f"{_fmt(r.time_ratio, '6.2f')} {_fmt(temp_mb, '9.2f')} {_fmt(r.temp_ratio, '7.2f')} "
+            f"{_fmt(r.time_ratio, '6.2f')} {_fmt(r.cpu_time_ratio, '6.2f')} "
+            f"{_fmt(temp_mb, '9.2f')} {_fmt(r.temp_ratio, '7.2f')} "
             f"{in_place:>8}  {note}"
         )
     return "\n".join(lines)
@@ -730,7 +740,7 @@ def _modes_for(op: str, modes: Sequence[str], donate_ops: set[str]) -> list[str]
     return chosen
 
 
-def run(args: argparse.Namespace, argv: Sequence[str]) -> dict[str, Any]:
+def run(args: argparse.Namespace, env: dict[str, Any]) -> dict[str, Any]:
     records: list[Record] = []
     notes: list[str] = []
     min_sample_s = args.min_sample_ms / 1e3
@@ -766,7 +776,7 @@ def run(args: argparse.Namespace, argv: Sequence[str]) -> dict[str, Any]:
             records.extend(new)
             print(format_table(new).split("\n", 2)[-1], flush=True)
     return {
-        "environment": environment(argv),
+        "environment": env,
         "notes": notes,
         "records": [dataclasses.asdict(r) for r in records],
         "targets": [
@@ -799,7 +809,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         f"{env['cpu_count']} cpus, load {env['load_average_at_start']})",
         flush=True,
     )
-    result = run(args, [sys.argv[0], *argv])
+    result = run(args, env)
     records = [Record(**r) for r in result["records"]]
     print()
     print(format_table(records))
