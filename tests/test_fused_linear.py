@@ -96,8 +96,15 @@ OPTIONS = {
 }
 
 
-@pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
-@pytest.mark.parametrize("option", list(OPTIONS))
+# "sum" only differs from "mean" by the divisor: it runs with two option sets, to keep the
+# suite fast; "mean" and "none" (a different backward pass) run with every option.
+CASES = [(o, r) for o in OPTIONS for r in ("mean", "none")] + [
+    ("plain", "sum"),
+    ("everything", "sum"),
+]
+
+
+@pytest.mark.parametrize(("option", "reduction"), CASES)
 def test_value_and_grads_match_unfused_float64(option, reduction):
     options = OPTIONS[option]
     bias = options.get("bias")
@@ -131,7 +138,7 @@ def test_evaluation_path_matches_gradient_path(reduction):
     _assert_close(value, reference(X, W, Y, reduction=reduction, **kwargs)[0])
 
 
-@pytest.mark.parametrize("chunk_size", [None, 1, 7, 29, 64])
+@pytest.mark.parametrize("chunk_size", [None, 1, 29])
 def test_chunk_size_does_not_change_the_result(chunk_size):
     want_value, want_dx, want_dw, _ = reference(X, W, Y, reduction="mean")
     loss = functools.partial(fused_linear_cross_entropy, labels=Y, chunk_size=chunk_size)
