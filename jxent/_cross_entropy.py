@@ -179,8 +179,7 @@ def _integer_ce_fwd(
     dtype = c.compute_dtype(logits.dtype)
     num_local = logits.shape[-1]
     x = logits.astype(dtype)
-    xm = c.mask(x, where, -jnp.inf)
-    e, norm, inverse = c.exponentials(xm, cfg.axis_name)
+    e, norm, inverse = c.exponentials(x, where, cfg.axis_name)
     targets = _resolve_targets(
         labels, where, weights, cfg.ignore_index, num_local, cfg.axis_name, dtype
     )
@@ -192,10 +191,23 @@ def _integer_ce_fwd(
     num_classes = _row_class_count(x, where, cfg.axis_name)
     smoothing_mass = jnp.zeros_like(loss)
     if eps:
-        w = _smoothing_weights(weights, where, x.shape, dtype)
-        spread = c.class_sum(w * c.capped(_neg_log_probs(xm, norm)), cfg.axis_name)[..., 0]
+        w = jnp.ones((), dtype) if weights is None else weights.astype(dtype)
+
+        def smoothing_terms(w: Any, where: Any, x: Any, log_sum: Any, shift: Any) -> Any:
+            neg_log_p = _neg_log_probs(c.mask(x, where, -jnp.inf), c.Normaliser(shift, log_sum))
+            return c.mask(w, where, 0.0) * c.capped(neg_log_p)
+
+        spread = c.class_reduce(
+            jnp.sum,
+            smoothing_terms,
+            *(w, where, x, norm.log_sum, norm.shift),
+            num_classes=num_local,
+            axis_name=cfg.axis_name,
+        )[..., 0]
         loss = loss + eps / num_classes * spread
-        smoothing_mass = c.class_sum(w, cfg.axis_name)[..., 0]
+        smoothing_mass = c.class_sum(
+            _smoothing_weights(weights, where, x.shape, dtype), cfg.axis_name
+        )[..., 0]
     if cfg.z_loss:
         loss = loss + cfg.z_loss * norm.lse()[..., 0] ** 2
     loss = _nan_where(targets.bad, jnp.where(targets.active, loss, jnp.zeros_like(loss)))
@@ -204,7 +216,7 @@ def _integer_ce_fwd(
     keep_logits = logits if (weights is not None and eps) else None
     residuals = (
         keep_logits,
-        e.astype(logits.dtype),
+        c.exponentials_residual(logits, e),
         where,
         weights,
         norm,
@@ -220,12 +232,21 @@ def _integer_ce_fwd(
 def _integer_ce_bwd(
     cfg: _IntegerConfig, residuals: tuple[Any, ...], cotangents: tuple[jax.Array, jax.Array]
 ) -> tuple[Any, ...]:
-    (logits, e, where, weights, norm, inverse, targets, target_nll, num_classes, smoothing_mass) = (
-        residuals
-    )
+    (
+        logits,
+        saved_e,
+        where,
+        weights,
+        norm,
+        inverse,
+        targets,
+        target_nll,
+        num_classes,
+        smoothing_mass,
+    ) = residuals
     g_loss, g_weight = cotangents
     dtype = norm.shift.dtype
-    num_local = e.shape[-1]
+    num_local = saved_e.shape[-1]
     eps = cfg.label_smoothing
     w_y = targets.weight  # already 0 for inactive examples
     coef = _nan_where(targets.bad, jnp.where(targets.active, g_loss, jnp.zeros_like(g_loss)))
@@ -237,11 +258,12 @@ def _integer_ce_bwd(
     is_target = _target_mask(targets, num_local)
     p_scale = (coef * mass * inverse[..., 0])[..., None]
     target_scale = (coef * (1.0 - eps) * w_y)[..., None]
-    grad = e.astype(dtype) * p_scale - jnp.where(is_target, target_scale, 0.0)
+    e = c.exponentials_from_residual(saved_e, where, norm)
+    grad = e * p_scale - jnp.where(is_target, target_scale, 0.0)
     if eps:
         w = _smoothing_weights(weights, where, e.shape, dtype)
         grad = grad - _expand(coef * eps / num_classes) * w
-    dlogits = grad.astype(e.dtype)
+    dlogits = grad.astype(saved_e.dtype)
 
     dweights = None
     if weights is not None:
@@ -289,11 +311,14 @@ def _smoothed_weighted_targets(
     cfg: _DenseConfig,
     dtype: Any,
 ) -> jax.Array:
-    """``w_c·t'_c`` with ``t' = (1-ε)·t + ε/C``, 0 on masked classes."""
+    """``w_c·t'_c`` with ``t' = (1-ε)·t + ε/C``, 0 on masked classes.
+
+    Elementwise: ``num_classes`` is a scalar or keeps its class axis (``[..., 1]``).
+    """
     t = labels.astype(dtype)
     eps = cfg.label_smoothing
     if eps:
-        t = (1.0 - eps) * t + _expand(eps / num_classes)
+        t = (1.0 - eps) * t + eps / num_classes
     if weights is not None:
         t = t * weights.astype(dtype)
     return c.mask(t, where, 0.0)
@@ -308,13 +333,24 @@ def _dense_ce_fwd(
 ) -> tuple[tuple[jax.Array, jax.Array], tuple[Any, ...]]:
     dtype = c.compute_dtype(logits.dtype)
     x = logits.astype(dtype)
-    xm = c.mask(x, where, -jnp.inf)
-    e, norm, inverse = c.exponentials(xm, cfg.axis_name)
+    e, norm, inverse = c.exponentials(x, where, cfg.axis_name)
     num_classes = _row_class_count(x, where, cfg.axis_name)
-    wt = _smoothed_weighted_targets(labels, where, weights, num_classes, cfg, dtype)
-    # 0·log 0 = 0: a class with no target mass contributes nothing, even at x_c = -inf.
-    loss = c.class_sum(wt * c.capped(_neg_log_probs(xm, norm)), cfg.axis_name)[..., 0]
-    mass = c.class_sum(wt, cfg.axis_name)[..., 0]
+
+    def targets(labels: Any, where: Any, weights: Any, num_classes: Any) -> Any:
+        return _smoothed_weighted_targets(labels, where, weights, num_classes, cfg, dtype)
+
+    def loss_terms(*args: Any) -> Any:
+        *target_args, x, log_sum, shift = args
+        neg_log_p = _neg_log_probs(c.mask(x, args[1], -jnp.inf), c.Normaliser(shift, log_sum))
+        # 0·log 0 = 0: a class with no target mass contributes nothing, even at x_c = -inf.
+        return targets(*target_args) * c.capped(neg_log_p)
+
+    target_args = (labels, where, weights, _expand(num_classes))
+    reduce = functools.partial(
+        c.class_reduce, jnp.sum, num_classes=x.shape[-1], axis_name=cfg.axis_name
+    )
+    loss = reduce(loss_terms, *target_args, x, norm.log_sum, norm.shift)[..., 0]
+    mass = reduce(targets, *target_args)[..., 0]
     if cfg.z_loss:
         loss = loss + cfg.z_loss * norm.lse()[..., 0] ** 2
     row_valid = (
@@ -323,7 +359,7 @@ def _dense_ce_fwd(
     loss = jnp.where(row_valid, loss, jnp.zeros_like(loss))
     residuals = (
         logits,
-        e.astype(logits.dtype),
+        c.exponentials_residual(logits, e),
         labels,
         where,
         weights,
@@ -343,11 +379,12 @@ def _dense_ce_bwd(
     g_loss, _ = cotangents  # the example weight (row valid or not) is piecewise constant
     dtype = norm.shift.dtype
     coef = jnp.where(row_valid, g_loss, jnp.zeros_like(g_loss))[..., None]
-    wt = _smoothed_weighted_targets(labels, where, weights, num_classes, cfg, dtype)
+    wt = _smoothed_weighted_targets(labels, where, weights, _expand(num_classes), cfg, dtype)
     if cfg.z_loss:
         mass = mass + 2.0 * cfg.z_loss * c.finite_or_zero(norm.lse()[..., 0])
     p_scale = coef * (mass * inverse[..., 0])[..., None]
-    dlogits = (e.astype(dtype) * p_scale - coef * wt).astype(logits.dtype)
+    e = c.exponentials_from_residual(e, where, norm)
+    dlogits = (e * p_scale - coef * wt).astype(logits.dtype)
     # d loss / d t_c = (1-ε)·w_c·(-log p_c): the negative log-probability, for distillation.
     # (XLA drops this computation when the labels' gradient is not used.)
     neg_log_p = c.mask(_neg_log_probs(logits.astype(dtype), norm), where, 0.0)
@@ -355,7 +392,7 @@ def _dense_ce_bwd(
     dlabels = (coef * (1.0 - cfg.label_smoothing) * w * neg_log_p).astype(labels.dtype)
     dweights = None
     if weights is not None:
-        t = _smoothed_weighted_targets(labels, where, None, num_classes, cfg, dtype)
+        t = _smoothed_weighted_targets(labels, where, None, _expand(num_classes), cfg, dtype)
         dweights = _batch_sum(coef * c.weighted(t, neg_log_p)).astype(weights.dtype)
     return dlogits, dlabels, None, dweights
 

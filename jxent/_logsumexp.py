@@ -32,14 +32,20 @@ def _logsumexp_fwd(
     x: jax.Array, b: jax.Array | None, where: jax.Array | None, axis_name: Hashable | None
 ) -> tuple[tuple[jax.Array, jax.Array], tuple[Any, ...]]:
     dtype = c.compute_dtype(x.dtype)
-    xm = c.mask(x.astype(dtype), _active(x, b, where), -jnp.inf)
+    xf, active = x.astype(dtype), _active(x, b, where)
     if b is None:
-        norm = c.log_normaliser(xm, axis_name)
+        norm = c.log_normaliser(xf, active, axis_name)
         sign = jnp.where(jnp.isneginf(norm.log_sum), 0.0, 1.0).astype(dtype)
     else:
         # Signed sum: log|Σ b·exp(x - m)| with its sign, shifted by the row max as usual.
-        m = c.row_shift(xm, axis_name)
-        total = c.class_sum(b.astype(dtype) * jnp.exp(xm - m), axis_name)
+        m = c.row_shift(xf, active, axis_name)
+        total = c.class_reduce(
+            jnp.sum,
+            lambda b, x, active, m: b * jnp.exp(c.mask(x, active, -jnp.inf) - m),
+            *(b.astype(dtype), xf, active, m),
+            num_classes=x.shape[-1],
+            axis_name=axis_name,
+        )
         sign = jnp.sign(total)
         norm = c.Normaliser(m, jnp.log(jnp.abs(total)))
     return (norm.lse(), sign), (x, b, where, norm, sign)

@@ -37,7 +37,7 @@ def _softmax_impl(x: jax.Array, where: jax.Array | None, axis_name: Hashable | N
 def _softmax_fwd(
     x: jax.Array, where: jax.Array | None, axis_name: Hashable | None
 ) -> tuple[jax.Array, tuple[Any, ...]]:
-    e, _, inverse = c.exponentials(_masked(x, where), axis_name)
+    e, _, inverse = c.exponentials(x.astype(c.compute_dtype(x.dtype)), where, axis_name)
     p = (e * inverse).astype(x.dtype)
     return p, (p,)
 
@@ -49,7 +49,10 @@ def _softmax_bwd(
     (p_saved,) = residuals
     p = p_saved.astype(c.compute_dtype(p_saved.dtype))
     g = g.astype(p.dtype)
-    dx = p * (g - c.class_sum(g * p, axis_name))
+    dx = p * (
+        g
+        - c.class_reduce(jnp.sum, jnp.multiply, g, p, num_classes=p.shape[-1], axis_name=axis_name)
+    )
     return dx.astype(p_saved.dtype), None
 
 
@@ -69,7 +72,7 @@ def _log_softmax_impl(
 def _log_softmax_fwd(
     x: jax.Array, where: jax.Array | None, axis_name: Hashable | None
 ) -> tuple[jax.Array, tuple[Any, ...]]:
-    norm = c.log_normaliser(_masked(x, where), axis_name)
+    norm = c.log_normaliser(x.astype(c.compute_dtype(x.dtype)), where, axis_name)
     return norm.log_probs(_masked(x, where)).astype(x.dtype), (x, where, norm)
 
 
