@@ -594,11 +594,12 @@ def softmax_cross_entropy_with_integer_labels(
       float32 losses (float64 for float64 logits) of the labels' shape, or a scalar.
 
     Example:
-      >>> import jax, jax.numpy as jnp, jxent
+      >>> import jax, jax.numpy as jnp, numpy as np, jxent
       >>> logits = jnp.array([[1.2, -0.8, -0.5], [0.9, -1.2, 1.1]])
       >>> labels = jnp.array([0, 1])
-      >>> jxent.softmax_cross_entropy_with_integer_labels(logits, labels)
-      Array([0.2761, 2.9518], dtype=float32)
+      >>> loss = jxent.softmax_cross_entropy_with_integer_labels(logits, labels)
+      >>> print(np.asarray(loss).round(4))
+      [0.2761 2.9518]
       >>> jax.grad(jxent.softmax_cross_entropy_with_integer_labels)(
       ...     jnp.array([0.0, 0.0]), jnp.array(1))  # softmax - one_hot
       Array([ 0.5, -0.5], dtype=float32)
@@ -718,11 +719,11 @@ def softmax_cross_entropy(
       float32 losses (float64 for float64 logits) of the batch shape, or a scalar.
 
     Example:
-      >>> import jax.numpy as jnp, jxent
+      >>> import jax.numpy as jnp, numpy as np, jxent
       >>> logits = jnp.array([[1.2, -0.8, -0.5], [0.9, -1.2, 1.1]])
       >>> labels = jnp.array([[1.0, 0.0, 0.0], [0.0, 1.0, 0.0]])
-      >>> jxent.softmax_cross_entropy(logits, labels)
-      Array([0.2761, 2.9518], dtype=float32)
+      >>> print(np.asarray(jxent.softmax_cross_entropy(logits, labels)).round(4))
+      [0.2761 2.9518]
 
     Note:
       Forward mode (``jax.jvp``, ``jax.jacfwd``, ``jax.hessian``) is not available through

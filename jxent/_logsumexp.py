@@ -113,8 +113,8 @@ def logsumexp(
 
     Example:
       >>> import jax.numpy as jnp, jxent
-      >>> jxent.logsumexp(jnp.array([1000.0, 1000.0]))
-      Array(1000.6931, dtype=float32)
+      >>> print(f"{jxent.logsumexp(jnp.array([1000.0, 1000.0])):.3f}")
+      1000.693
 
     Note:
       The gradient is a ``jax.custom_vjp``, so forward-mode autodiff (``jax.jvp``,
