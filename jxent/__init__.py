@@ -11,6 +11,7 @@ from jxent._cross_entropy import (
     softmax_cross_entropy,
     softmax_cross_entropy_with_integer_labels,
 )
+from jxent._fused_linear import fused_linear_cross_entropy
 from jxent._kl import kl_divergence, kl_divergence_with_log_targets
 from jxent._logsumexp import logsumexp
 from jxent._softmax import log_softmax, softmax
@@ -20,6 +21,7 @@ __version__ = "0.1.0"
 __all__ = [
     "__version__",
     "cross_entropy",
+    "fused_linear_cross_entropy",
     "kl_divergence",
     "kl_divergence_with_log_targets",
     "log_softmax",
