@@ -34,36 +34,39 @@ def _logsumexp_fwd(
     dtype = c.compute_dtype(x.dtype)
     xf, active = x.astype(dtype), _active(x, b, where)
     if b is None:
-        norm = c.log_normaliser(xf, active, axis_name)
+        # Keep the exponentials: the gradient is exp(x - lse) = e / Σe, no second exp.
+        e, norm, inverse = c.exponentials(xf, active, axis_name)
         sign = jnp.where(jnp.isneginf(norm.log_sum), 0.0, 1.0).astype(dtype)
-    else:
-        # Signed sum: log|Σ b·exp(x - m)| with its sign, shifted by the row max as usual.
-        m = c.row_shift(xf, active, axis_name)
-        total = c.class_reduce(
-            jnp.sum,
-            lambda b, x, active, m: b * jnp.exp(c.mask(x, active, -jnp.inf) - m),
-            *(b.astype(dtype), xf, active, m),
-            num_classes=x.shape[-1],
-            axis_name=axis_name,
-        )
-        sign = jnp.sign(total)
-        norm = c.Normaliser(m, jnp.log(jnp.abs(total)))
-    return (norm.lse(), sign), (x, b, where, norm, sign)
+        residuals = (c.exponentials_residual(x, e), None, where, norm, sign, inverse)
+        return (norm.lse(), sign), residuals
+    # Signed sum: log|Σ b·exp(x - m)| with its sign, shifted by the row max as usual.
+    m = c.row_shift(xf, active, axis_name)
+    total = c.class_reduce(
+        jnp.sum,
+        lambda b, x, active, m: b * jnp.exp(c.mask(x, active, -jnp.inf) - m),
+        *(b.astype(dtype), xf, active, m),
+        num_classes=x.shape[-1],
+        axis_name=axis_name,
+    )
+    sign = jnp.sign(total)
+    norm = c.Normaliser(m, jnp.log(jnp.abs(total)))
+    return (norm.lse(), sign), (x, b, where, norm, sign, None)
 
 
 def _logsumexp_bwd(
     axis_name: Hashable | None, residuals: tuple[Any, ...], cotangents: tuple[jax.Array, jax.Array]
 ) -> tuple[Any, ...]:
     del axis_name  # d lse / d x_i = sign · b_i · exp(x_i - lse) needs no cross-device data.
-    x, b, where, norm, sign = residuals
+    x, b, where, norm, sign, inverse = residuals
     g, _ = cotangents  # the sign is piecewise constant: no gradient.
     dtype = sign.dtype
+    if b is None:  # x holds the saved exponentials (see c.exponentials_residual)
+        e = c.exponentials_from_residual(x, where, norm)
+        return (g * sign * e * inverse).astype(x.dtype), None, None
     xf = x.astype(dtype)
     # exp(x - lse) is 0 for masked entries and for rows whose lse is -inf (all masked).
     ratio = jnp.exp(norm.log_probs(c.mask(xf, _active(x, b, where), -jnp.inf)))
     scale = g * sign
-    if b is None:
-        return (scale * ratio).astype(x.dtype), None, None
     dx = scale * ratio * b.astype(dtype)
     # d/db_i includes entries with b_i == 0 (they still move the sum); masked ones do not.
     db = scale * jnp.exp(norm.log_probs(c.mask(xf, where, -jnp.inf)))
