@@ -184,6 +184,19 @@ def write_json_atomic(path: Path, obj: Any) -> None:
     os.replace(tmp, path)
 
 
+def prepare_run(config: Any, run_dir: Path, *, resume: bool, data: Dataset | None) -> Dataset:
+    """The start every experiment shares: the data (MNIST unless given), the run directory,
+    and ``config.json`` (written once, by process 0, unless resuming)."""
+    import jax
+
+    if data is None:
+        data = load_dataset(config.data_dir, config.train_limit, config.test_limit)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    if not resume and jax.process_index() == 0:
+        write_json_atomic(run_dir / "config.json", dataclasses.asdict(config))
+    return data
+
+
 def read_metrics(path: Path) -> list[dict[str, Any]]:
     """The records of a ``metrics.jsonl`` file (an empty list if there is none)."""
     if not path.exists():

@@ -118,11 +118,7 @@ def train(
     ``data`` replaces the MNIST loader (tests); ``plots=False`` skips the PNGs (tests);
     ``stop``/``on_chunk`` are the interruption flag and a per-chunk hook (see ``common.fit``).
     """
-    if data is None:
-        data = common.load_dataset(config.data_dir, config.train_limit, config.test_limit)
-    run_dir.mkdir(parents=True, exist_ok=True)
-    if not resume and jax.process_index() == 0:
-        common.write_json_atomic(run_dir / "config.json", dataclasses.asdict(config))
+    data = common.prepare_run(config, run_dir, resume=resume, data=data)
     n_steps = common.steps_per_epoch(len(data.train_images), config.batch_size)
     result = common.fit(
         model=build_model(config),
