@@ -21,7 +21,7 @@ def _log_or_zero(t: jax.Array) -> jax.Array:
 # ----------------------------------------------------------------------------- probabilities
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=())
+@jax.custom_vjp
 def _kl_impl(lp: jax.Array, t: jax.Array, where: jax.Array | None) -> jax.Array:
     return _kl_fwd(lp, t, where)[0]
 
@@ -31,7 +31,7 @@ def _kl_fwd(
 ) -> tuple[jax.Array, tuple[Any, ...]]:
     dtype = c.compute_dtype(jnp.result_type(lp, t))
     lpf, tf = lp.astype(dtype), t.astype(dtype)
-    terms = jnp.where(tf == 0, jnp.zeros_like(tf), tf * (_log_or_zero(tf) - lpf))
+    terms = c.weighted(tf, _log_or_zero(tf) - lpf)
     return c.class_sum(c.mask(terms, where, 0.0))[..., 0], (lp, t, where)
 
 
@@ -53,7 +53,7 @@ _kl_impl.defvjp(_kl_fwd, _kl_bwd)
 # ----------------------------------------------------------------------------- log-probabilities
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=())
+@jax.custom_vjp
 def _kl_log_impl(lp: jax.Array, lt: jax.Array, where: jax.Array | None) -> jax.Array:
     return _kl_log_fwd(lp, lt, where)[0]
 
