@@ -286,6 +286,19 @@ class Normaliser(NamedTuple):
     def lse(self) -> jax.Array:
         return self.shift + self.log_sum
 
+    def lse_parts(self) -> tuple[jax.Array, jax.Array]:
+        """``lse`` as an unevaluated sum ``hi + lo``: ``hi`` rounded, ``lo`` its exact error.
+
+        For ``-log p = (hi - x) + lo``: as accurate as ``log_sum + (shift - x)`` (exact for
+        ``x = [3e38, 3e38]``), but consumers see one broadcast per part rather than the
+        shift, whose broadcast XLA:CPU would otherwise materialise as a logits-sized array
+        shared with the exponentials. (Knuth's TwoSum; both parts are NaN on empty rows.)
+        """
+        hi = self.shift + self.log_sum
+        b = hi - self.shift
+        lo = (self.shift - (hi - b)) + (self.log_sum - b)
+        return hi, lo
+
     def log_probs(self, x: jax.Array) -> jax.Array:
         """``x - lse``; ``-inf`` (not NaN) on rows whose entries are all ``-inf``."""
         return (x - self.shift) - finite_or_zero(self.log_sum)

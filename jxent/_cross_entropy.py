@@ -158,15 +158,14 @@ def _smoothing_weights(
     return c.mask(jnp.broadcast_to(w, shape), where, 0.0)
 
 
-def _neg_log_probs(x: jax.Array, norm: c.Normaliser) -> jax.Array:
-    """``-log p = log_sum + (shift - x)``, exact even where ``x`` and ``lse`` are ~3e38.
+def _neg_log_probs(x: jax.Array, lse_hi: jax.Array, lse_lo: jax.Array) -> jax.Array:
+    """``-log p = (hi - x) + lo`` from :meth:`~jxent._common.Normaliser.lse_parts`.
 
-    Written so that XLA:CPU fuses it into the class sums that consume it: ``shift - x``
-    rather than ``-(x - shift)`` (no subexpression shared with the exponentials), and no
-    select on ``log_sum``. Rows whose ``log_sum`` is ``-inf`` (all masked) come out NaN here;
-    the callers zero those rows after the reduction.
+    Written so that XLA:CPU fuses it into the class sums that consume it (no subexpression
+    shared with the exponentials, no select). Rows whose ``log_sum`` is ``-inf`` (all
+    masked) come out NaN here; the callers zero those rows after the reduction.
     """
-    return norm.log_sum + (norm.shift - x)
+    return (lse_hi - x) + lse_lo
 
 
 def _integer_ce_fwd(
@@ -193,14 +192,14 @@ def _integer_ce_fwd(
     if eps:
         w = jnp.ones((), dtype) if weights is None else weights.astype(dtype)
 
-        def smoothing_terms(w: Any, where: Any, x: Any, log_sum: Any, shift: Any) -> Any:
-            neg_log_p = _neg_log_probs(c.mask(x, where, -jnp.inf), c.Normaliser(shift, log_sum))
+        def smoothing_terms(w: Any, where: Any, x: Any, lse_hi: Any, lse_lo: Any) -> Any:
+            neg_log_p = _neg_log_probs(c.mask(x, where, -jnp.inf), lse_hi, lse_lo)
             return c.mask(w, where, 0.0) * c.capped(neg_log_p)
 
         spread = c.class_reduce(
             jnp.sum,
             smoothing_terms,
-            *(w, where, x, norm.log_sum, norm.shift),
+            *(w, where, x, *norm.lse_parts()),
             num_classes=num_local,
             axis_name=cfg.axis_name,
         )[..., 0]
@@ -274,7 +273,7 @@ def _integer_ce_bwd(
         )
         dw = _scatter_to_classes(per_example, targets, num_local, dtype)
         if eps:
-            spread = c.mask(_neg_log_probs(logits.astype(dtype), norm), where, 0.0)
+            spread = c.mask(_neg_log_probs(logits.astype(dtype), *norm.lse_parts()), where, 0.0)
             dw = dw + _batch_sum(_expand(coef * eps / num_classes) * spread)
         dweights = dw.astype(weights.dtype)
     return dlogits, None, None, dweights
@@ -340,8 +339,8 @@ def _dense_ce_fwd(
         return _smoothed_weighted_targets(labels, where, weights, num_classes, cfg, dtype)
 
     def loss_terms(*args: Any) -> Any:
-        *target_args, x, log_sum, shift = args
-        neg_log_p = _neg_log_probs(c.mask(x, args[1], -jnp.inf), c.Normaliser(shift, log_sum))
+        *target_args, x, lse_hi, lse_lo = args
+        neg_log_p = _neg_log_probs(c.mask(x, args[1], -jnp.inf), lse_hi, lse_lo)
         # 0·log 0 = 0: a class with no target mass contributes nothing, even at x_c = -inf.
         return targets(*target_args) * c.capped(neg_log_p)
 
@@ -349,7 +348,7 @@ def _dense_ce_fwd(
     reduce = functools.partial(
         c.class_reduce, jnp.sum, num_classes=x.shape[-1], axis_name=cfg.axis_name
     )
-    loss = reduce(loss_terms, *target_args, x, norm.log_sum, norm.shift)[..., 0]
+    loss = reduce(loss_terms, *target_args, x, *norm.lse_parts())[..., 0]
     mass = reduce(targets, *target_args)[..., 0]
     if cfg.z_loss:
         loss = loss + cfg.z_loss * norm.lse()[..., 0] ** 2
@@ -387,7 +386,7 @@ def _dense_ce_bwd(
     dlogits = (e * p_scale - coef * wt).astype(logits.dtype)
     # d loss / d t_c = (1-ε)·w_c·(-log p_c): the negative log-probability, for distillation.
     # (XLA drops this computation when the labels' gradient is not used.)
-    neg_log_p = c.mask(_neg_log_probs(logits.astype(dtype), norm), where, 0.0)
+    neg_log_p = c.mask(_neg_log_probs(logits.astype(dtype), *norm.lse_parts()), where, 0.0)
     w = jnp.ones((), dtype) if weights is None else weights.astype(dtype)
     dlabels = (coef * (1.0 - cfg.label_smoothing) * w * neg_log_p).astype(labels.dtype)
     dweights = None
