@@ -604,9 +604,9 @@ def softmax_cross_entropy_with_integer_labels(
       Array([ 0.5, -0.5], dtype=float32)
 
     Note:
-      The gradient is a ``jax.custom_vjp``: reverse mode at any order works (including
-      ``jax.jacrev(jax.grad(f))``), forward mode (``jax.jvp``, ``jax.jacfwd``,
-      ``jax.hessian``) does not; use ``jax.jacrev(jax.jacrev(f))`` for Hessians.
+      The gradient is a ``jax.custom_vjp``: ``jax.jvp`` and ``jax.jacfwd`` of this
+      function raise. The backward rule is itself differentiable, so Hessians work by
+      ``jax.hessian`` (forward over reverse) or ``jax.jacrev(jax.jacrev(f))``.
 
     References:
       Chowdhery et al., `PaLM <https://arxiv.org/abs/2204.02311>`_, 2022 (z-loss);
@@ -725,8 +725,9 @@ def softmax_cross_entropy(
       [0.2761 2.9518]
 
     Note:
-      Forward mode (``jax.jvp``, ``jax.jacfwd``, ``jax.hessian``) is not available through
-      a ``jax.custom_vjp``; use ``jax.jacrev(jax.jacrev(f))``.
+      The gradient is a ``jax.custom_vjp``: ``jax.jvp`` and ``jax.jacfwd`` of this
+      function raise. The backward rule is itself differentiable, so Hessians work by
+      ``jax.hessian`` (forward over reverse) or ``jax.jacrev(jax.jacrev(f))``.
     """
     cfg = _DenseConfig(
         c.check_unit_interval(label_smoothing, "label_smoothing"),

@@ -599,9 +599,9 @@ def fused_linear_cross_entropy(
       (2, 3)
 
     Note:
-      The gradient is a ``jax.custom_vjp``, so forward mode (``jax.jvp``, ``jax.jacfwd``,
-      ``jax.hessian``) is not available. Only first-order reverse mode is supported: the
-      gradients are formed inside the forward pass and are not themselves differentiable.
+      The gradient is a ``jax.custom_vjp``: ``jax.jvp`` and ``jax.jacfwd`` of this
+      function raise. The backward rule is itself differentiable, so Hessians work by
+      ``jax.hessian`` (forward over reverse) or ``jax.jacrev(jax.jacrev(f))``.
 
     References:
       Wijmans et al., `Cut Your Losses in Large-Vocabulary Language Models

@@ -120,8 +120,9 @@ def logsumexp(
       1000.693
 
     Note:
-      The gradient is a ``jax.custom_vjp``, so forward-mode autodiff (``jax.jvp``,
-      ``jax.jacfwd``, ``jax.hessian``) is not available; use ``jax.jacrev(jax.jacrev(f))``.
+      The gradient is a ``jax.custom_vjp``: ``jax.jvp`` and ``jax.jacfwd`` of this
+      function raise. The backward rule is itself differentiable, so Hessians work by
+      ``jax.hessian`` (forward over reverse) or ``jax.jacrev(jax.jacrev(f))``.
     """
     c.check_axis_name(axis_name)
     x = c.as_inexact(a)

@@ -142,8 +142,9 @@ def softmax(
       Array([0., 0., 1.], dtype=float32)
 
     Note:
-      Forward-mode autodiff (``jax.jvp``, ``jax.jacfwd``, ``jax.hessian``) is not available
-      through a ``jax.custom_vjp``; ``jax.jacrev`` (also nested) is.
+      The gradient is a ``jax.custom_vjp``: ``jax.jvp`` and ``jax.jacfwd`` of this
+      function raise. The backward rule is itself differentiable, so Hessians work by
+      ``jax.hessian`` (forward over reverse) or ``jax.jacrev(jax.jacrev(f))``.
 
     References:
       Milakov & Gimelshein, `Online normalizer calculation for softmax

@@ -206,6 +206,20 @@ class TestForwardMode:
             second_order(self.loss)(self.x), jnp.diag(p) - jnp.outer(p, p), atol=1e-6
         )
 
+    @pytest.mark.parametrize(
+        ("ours", "theirs"),
+        [
+            (jxent.logsumexp, jax.nn.logsumexp),
+            (lambda x: jxent.softmax(x)[0], lambda x: jax.nn.softmax(x)[0]),
+            (lambda x: jxent.log_softmax(x)[2], lambda x: jax.nn.log_softmax(x)[2]),
+        ],
+        ids=["logsumexp", "softmax", "log_softmax"],
+    )
+    def test_normaliser_hessians_match_jax_nn(self, ours, theirs):
+        np.testing.assert_allclose(
+            jax.hessian(ours)(self.x), jax.hessian(theirs)(self.x), atol=1e-6
+        )
+
 
 class TestReductionNoneGradients:
     """linkedin/Liger-Kernel#678, #968: reduction='none' gave wrong gradients in a fused kernel."""

@@ -247,6 +247,29 @@ def test_labels_are_not_differentiated_and_forward_mode_is_refused():
         jax.jvp(lambda x: fused_linear_cross_entropy(x, W, Y), (X,), (X,))
 
 
+@pytest.mark.parametrize("argnum", [0, 1])
+@pytest.mark.parametrize("second_order", ["hessian", "jacrev_of_grad"])
+def test_second_derivatives_match_unfused(argnum, second_order):
+    """The backward rule is differentiable: Hessians in x and in w equal the unfused ones."""
+    x, w, y = X[:4, :5], W[:5, :7], np.array([0, 3, 6, 2])
+
+    def fused(x, w):
+        return fused_linear_cross_entropy(x, w, y, z_loss=0.1, label_smoothing=0.2)
+
+    def unfused(x, w):
+        logits = x @ w
+        log_p = jax.nn.log_softmax(logits)
+        smooth = 0.8 * jax.nn.one_hot(y, 7) + 0.2 / 7
+        lse = jax.nn.logsumexp(logits, axis=-1)
+        return jnp.mean(-jnp.sum(smooth * log_p, axis=-1) + 0.1 * lse**2)
+
+    if second_order == "hessian":
+        got = jax.hessian(fused, argnum)(x, w)
+    else:
+        got = jax.jacrev(jax.grad(fused, argnum), argnum)(x, w)
+    np.testing.assert_allclose(got, jax.hessian(unfused, argnum)(x, w), atol=1e-5)
+
+
 @pytest.mark.parametrize(
     ("kwargs", "error", "match"),
     [
