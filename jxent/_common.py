@@ -300,8 +300,13 @@ class Normaliser(NamedTuple):
         return hi, lo
 
     def log_probs(self, x: jax.Array) -> jax.Array:
-        """``x - lse``; ``-inf`` (not NaN) on rows whose entries are all ``-inf``."""
-        return (x - self.shift) - finite_or_zero(self.log_sum)
+        """``x - lse``; ``-inf`` (not NaN) on rows whose entries are all ``-inf``.
+
+        ``(x - hi) - lo`` rather than ``(x - shift) - log_sum``: as exact, and it shares no
+        logits-sized subexpression with the exponentials, which XLA would materialise.
+        """
+        hi, lo = Normaliser(self.shift, finite_or_zero(self.log_sum)).lse_parts()
+        return (x - hi) - lo
 
 
 def log_normaliser(

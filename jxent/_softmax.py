@@ -37,23 +37,22 @@ def _softmax_impl(x: jax.Array, where: jax.Array | None, axis_name: Hashable | N
 def _softmax_fwd(
     x: jax.Array, where: jax.Array | None, axis_name: Hashable | None
 ) -> tuple[jax.Array, tuple[Any, ...]]:
-    e, _, inverse = c.exponentials(x.astype(c.compute_dtype(x.dtype)), where, axis_name)
-    p = (e * inverse).astype(x.dtype)
-    return p, (p,)
+    norm = c.log_normaliser(x.astype(c.compute_dtype(x.dtype)), where, axis_name)
+    return _probabilities(x, where, norm).astype(x.dtype), (x, where, norm)
 
 
 def _softmax_bwd(
     axis_name: Hashable | None, residuals: tuple[Any, ...], g: jax.Array
 ) -> tuple[Any, ...]:
     # J = diag(p) - p pᵀ, so Jᵀ g = p ⊙ (g - <g, p>); masked entries have p = 0.
-    (p_saved,) = residuals
-    p = p_saved.astype(c.compute_dtype(p_saved.dtype))
+    x, where, norm = residuals
+    p = _probabilities(x, where, norm)
     g = g.astype(p.dtype)
     dx = p * (
         g
         - c.class_reduce(jnp.sum, jnp.multiply, g, p, num_classes=p.shape[-1], axis_name=axis_name)
     )
-    return dx.astype(p_saved.dtype), None
+    return dx.astype(x.dtype), None
 
 
 _softmax_impl.defvjp(_softmax_fwd, _softmax_bwd)
