@@ -242,7 +242,7 @@ def class_reduce(
     result = op(values, axis=-1, keepdims=True)
     if axis_name is None:
         return result
-    return lax.pmax(result, axis_name) if op is jnp.max else lax.psum(result, axis_name)
+    return lax.psum(result, axis_name) if op is jnp.sum else lax.pmax(result, axis_name)
 
 
 def _identity(x: jax.Array) -> jax.Array:
@@ -280,7 +280,7 @@ class Normaliser(NamedTuple):
     ``(x - shift) - log_sum = -log 2`` are exact.
     """
 
-    shift: jax.Array  # the row max, constant under autodiff; 0 for rows with no finite max
+    shift: jax.Array  # the row max clipped to the finite floats, constant under autodiff
     log_sum: jax.Array  # log Σ exp(x - shift); -inf for an empty (all -inf / masked) row
 
     def lse(self) -> jax.Array:
@@ -305,7 +305,9 @@ class Normaliser(NamedTuple):
         ``(x - hi) - lo`` rather than ``(x - shift) - log_sum``: as exact, and it shares no
         logits-sized subexpression with the exponentials, which XLA would materialise.
         """
-        hi, lo = Normaliser(self.shift, finite_or_zero(self.log_sum)).lse_parts()
+        empty = jnp.isneginf(self.log_sum)  # all -inf: log p = x - shift = -inf, not NaN
+        log_sum = jnp.where(empty, jnp.zeros_like(self.log_sum), self.log_sum)
+        hi, lo = Normaliser(self.shift, log_sum).lse_parts()
         return (x - hi) - lo
 
 
@@ -365,16 +367,32 @@ def exponentials_from_residual(
 def row_shift(
     x: jax.Array, where: jax.Array | None = None, axis_name: Hashable | None = None
 ) -> jax.Array:
-    """The row max (keepdims) as a constant for autodiff; 0 where it is not finite."""
+    """The row max (keepdims) as a constant for autodiff, clipped to the finite floats.
+
+    Finite even for rows of all ``-inf`` (see :func:`_floored_max`) and rows holding
+    ``+inf`` (whose ``exp(x - shift)`` is then ``+inf``, so their log-sum-exp is ``+inf`` as
+    in ``jax.nn``); NaN in a row makes it NaN.
+    """
     m = class_reduce(
-        jnp.max,
+        _floored_max,
         lambda x, w: mask(x, w, -jnp.inf),
-        x,
+        lax.stop_gradient(x),
         where,
         num_classes=x.shape[-1],
         axis_name=axis_name,
     )
-    return lax.stop_gradient(jnp.where(jnp.isfinite(m), m, jnp.zeros_like(m)))
+    return lax.stop_gradient(jnp.minimum(m, jnp.finfo(m.dtype).max))
+
+
+def _floored_max(x: jax.Array, axis: int, keepdims: bool = False) -> jax.Array:
+    """``max(x, axis)`` started from the most negative finite float instead of ``-inf``.
+
+    An all ``-inf`` row then has a finite shift and ``x - shift`` is ``-inf``, never NaN,
+    without a select after the reduction, which would split XLA:CPU's fusions.
+    """
+    floor = np.asarray(jnp.finfo(x.dtype).min, x.dtype)
+    result = lax.reduce(x, floor, lax.max, (axis % x.ndim,))
+    return jnp.expand_dims(result, axis) if keepdims else result
 
 
 def capped(x: jax.Array) -> jax.Array:

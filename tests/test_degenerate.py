@@ -43,6 +43,28 @@ class TestAllMinusInfRow:
         np.testing.assert_array_equal(g[0], [0.0, 0.0])
 
 
+class TestPlusInfEntry:
+    """A ``+inf`` logit: logsumexp is ``+inf`` (with b's sign) as in jax.nn, never NaN or a
+    finite number; its softmax entry is NaN (as in jax.nn), never a probability above 1,
+    and the loss of that row is not finite (``+inf``, the limit, or NaN)."""
+
+    rows = jnp.array([[jnp.inf, 0.0], [1.0, 2.0], [NEG_INF, NEG_INF]])
+
+    @pytest.mark.parametrize("b", [None, [2.0, 1.0], [-1.0, 1.0]])
+    def test_logsumexp_matches_jax_nn(self, b):
+        b = None if b is None else jnp.array(b)
+        got = jxent.logsumexp(self.rows, axis=-1, b=b, return_sign=True)
+        want = jax.nn.logsumexp(self.rows, axis=-1, b=b, return_sign=True)
+        np.testing.assert_allclose(got[0], want[0], rtol=1e-6)  # inf == inf, -inf == -inf
+        np.testing.assert_array_equal(got[1], want[1])
+
+    def test_softmax_and_cross_entropy_of_that_row_are_nan(self):
+        p = jxent.softmax(self.rows[0])
+        assert jnp.isnan(p[0]) and (jnp.isnan(p[1]) or p[1] == 0)
+        loss = jxent.softmax_cross_entropy_with_integer_labels(self.rows[:2], jnp.array([1, 1]))
+        assert not jnp.isfinite(loss[0]) and jnp.isfinite(loss[1])
+
+
 class TestMaskedHugeValues:
     """jax-ml/jax#19490, #17117, #22398: NaN/inf gradients from where= masks over huge values."""
 
