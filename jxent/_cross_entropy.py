@@ -98,6 +98,20 @@ def _target_mask(targets: _Targets, num_local: int) -> jax.Array:
     return classes == targets.local[..., None]
 
 
+def _add_at_targets(values: jax.Array, targets: _Targets, amounts: jax.Array) -> jax.Array:
+    """``values[..., y] += amounts`` for each example whose label lives on this device.
+
+    A scatter of one value per example: on CPU cheaper than an iota compare and a select
+    over every class, and done in place on ``values``.
+    """
+    num_local = values.shape[-1]
+    rows = values.reshape(-1, num_local)
+    # Labels on other devices (or out of range) point past the end and are dropped.
+    cols = jnp.where(targets.in_shard, targets.local, num_local).reshape(-1)
+    rows = rows.at[jnp.arange(rows.shape[0]), cols].add(amounts.reshape(-1), mode="drop")
+    return rows.reshape(values.shape)
+
+
 def _scatter_to_classes(
     values: jax.Array, targets: _Targets, num_local: int, dtype: Any
 ) -> jax.Array:
@@ -254,14 +268,13 @@ def _integer_ce_bwd(
     if cfg.z_loss:
         mass = mass + 2.0 * cfg.z_loss * c.finite_or_zero(norm.lse()[..., 0])
     mass = jnp.where(targets.active, mass, jnp.zeros_like(mass))
-    is_target = _target_mask(targets, num_local)
     p_scale = (coef * mass * inverse[..., 0])[..., None]
-    target_scale = (coef * (1.0 - eps) * w_y)[..., None]
     e = c.exponentials_from_residual(saved_e, where, norm)
-    grad = e * p_scale - jnp.where(is_target, target_scale, 0.0)
+    grad = e * p_scale
     if eps:
         w = _smoothing_weights(weights, where, e.shape, dtype)
         grad = grad - _expand(coef * eps / num_classes) * w
+    grad = _add_at_targets(grad, targets, -coef * (1.0 - eps) * w_y)
     dlogits = grad.astype(saved_e.dtype)
 
     dweights = None

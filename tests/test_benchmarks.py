@@ -63,3 +63,16 @@ def test_float64_accuracy_check_is_sensitive(bench):
     assert bench.relative_error("logsumexp", wrong, logits) > 1e-5
     assert bench.relative_error("softmax", jax.nn.softmax, logits) < 1e-6
     assert bench.relative_error("log_softmax", jax.nn.log_softmax, jnp.asarray(logits)) < 1e-6
+
+
+def test_fusion_profiler_lists_each_candidates_fusions(capsys):
+    script = _RUN_PY.with_name("profile_fusions.py")
+    spec = importlib.util.spec_from_file_location("jxent_benchmarks_profile", script)
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    assert module.main(["ce_int", "8x16", "--calls=1"]) == 0
+    out = capsys.readouterr().out
+    for candidate in ("jxent", "optax", "naive"):
+        assert f"{candidate}: " in out
+    assert "fusion" in out
