@@ -227,7 +227,7 @@ def _blocked_views(args: Sequence[Any], num_classes: int) -> tuple[int | None, l
 def class_reduce(
     op: Any, fn: Any, *args: Any, num_classes: int, axis_name: Hashable | None = None
 ) -> jax.Array:
-    """``op`` (``jnp.sum`` or ``jnp.max``) over the class axis of ``fn(*args)``, keepdims.
+    """``op`` (``jnp.sum`` or a max) over the class axis of ``fn(*args)``, keepdims.
 
     ``fn`` is elementwise and its ``[..., C]`` operands are broadcast against ``[..., 1]``
     ones. For long rows it is evaluated on the blocked view and reduced block by block: XLA

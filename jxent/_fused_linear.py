@@ -314,15 +314,8 @@ def _impl(
 
     def step(carry: None, chunk: tuple[Any, ...]) -> tuple[None, jax.Array]:
         x_c, rows_c = chunk
-        z, _ = _chunk_logits(x_c, w, bias, cfg)
-        loss, _ = _chunk_loss(
-            z,
-            _target_logits(x_c, w, bias, rows_c, cfg),
-            rows_c,
-            class_weights,
-            weight_total,
-            num_classes,
-            cfg,
+        *_, loss, _ = _chunk_forward(
+            x_c, rows_c, w, bias, class_weights, weight_total, num_classes, cfg
         )
         return carry, loss
 
@@ -347,15 +340,8 @@ def _fwd(
     def step(carry: tuple[Any, ...], chunk: tuple[Any, ...]) -> tuple[Any, Any]:
         dw, db = carry
         x_c, rows_c, scale_c = chunk
-        z, capped = _chunk_logits(x_c, w, bias, cfg)
-        loss, lse = _chunk_loss(
-            z,
-            _target_logits(x_c, w, bias, rows_c, cfg),
-            rows_c,
-            class_weights,
-            weight_total,
-            num_classes,
-            cfg,
+        z, capped, loss, lse = _chunk_forward(
+            x_c, rows_c, w, bias, class_weights, weight_total, num_classes, cfg
         )
         dz = _chunk_logits_grad(
             z, capped, lse, rows_c, scale_c, class_weights, weight_total, num_classes, cfg
@@ -378,6 +364,23 @@ def _fwd(
     return loss, grads
 
 
+def _chunk_forward(
+    x: jax.Array,
+    rows: _Rows,
+    w: jax.Array,
+    bias: jax.Array | None,
+    class_weights: jax.Array | None,
+    weight_total: jax.Array,
+    num_classes: Any,
+    cfg: _Config,
+) -> tuple[jax.Array, jax.Array | None, jax.Array, jax.Array]:
+    """One chunk's logits, ``tanh(z/s)`` (or None), per-row losses and log-normalisers."""
+    z, capped = _chunk_logits(x, w, bias, cfg)
+    target = _target_logits(x, w, bias, rows, cfg)
+    loss, lse = _chunk_loss(z, target, rows, class_weights, weight_total, num_classes, cfg)
+    return z, capped, loss, lse
+
+
 def _fwd_per_example(
     x: jax.Array,
     w: jax.Array,
@@ -390,16 +393,10 @@ def _fwd_per_example(
 
     def step(carry: None, chunk: tuple[Any, ...]) -> tuple[None, Any]:
         x_c, rows_c = chunk
-        z, _ = _chunk_logits(x_c, w, bias, cfg)
-        return carry, _chunk_loss(
-            z,
-            _target_logits(x_c, w, bias, rows_c, cfg),
-            rows_c,
-            class_weights,
-            weight_total,
-            num_classes,
-            cfg,
+        *_, loss, lse = _chunk_forward(
+            x_c, rows_c, w, bias, class_weights, weight_total, num_classes, cfg
         )
+        return carry, (loss, lse)
 
     _, (losses, lse) = lax.scan(step, None, _to_chunks((x, rows), cfg.chunk_size))
     residuals = (x, w, bias, rows, class_weights, lse.reshape(-1))
