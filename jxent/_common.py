@@ -325,9 +325,16 @@ def log_normaliser(
 
 
 def exponentials(
-    x: jax.Array, where: jax.Array | None = None, axis_name: Hashable | None = None
+    x: jax.Array,
+    where: jax.Array | None = None,
+    axis_name: Hashable | None = None,
+    *,
+    read_first: jax.Array | None = None,
 ) -> tuple[jax.Array, Normaliser, jax.Array]:
     """``e = exp(x - shift)`` (0 where masked), the :class:`Normaliser` and ``1 / Σ e``.
+
+    ``read_first`` (see :func:`row_shift`) orders a gather from ``x`` before the passes
+    that may overwrite ``x``'s buffer.
 
     ``e · (1 / Σ e)`` is the softmax; ``1 / Σ e`` is 0 for an empty row (so that its zeros
     stay zeros) and NaN stays NaN. The losses keep ``e`` for their backward pass: on CPU
@@ -336,7 +343,7 @@ def exponentials(
     computed on the blocked view (see :func:`class_reduce`).
     """
     num_classes = x.shape[-1]
-    shift = row_shift(x, where, axis_name)
+    shift = row_shift(x, where, axis_name, read_first=read_first)
     block, (xv, wv, sv) = _blocked_views((x, where, shift), num_classes)
     e = jnp.exp(mask(xv, wv, -jnp.inf) - sv)
     partial = e if block is None else lax.optimization_barrier(jnp.sum(e, axis=-1))
@@ -365,13 +372,24 @@ def exponentials_from_residual(
 
 
 def row_shift(
-    x: jax.Array, where: jax.Array | None = None, axis_name: Hashable | None = None
+    x: jax.Array,
+    where: jax.Array | None = None,
+    axis_name: Hashable | None = None,
+    *,
+    read_first: jax.Array | None = None,
 ) -> jax.Array:
     """The row max (keepdims) as a constant for autodiff, clipped to the finite floats.
 
     Finite even for rows of all ``-inf`` (see :func:`_floored_max`) and rows holding
     ``+inf`` (whose ``exp(x - shift)`` is then ``+inf``, so their log-sum-exp is ``+inf`` as
     in ``jax.nn``); NaN in a row makes it NaN.
+
+    ``read_first``: one value per row gathered from ``x`` (an unmasked entry, or ``-inf``),
+    so never above the row max: taking the max with it leaves the shift unchanged but makes
+    everything downstream of the shift wait for that gather. Without that data dependency
+    XLA cannot order the gather before the backward pass writes the gradient and, when it
+    would write it into ``x``'s buffer (donated logits, or logits dead after the loss inside
+    a larger jit), it first copies all of ``x`` instead.
     """
     m = class_reduce(
         _floored_max,
@@ -381,6 +399,8 @@ def row_shift(
         num_classes=x.shape[-1],
         axis_name=axis_name,
     )
+    if read_first is not None:
+        m = jnp.maximum(m, read_first[..., None])
     return lax.stop_gradient(jnp.minimum(m, jnp.finfo(m.dtype).max))
 
 

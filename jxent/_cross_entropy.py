@@ -192,13 +192,14 @@ def _integer_ce_fwd(
     dtype = c.compute_dtype(logits.dtype)
     num_local = logits.shape[-1]
     x = logits.astype(dtype)
-    e, norm, inverse = c.exponentials(x, where, cfg.axis_name)
     targets = _resolve_targets(
         labels, where, weights, cfg.ignore_index, num_local, cfg.axis_name, dtype
     )
-    eps = cfg.label_smoothing
     # Only O(batch) values: the target's -log p from the gathered logit, no log-softmax array.
     x_y = _gather_target(x, targets.local, targets.in_shard, cfg.axis_name)
+    active_x_y = jnp.where(targets.active, x_y, jnp.full_like(x_y, -jnp.inf))
+    e, norm, inverse = c.exponentials(x, where, cfg.axis_name, read_first=active_x_y)
+    eps = cfg.label_smoothing
     target_nll = norm.log_sum[..., 0] + (norm.shift[..., 0] - x_y)
     loss = (1.0 - eps) * c.weighted(targets.weight, target_nll)
     num_classes = _row_class_count(x, where, cfg.axis_name)
@@ -369,6 +370,13 @@ def _dense_ce_fwd(
         jnp.ones(loss.shape, bool) if where is None else c.class_any(where, cfg.axis_name)[..., 0]
     )
     loss = jnp.where(row_valid, loss, jnp.zeros_like(loss))
+    if c.block_size(x.shape[-1]):
+        # Long rows: the backward pass recomputes e from the logits and can write the
+        # gradient over them. + min(|loss|, 0) is +0 (NaN only for a NaN loss, whose row's
+        # gradient is NaN anyway), a data dependency that makes XLA finish the loss' read of
+        # the logits first instead of copying them (see c.row_shift). Short rows keep e,
+        # and the gradient overwrites e instead.
+        mass = mass + jnp.minimum(jnp.abs(loss), 0.0)
     residuals = (
         logits,
         c.exponentials_residual(logits, e),

@@ -243,3 +243,40 @@ class TestVocabParallel:
         want = jax.grad(single, (0, 1))(LOGITS, DENSE_LABELS)
         for g, w in zip(got, want, strict=True):
             np.testing.assert_allclose(g, w, rtol=1e-5, atol=1e-7)
+
+
+class TestGradientReusesTheLogitsBuffer:
+    """With the logits donated (or dead after the loss inside a larger jit), XLA can write
+    the logits gradient over them. It does so without first copying the logits only if every
+    read of them (the target-logit gather, the loss pass) is ordered before that write; jxent
+    makes those orderings data dependencies. optax's integer CE gets a logits-sized copy.
+    (The dense CE on short rows keeps its exponentials as scratch instead, by design: see
+    ``exponentials_residual``.)"""
+
+    @pytest.mark.parametrize(
+        "kind, shape",
+        [("integer", (64, 1000)), ("integer", (4, 65536)), ("dense", (4, 65536))],
+        ids=["integer", "integer-long-rows", "dense-long-rows"],
+    )
+    def test_no_logits_sized_scratch_when_donated(self, kind, shape):
+        k1, k2 = jax.random.split(jax.random.key(1))
+        logits = jax.random.normal(k1, shape)
+        if kind == "integer":
+            labels = jax.random.randint(k2, shape[:1], 0, shape[1])
+            loss_fn = jxent.softmax_cross_entropy_with_integer_labels
+        else:
+            labels = jax.nn.softmax(jax.random.normal(k2, shape))
+            loss_fn = jxent.softmax_cross_entropy
+
+        def loss(x, y):
+            return jnp.mean(loss_fn(x, y))
+
+        step = jax.jit(jax.value_and_grad(loss), donate_argnums=0)
+        compiled = step.lower(logits, labels).compile()
+        memory = compiled.memory_analysis()
+        assert memory.alias_size_in_bytes == logits.nbytes  # the gradient takes the buffer
+        assert memory.temp_size_in_bytes < logits.nbytes // 2, memory
+        expected = jax.jit(jax.value_and_grad(loss))(logits, labels)
+        value, grad = compiled(jnp.copy(logits), labels)
+        np.testing.assert_allclose(value, expected[0], rtol=1e-6)
+        np.testing.assert_allclose(grad, expected[1], rtol=1e-6, atol=1e-9)
