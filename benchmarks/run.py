@@ -290,6 +290,7 @@ class _Runner:
         self.args = args
         self.donated = donated
         self.in_place: bool | None = None
+        self.calls = 1  # back-to-back calls per timed sample
 
     def _fresh_args(self, count: int) -> list[tuple[Array, ...]]:
         if not self.donated:
@@ -322,17 +323,16 @@ def time_candidates(
     runners: dict[str, _Runner], repeats: int, min_sample_s: float
 ) -> dict[str, list[tuple[float, float]]]:
     """Round-robin timing: each repeat calls every candidate once, rotating the order."""
-    calls: dict[str, int] = {}
-    for name, runner in runners.items():  # Warm-up, and sizing of the inner loop.
+    for runner in runners.values():  # Warm-up, and sizing of the inner loop.
         runner.sample(1)
         once, _ = runner.sample(1)
-        calls[name] = max(1, min(1000, int(min_sample_s / max(once, 1e-7))))
+        runner.calls = max(1, min(1000, int(min_sample_s / max(once, 1e-7))))
     names = list(runners)
     times: dict[str, list[tuple[float, float]]] = {name: [] for name in names}
     for r in range(repeats):
         shift = r % len(names)
         for name in names[shift:] + names[:shift]:
-            times[name].append(runners[name].sample(calls[name]))
+            times[name].append(runners[name].sample(runners[name].calls))
             gc.collect()
     return times
 
@@ -376,6 +376,7 @@ def measure_case(
             rec.min_ms = 1e3 * min(wall)
             rec.median_cpu_ms = 1e3 * statistics.median(cpu for _, cpu in samples)
             rec.samples = len(samples)
+            rec.calls_per_sample = runners[name].calls
             rec.in_place = runners[name].in_place
             if rec.in_place and (rec.temp_bytes or 0) >= args[0].nbytes:
                 # The gradient came back in the donated buffer, but XLA copied the logits to
