@@ -23,10 +23,9 @@ is the scratch memory the executable holds besides its arguments and outputs).
 
 Whether a donated candidate writes the gradient in place is checked at run time: the
 ``unsafe_buffer_pointer()`` of the fresh logits buffer is compared with that of the returned
-gradient (reported as ``in_place``), and a candidate whose compiled scratch memory is as large
-as the logits does not count as in place: XLA copied the logits first (it does so when it cannot
-order every read of the logits before the gradient overwrites them). XLA's
-``alias_size_in_bytes`` is reported alongside.
+gradient (reported as ``in_place``); a candidate whose optimised HLO copies the logits first
+does not count as in place (XLA does so when it cannot order every read of the logits before
+the gradient overwrites them). XLA's ``alias_size_in_bytes`` is reported alongside.
 
 Run ``python benchmarks/run.py --help`` for the options; see benchmarks/README.md.
 """
@@ -42,6 +41,7 @@ import json
 import math
 import os
 import platform
+import re
 import statistics
 import sys
 import time
@@ -114,12 +114,6 @@ def _resolve_jxent(op: str, overrides: dict[str, str]) -> tuple[Callable[..., An
         fn = getattr(jxent, name, None)
         if fn is not None:
             return fn, f"jxent.{name}"
-    if op == "fused":  # Exported by the lead later; the private module works meanwhile.
-        try:
-            module = importlib.import_module("jxent._fused_linear")
-            return module.fused_linear_cross_entropy, "jxent._fused_linear"
-        except (ImportError, AttributeError) as e:
-            return None, f"jxent has no fused_linear_cross_entropy ({e})"
     return None, f"jxent has none of {', '.join(names)}"
 
 
@@ -249,6 +243,10 @@ class Record:
     alias_bytes: int | None = None
     in_place: bool | None = None
     time_ratio: float | None = None
+    # Quartiles of the per-repeat ratios (each repeat times every candidate back to back):
+    # how far the noise of this run moves the ratio.
+    time_ratio_quartiles: list[float] | None = None
+    wall_ms: list[float] | None = None  # every timed sample, in repeat order
     cpu_time_ratio: float | None = None
     temp_ratio: float | None = None
     rel_error: float | None = None
@@ -275,6 +273,17 @@ def _memory(compiled: Any) -> dict[str, int | None]:
     }
 
 
+def _copies_first_arg(compiled: Any, first: Array) -> bool:
+    """Whether the optimised HLO copies the first parameter (a logits-sized ``copy``)."""
+    try:
+        text = compiled.as_text()
+    except Exception:  # Not every backend can print its executable.
+        return False
+    entry = text[text.find("ENTRY") :]
+    match = re.search(r"%(\S+) = \S+ parameter\(0\)", entry)
+    return bool(match) and re.search(rf"copy\(%{re.escape(match.group(1))}\)", entry) is not None
+
+
 def _gradient_of_first_arg(out: Any) -> Array | None:
     if not isinstance(out, tuple) or len(out) != 2:
         return None
@@ -291,6 +300,7 @@ class _Runner:
         self.donated = donated
         self.in_place: bool | None = None
         self.calls = 1  # back-to-back calls per timed sample
+        self.copies_first_arg = False
 
     def _fresh_args(self, count: int) -> list[tuple[Array, ...]]:
         if not self.donated:
@@ -363,6 +373,7 @@ def measure_case(
             for key, value in _memory(compiled).items():
                 setattr(rec, key, value)
             runners[name] = _Runner(compiled, args, donated=(mode == "donated"))
+            runners[name].copies_first_arg = _copies_first_arg(compiled, args[0])
         try:
             times = time_candidates(runners, repeats, min_sample_s)
         except Exception as e:
@@ -373,16 +384,17 @@ def measure_case(
             rec = mode_records[name]
             wall = [t for t, _ in samples]
             rec.median_ms = 1e3 * statistics.median(wall)
+            rec.wall_ms = [1e3 * t for t in wall]
             rec.min_ms = 1e3 * min(wall)
             rec.median_cpu_ms = 1e3 * statistics.median(cpu for _, cpu in samples)
             rec.samples = len(samples)
             rec.calls_per_sample = runners[name].calls
             rec.in_place = runners[name].in_place
-            if rec.in_place and (rec.temp_bytes or 0) >= args[0].nbytes:
+            if rec.in_place and runners[name].copies_first_arg:
                 # The gradient came back in the donated buffer, but XLA copied the logits to
                 # scratch first (it could not order every read before the overwrite).
                 rec.in_place = False
-                rec.note = "gradient in the donated buffer only after a logits-sized copy"
+                rec.note = "gradient in the donated buffer only after a copy of the logits"
         del runners
         gc.collect()
         _fill_ratios(mode_records, reference)
@@ -422,6 +434,10 @@ def _fill_ratios(records: dict[str, Record], reference: str) -> None:
             continue
         if rec.median_ms is not None and ref.median_ms:
             rec.time_ratio = rec.median_ms / ref.median_ms
+        if rec.wall_ms and ref.wall_ms and len(rec.wall_ms) == len(ref.wall_ms) >= 4:
+            paired = [a / b for a, b in zip(rec.wall_ms, ref.wall_ms, strict=True)]
+            q1, _, q3 = statistics.quantiles(paired, n=4)
+            rec.time_ratio_quartiles = [q1, q3]
         if rec.median_cpu_ms is not None and ref.median_cpu_ms:
             rec.cpu_time_ratio = rec.median_cpu_ms / ref.median_cpu_ms
         if rec.temp_bytes is not None and ref.temp_bytes is not None:
@@ -495,6 +511,9 @@ def evaluate_targets(records: list[Record]) -> list[tuple[str, str, str]]:
         status, detail = _check(what, getattr(rec, attr), limit)
         if rec.note and status == "SKIP":
             detail += f" ({rec.note})"
+        if attr == "time_ratio" and rec.time_ratio_quartiles:
+            q1, q3 = rec.time_ratio_quartiles
+            detail += f" [per-repeat ratios, quartiles {q1:.2f}-{q3:.2f}]"
         out.append((issue, status, detail))
 
     for op in CE_OPS:
