@@ -388,8 +388,7 @@ def row_shift(
     so never above the row max: taking the max with it leaves the shift unchanged but makes
     everything downstream of the shift wait for that gather. Without that data dependency
     XLA cannot order the gather before the backward pass writes the gradient and, when it
-    would write it into ``x``'s buffer (donated logits, or logits dead after the loss inside
-    a larger jit), it first copies all of ``x`` instead.
+    would write it into ``x``'s buffer (donated logits), it first copies all of ``x``.
     """
     m = class_reduce(
         _floored_max,

@@ -246,10 +246,10 @@ class TestVocabParallel:
 
 
 class TestGradientReusesTheLogitsBuffer:
-    """With the logits donated (or dead after the loss inside a larger jit), XLA can write
-    the logits gradient over them. It does so without first copying the logits only if every
-    read of them (the target-logit gather, the loss pass) is ordered before that write; jxent
-    makes those orderings data dependencies. optax's integer CE gets a logits-sized copy.
+    """With the logits donated, XLA can write the logits gradient over them. It does so
+    without first copying the logits only if every read of them (the target-logit gather,
+    the loss pass) is ordered before that write; jxent makes those orderings data
+    dependencies. optax's integer CE gets a logits-sized copy.
     (The dense CE on short rows keeps its exponentials as scratch instead, by design: see
     ``exponentials_residual``.)"""
 
