@@ -48,11 +48,29 @@ def _softmax_bwd(
     x, where, norm = residuals
     p = _probabilities(x, where, norm)
     g = g.astype(p.dtype)
-    dx = p * (
-        g
-        - c.class_reduce(jnp.sum, jnp.multiply, g, p, num_classes=p.shape[-1], axis_name=axis_name)
+    return (p * (g - _inner_with_probabilities(g, x, where, norm, axis_name))).astype(x.dtype), None
+
+
+def _inner_with_probabilities(
+    g: jax.Array, x: jax.Array, where: jax.Array | None, norm: c.Normaliser, axis_name: Any
+) -> jax.Array:
+    """``<g, p>`` over the classes (keepdims), as ``exp(-lo) · Σ g·exp(x - hi)``.
+
+    With ``lse = hi + lo`` (:meth:`~jxent._common.Normaliser.lse_parts`) that is ``Σ g·p``,
+    but neither the product ``g·p`` nor the forward pass's ``exp(x - shift)``: XLA would merge
+    either with the forward pass (``p·g`` appears there in an expected-value loss ``Σ p·r``,
+    whose cotangent is ``r``) and materialise the shared product as a logits-sized array.
+    """
+
+    def weighted(g: Any, x: Any, where: Any, hi: Any) -> Any:
+        return g * jnp.exp(_masked(x, where) - hi)
+
+    hi, lo = norm.lse_parts()
+    total = c.class_reduce(
+        jnp.sum, weighted, g, x, where, hi, num_classes=x.shape[-1], axis_name=axis_name
     )
-    return dx.astype(x.dtype), None
+    # Empty rows (all masked) have hi = lo = NaN; their p, and so their gradient, is 0.
+    return jnp.where(jnp.isneginf(norm.log_sum), 0.0, total * jnp.exp(-lo))
 
 
 _softmax_impl.defvjp(_softmax_fwd, _softmax_bwd)
