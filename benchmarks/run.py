@@ -273,7 +273,7 @@ def _memory(compiled: Any) -> dict[str, int | None]:
     }
 
 
-def _copies_first_arg(compiled: Any, first: Array) -> bool:
+def _copies_first_arg(compiled: Any) -> bool:
     """Whether the optimised HLO copies the first parameter (a logits-sized ``copy``)."""
     try:
         text = compiled.as_text()
@@ -300,7 +300,6 @@ class _Runner:
         self.donated = donated
         self.in_place: bool | None = None
         self.calls = 1  # back-to-back calls per timed sample
-        self.copies_first_arg = False
 
     def _fresh_args(self, count: int) -> list[tuple[Array, ...]]:
         if not self.donated:
@@ -361,6 +360,7 @@ def measure_case(
     records: list[Record] = []
     for mode in modes:
         runners: dict[str, _Runner] = {}
+        copies_logits: dict[str, bool] = {}
         mode_records: dict[str, Record] = {}
         for name, loss in candidates.items():
             rec = Record(op, list(shape), mode, name, reference)
@@ -373,7 +373,7 @@ def measure_case(
             for key, value in _memory(compiled).items():
                 setattr(rec, key, value)
             runners[name] = _Runner(compiled, args, donated=(mode == "donated"))
-            runners[name].copies_first_arg = _copies_first_arg(compiled, args[0])
+            copies_logits[name] = _copies_first_arg(compiled)
         try:
             times = time_candidates(runners, repeats, min_sample_s)
         except Exception as e:
@@ -390,7 +390,7 @@ def measure_case(
             rec.samples = len(samples)
             rec.calls_per_sample = runners[name].calls
             rec.in_place = runners[name].in_place
-            if rec.in_place and runners[name].copies_first_arg:
+            if rec.in_place and copies_logits[name]:
                 # The gradient came back in the donated buffer, but XLA copied the logits to
                 # scratch first (it could not order every read before the overwrite).
                 rec.in_place = False
