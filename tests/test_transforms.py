@@ -280,3 +280,24 @@ class TestGradientReusesTheLogitsBuffer:
         value, grad = compiled(jnp.copy(logits), labels)
         np.testing.assert_allclose(value, expected[0], rtol=1e-6)
         np.testing.assert_allclose(grad, expected[1], rtol=1e-6, atol=1e-9)
+
+
+class TestEvaluationMemory:
+    """The loss alone (no gradient) holds no logits-sized scratch, short rows or blocked
+    long rows. (Regression: a ``-log p`` sharing ``x - shift`` with the exponentials ran
+    the 8192x32000 dense forward 20 % faster but made XLA:CPU materialise ``x - shift``
+    below about 4M logits and for blocked long rows.)"""
+
+    @pytest.mark.parametrize("shape", [(64, 1000), (4, 65536)], ids=["short", "long-rows"])
+    @pytest.mark.parametrize("kind", ["integer", "dense"])
+    def test_loss_only_scratch_is_o_batch(self, kind, shape):
+        k1, k2 = jax.random.split(jax.random.key(2))
+        logits = jax.random.normal(k1, shape)
+        if kind == "integer":
+            labels = jax.random.randint(k2, shape[:1], 0, shape[1])
+            loss_fn = jxent.softmax_cross_entropy_with_integer_labels
+        else:
+            labels = jax.nn.softmax(jax.random.normal(k2, shape))
+            loss_fn = jxent.softmax_cross_entropy
+        compiled = jax.jit(lambda x, y: jnp.mean(loss_fn(x, y))).lower(logits, labels).compile()
+        assert compiled.memory_analysis().temp_size_in_bytes < logits.nbytes // 2
