@@ -245,6 +245,19 @@ class TestVocabParallel:
             np.testing.assert_allclose(g, w, rtol=1e-5, atol=1e-7)
 
 
+def _mean_ce_case(kind, shape):
+    """Random logits, integer or probability labels, and the mean jxent CE over them."""
+    k1, k2 = jax.random.split(jax.random.key(1))
+    logits = jax.random.normal(k1, shape)
+    if kind == "integer":
+        labels = jax.random.randint(k2, shape[:1], 0, shape[1])
+        loss_fn = jxent.softmax_cross_entropy_with_integer_labels
+    else:
+        labels = jax.nn.softmax(jax.random.normal(k2, shape))
+        loss_fn = jxent.softmax_cross_entropy
+    return logits, labels, lambda x, y: jnp.mean(loss_fn(x, y))
+
+
 class TestGradientReusesTheLogitsBuffer:
     """With the logits donated, XLA can write the logits gradient over them. It does so
     without first copying the logits only if every read of them (the target-logit gather,
@@ -259,18 +272,7 @@ class TestGradientReusesTheLogitsBuffer:
         ids=["integer", "integer-long-rows", "dense-long-rows"],
     )
     def test_no_logits_sized_scratch_when_donated(self, kind, shape):
-        k1, k2 = jax.random.split(jax.random.key(1))
-        logits = jax.random.normal(k1, shape)
-        if kind == "integer":
-            labels = jax.random.randint(k2, shape[:1], 0, shape[1])
-            loss_fn = jxent.softmax_cross_entropy_with_integer_labels
-        else:
-            labels = jax.nn.softmax(jax.random.normal(k2, shape))
-            loss_fn = jxent.softmax_cross_entropy
-
-        def loss(x, y):
-            return jnp.mean(loss_fn(x, y))
-
+        logits, labels, loss = _mean_ce_case(kind, shape)
         step = jax.jit(jax.value_and_grad(loss), donate_argnums=0)
         compiled = step.lower(logits, labels).compile()
         memory = compiled.memory_analysis()
@@ -291,13 +293,6 @@ class TestEvaluationMemory:
     @pytest.mark.parametrize("shape", [(64, 1000), (4, 65536)], ids=["short", "long-rows"])
     @pytest.mark.parametrize("kind", ["integer", "dense"])
     def test_loss_only_scratch_is_o_batch(self, kind, shape):
-        k1, k2 = jax.random.split(jax.random.key(2))
-        logits = jax.random.normal(k1, shape)
-        if kind == "integer":
-            labels = jax.random.randint(k2, shape[:1], 0, shape[1])
-            loss_fn = jxent.softmax_cross_entropy_with_integer_labels
-        else:
-            labels = jax.nn.softmax(jax.random.normal(k2, shape))
-            loss_fn = jxent.softmax_cross_entropy
-        compiled = jax.jit(lambda x, y: jnp.mean(loss_fn(x, y))).lower(logits, labels).compile()
+        logits, labels, loss = _mean_ce_case(kind, shape)
+        compiled = jax.jit(loss).lower(logits, labels).compile()
         assert compiled.memory_analysis().temp_size_in_bytes < logits.nbytes // 2
