@@ -34,6 +34,7 @@ from jax.experimental import checkify
 from jax.typing import ArrayLike
 
 from jxent import _common as c
+from jxent import _sharding as sh
 
 # ----------------------------------------------------------------------------- targets
 
@@ -289,7 +290,7 @@ def _integer_ce_bwd(
         if eps:
             spread = c.mask(_neg_log_probs(logits.astype(dtype), *norm.lse_parts()), where, 0.0)
             dw = dw + _batch_sum(_expand(coef * eps / num_classes) * spread)
-        dweights = dw.astype(weights.dtype)
+        dweights = sh.sum_to_primal(dw, weights).astype(weights.dtype)
     return dlogits, None, None, dweights
 
 
@@ -413,7 +414,8 @@ def _dense_ce_bwd(
     dweights = None
     if weights is not None:
         t = _smoothed_weighted_targets(labels, where, None, _expand(num_classes), cfg, dtype)
-        dweights = _batch_sum(coef * c.weighted(t, neg_log_p)).astype(weights.dtype)
+        dw = _batch_sum(coef * c.weighted(t, neg_log_p))
+        dweights = sh.sum_to_primal(dw, weights).astype(weights.dtype)
     return dlogits, dlabels, None, dweights
 
 
@@ -471,7 +473,7 @@ def _nll_bwd(
     if weights is not None:
         per_example = -coef * lp_y + jnp.where(targets.active, g_weight, 0.0)
         dw = _scatter_to_classes(per_example, targets, num_local, lp_y.dtype)
-        dweights = dw.astype(weights.dtype)
+        dweights = sh.sum_to_primal(dw, weights).astype(weights.dtype)
     return dlog_probs, None, None, dweights
 
 
@@ -505,6 +507,27 @@ def _prepare(
     return _Prepared(
         layout, layout.to_last(x), c.broadcast_where(where, layout, per_example=True), weights
     )
+
+
+def _run_sharded(
+    impl: Any, cfg: Any, prepared: _Prepared, labels: jax.Array, labels_kind: str
+) -> tuple[jax.Array, jax.Array]:
+    """``impl(logits, labels, where, weights, cfg)``: per example losses and weights.
+
+    Logits sharded over explicit mesh axes are handled shard by shard (see
+    :mod:`jxent._sharding`), their class axis with the ``axis_name`` collectives.
+    """
+    plan = sh.plan(prepared.logits)
+    if plan is None:
+        return impl(prepared.logits, labels, prepared.where, prepared.weights, cfg)
+    cfg = cfg._replace(axis_name=plan.axis_name)
+    args = (
+        (prepared.logits, sh.LOGITS),
+        (labels, labels_kind),
+        (prepared.where, sh.LOGITS),
+        (prepared.weights, sh.CLASSES),
+    )
+    return sh.map_shards(lambda *a: impl(*a, cfg), plan, args, (sh.BATCH, sh.BATCH))
 
 
 def _integer_labels(labels: ArrayLike, layout: c.ClassLayout) -> jax.Array:
@@ -680,9 +703,7 @@ def _integer_ce(
     int_labels = _integer_labels(labels, prepared.layout)
     if check_labels and axis_name is None:
         _check_labels_in_range(int_labels, prepared.layout.num_classes, ignore_index)
-    loss, weight = _integer_ce_impl(
-        prepared.logits, int_labels, prepared.where, prepared.weights, cfg
-    )
+    loss, weight = _run_sharded(_integer_ce_impl, cfg, prepared, int_labels, sh.BATCH)
     return c.reduce_loss(loss, weight, reduction)
 
 
@@ -764,9 +785,8 @@ def softmax_cross_entropy(
             f"dense labels of shape {targets.shape} are not broadcastable to the logits' "
             f"shape {prepared.layout.shape}."
         ) from None
-    loss, weight = _dense_ce_impl(
-        prepared.logits, prepared.layout.to_last(targets), prepared.where, prepared.weights, cfg
-    )
+    targets = prepared.layout.to_last(targets)
+    loss, weight = _run_sharded(_dense_ce_impl, cfg, prepared, targets, sh.LOGITS)
     return c.reduce_loss(loss, weight, reduction)
 
 
@@ -852,7 +872,7 @@ def _nll(
     if check_labels and axis_name is None:
         _check_labels_in_range(int_labels, prepared.layout.num_classes, ignore_index)
     cfg = _NLLConfig(ignore_index, axis_name)
-    loss, weight = _nll_impl(prepared.logits, int_labels, prepared.where, prepared.weights, cfg)
+    loss, weight = _run_sharded(_nll_impl, cfg, prepared, int_labels, sh.BATCH)
     return c.reduce_loss(loss, weight, reduction)
 
 

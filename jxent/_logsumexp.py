@@ -11,6 +11,7 @@ import jax.numpy as jnp
 from jax.typing import ArrayLike
 
 from jxent import _common as c
+from jxent import _sharding as sh
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(3,))
@@ -137,8 +138,8 @@ def logsumexp(
             raise ValueError(
                 f"b of shape {b_arr.shape} is not broadcastable to {x.shape}."
             ) from None
-        b_last = layout.to_last(b_arr)
-    where_last = c.broadcast_where(where, layout)
+        b_last = sh.reshard_like(layout.to_last(b_arr), x_last)
+    where_last = sh.reshard_like(c.broadcast_where(where, layout), x_last)
     lse, sign = _logsumexp_impl(x_last, b_last, where_last, axis_name)
     out_shape = layout.keepdims_shape() if keepdims else layout.batch_shape
     lse = lse.reshape(out_shape).astype(x.dtype)
