@@ -102,15 +102,25 @@ def _target_mask(targets: _Targets, num_local: int) -> jax.Array:
 def _add_at_targets(values: jax.Array, targets: _Targets, amounts: jax.Array) -> jax.Array:
     """``values[..., y] += amounts`` for each example whose label lives on this device.
 
-    A scatter of one value per example: on CPU cheaper than an iota compare and a select
-    over every class, and done in place on ``values``.
+    On CPU a scatter of one value per example: cheaper than an iota compare and a select
+    over every class, and done in place on ``values``. On GPU and TPU the compare, which
+    XLA fuses into the elementwise pass that forms ``values`` (one kernel writes the
+    gradient) instead of a separate scatter kernel.
     """
-    num_local = values.shape[-1]
-    rows = values.reshape(-1, num_local)
-    # Labels on other devices (or out of range) point past the end and are dropped.
-    cols = jnp.where(targets.in_shard, targets.local, num_local).reshape(-1)
-    rows = rows.at[jnp.arange(rows.shape[0]), cols].add(amounts.reshape(-1), mode="drop")
-    return rows.reshape(values.shape)
+
+    def scatter() -> jax.Array:
+        num_local = values.shape[-1]
+        rows = values.reshape(-1, num_local)
+        # Labels on other devices (or out of range) point past the end and are dropped.
+        cols = jnp.where(targets.in_shard, targets.local, num_local).reshape(-1)
+        rows = rows.at[jnp.arange(rows.shape[0]), cols].add(amounts.reshape(-1), mode="drop")
+        return rows.reshape(values.shape)
+
+    def compare() -> jax.Array:
+        is_target = _target_mask(targets, values.shape[-1]) & targets.in_shard[..., None]
+        return values + jnp.where(is_target, amounts[..., None], jnp.zeros_like(values))
+
+    return c.on_cpu(scatter, compare)
 
 
 def _scatter_to_classes(

@@ -35,6 +35,7 @@ from jxent import _sharding as sh
 # chunks match the unfused time where four cost ~5% more; at N=8192, D=1024, V=128256 the
 # 16 chunks of 512 rows hold ~300 MB of temporaries against ~8 GB unfused.
 _CHUNK_BYTES = 256 * 2**20
+_SYMBOLIC_CHUNK = 256
 # Classes per block when adding a chunk's ``xᵀ @ dz`` into the ``[D, V]`` gradient.
 _DW_BLOCK = 8192
 
@@ -63,7 +64,7 @@ class _Rows(NamedTuple):
     weight: jax.Array  # w_y for active rows, else 0: the row's share of the mean's divisor
 
 
-def default_chunk_size(num_rows: int, num_local_classes: int) -> int:
+def default_chunk_size(num_rows: Any, num_local_classes: Any) -> int:
     """Rows per chunk when ``chunk_size=None``.
 
     The ``N`` rows are split into ``K = ceil(N · V · 4 bytes / 256 MiB)`` equal chunks (so
@@ -71,7 +72,15 @@ def default_chunk_size(num_rows: int, num_local_classes: int) -> int:
     rounded up to a multiple of 8. Equal chunks keep the padding small; as few chunks as
     the budget allows keep the per-chunk cost (re-reading ``w``, updating the ``[D, V]``
     gradient) small.
+
+    Symbolic dimensions (``jax.export``): with ``N`` symbolic, ``T`` is the most rows whose
+    block fits the budget (a multiple of 8); with ``V`` symbolic too, 256 rows (within the
+    budget up to ``V = 262144``).
     """
+    if not isinstance(num_local_classes, int):
+        return _SYMBOLIC_CHUNK
+    if not isinstance(num_rows, int):
+        return max(8, _CHUNK_BYTES // (4 * max(num_local_classes, 1)) // 8 * 8)
     num_rows = max(num_rows, 1)
     total_bytes = num_rows * max(num_local_classes, 1) * 4
     num_chunks = max(1, -(-total_bytes // _CHUNK_BYTES))
@@ -174,7 +183,7 @@ def _chunk_logits_grad(
 
 
 def _add_input_grad_product(dw: jax.Array, x: jax.Array, dz: jax.Array) -> jax.Array:
-    """``dw + xᵀ @ dz``; when ``D > T``, one block of ``_DW_BLOCK`` classes at a time.
+    """``dw + xᵀ @ dz``; on CPU when ``D > T``, one block of ``_DW_BLOCK`` classes at a time.
 
     XLA:CPU writes a dot into a fresh buffer before adding it, so a single ``xᵀ @ dz`` would
     hold a second ``[D, V]`` array; unrolled blocks do not help either (the scheduler runs
@@ -186,10 +195,22 @@ def _add_input_grad_product(dw: jax.Array, x: jax.Array, dz: jax.Array) -> jax.A
     """
     num_rows, num_features = x.shape
     num_classes = dz.shape[1]
-    if num_classes <= _DW_BLOCK or num_features <= num_rows:
-        # The [D, V] product is no bigger than the chunk's [T, V] logits: one dot is fastest
-        # (the blocked loop costs ~15% of the whole step at N=4096, D=512, V=32000).
+
+    def one_dot() -> jax.Array:
         return dw + jnp.matmul(x.T, dz, preferred_element_type=dw.dtype)
+
+    if not isinstance(num_classes, int) or num_classes <= _DW_BLOCK or num_features <= num_rows:
+        # The [D, V] product is no bigger than the chunk's [T, V] logits: one dot is fastest
+        # (the blocked loop costs ~15% of the whole step at N=4096, D=512, V=32000). A
+        # symbolic V (jax.export) takes the one dot too: it is correct for any size.
+        return one_dot()
+    # GPU and TPU: one dot; XLA folds the addition into the GEMM's accumulator (beta = 1).
+    return c.on_cpu(lambda: _add_product_by_blocks(dw, x, dz), one_dot)
+
+
+def _add_product_by_blocks(dw: jax.Array, x: jax.Array, dz: jax.Array) -> jax.Array:
+    """``dw + xᵀ @ dz`` one block of ``_DW_BLOCK`` classes at a time (CPU)."""
+    num_classes = dz.shape[1]
     num_blocks = -(-num_classes // _DW_BLOCK)
     columns = lax.broadcasted_iota(jnp.int32, (1, _DW_BLOCK), 1)
 

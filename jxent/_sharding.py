@@ -20,7 +20,7 @@ from collections.abc import Callable, Hashable, Sequence
 from typing import Any, NamedTuple
 
 import jax
-from jax.sharding import AxisType, PartitionSpec
+from jax.sharding import AxisType, NamedSharding, PartitionSpec
 
 # How an argument of a sharded kernel is laid out relative to the class-last logits [..., C].
 LOGITS = "logits"  # same shape as the logits: sharded like them
@@ -90,9 +90,7 @@ def plan(x: jax.Array) -> Plan | None:
     if found is None:
         return None
     mesh, entries = found
-    result = Plan(mesh, entries[:-1], entries[-1])
-    _check_divisible("logits", x.shape, entries, mesh)
-    return result
+    return Plan(mesh, entries[:-1], entries[-1])
 
 
 def matmul_plan(x: jax.Array, w: jax.Array) -> Plan | None:
@@ -112,22 +110,7 @@ def matmul_plan(x: jax.Array, w: jax.Array) -> Plan | None:
                 f"contraction dimension D unsharded (x: P(..., None), w: P(None, vocab_axes)). "
                 f"Reshard x and w, e.g. with jax.sharding.reshard."
             )
-    _check_divisible("x", x.shape, x_entries, mesh)
-    _check_divisible("w", w.shape, w_entries, mesh)
     return Plan(mesh, x_entries[:-1], w_entries[1])
-
-
-def _check_divisible(name: str, shape: tuple[int, ...], entries: Any, mesh: Any) -> None:
-    for dim, entry in enumerate(entries):
-        shards = 1
-        for axis in _names(entry):
-            shards *= mesh.shape[axis]
-        if shape[dim] % shards:
-            raise ValueError(
-                f"{name} of shape {shape} is sharded over mesh axes {entry!r} ({shards} shards) "
-                f"along dimension {dim} of size {shape[dim]}, which is not a multiple of "
-                f"{shards}; shard evenly (e.g. pad the batch or the vocabulary)."
-            )
 
 
 def map_shards(
@@ -156,10 +139,11 @@ def map_shards(
         out_specs=out_specs,
         axis_names=p.mesh_axes(),
     )
-    return mapped(*(_reshard(args[i][0], spec) for i, spec in zip(present, in_specs, strict=True)))
+    arrays = (_reshard(args[i][0], p.mesh, spec) for i, spec in zip(present, in_specs, strict=True))
+    return mapped(*arrays)
 
 
-def _reshard(value: Any, spec: PartitionSpec) -> Any:
+def _reshard(value: Any, mesh: Any, spec: PartitionSpec) -> Any:
     """``value`` with sharding ``spec``; replicated values become local slices, no copy
     crosses devices unless ``value`` was sharded some other way."""
     value = jax.numpy.asarray(value)
@@ -167,7 +151,7 @@ def _reshard(value: Any, spec: PartitionSpec) -> Any:
     padded = tuple(spec) + (None,) * (value.ndim - len(spec))
     if tuple(current) + (None,) * (value.ndim - len(current)) == padded:
         return value
-    return jax.sharding.reshard(value, spec)
+    return jax.sharding.reshard(value, NamedSharding(mesh, spec))
 
 
 def reshard_like(value: jax.Array, reference: jax.Array) -> jax.Array:
@@ -175,7 +159,8 @@ def reshard_like(value: jax.Array, reference: jax.Array) -> jax.Array:
     over explicit axes; unchanged otherwise. Elementwise kernels then see one sharding."""
     if getattr(value, "shape", None) != reference.shape or plan(reference) is None:
         return value
-    return _reshard(value, jax.typeof(reference).sharding.spec)
+    sharding = jax.typeof(reference).sharding
+    return _reshard(value, sharding.mesh, sharding.spec)
 
 
 def sum_to_primal(cotangent: jax.Array, primal: jax.Array) -> jax.Array:
