@@ -159,9 +159,13 @@ class Runner:
 
 
 def time_candidates(
-    runners: dict[str, Runner], repeats: int, min_sample_s: float
+    runners: dict[str, Runner], repeats: int, min_sample_s: float, collect: bool = True
 ) -> dict[str, list[tuple[float, float]]]:
-    """Round-robin timing: each repeat calls every candidate once, rotating the order."""
+    """Round-robin timing: each repeat calls every candidate once, rotating the order.
+
+    ``collect`` runs Python's garbage collector between samples, so that no collection lands
+    in a timed one (host arrays hold their memory until then; device buffers go at once).
+    """
     for runner in runners.values():  # Warm-up, and sizing of the inner loop.
         runner.sample(1)
         once, _ = runner.sample(1)
@@ -172,7 +176,8 @@ def time_candidates(
         shift = r % len(names)
         for name in names[shift:] + names[:shift]:
             times[name].append(runners[name].sample(runners[name].calls))
-            gc.collect()
+            if collect:
+                gc.collect()
     return times
 
 
@@ -184,6 +189,7 @@ def measure_mode(
     args: tuple[Array, ...],
     repeats: int,
     min_sample_s: float,
+    collect: bool = True,
 ) -> list[Record]:
     """Compiles every candidate for ``mode``, then times them interleaved."""
     dtype = str(args[0].dtype)
@@ -203,7 +209,7 @@ def measure_mode(
         runners[name] = Runner(compiled, args, donated=(mode == "donated"))
         copies_logits[name] = _copies_first_arg(compiled)
     try:
-        times = time_candidates(runners, repeats, min_sample_s)
+        times = time_candidates(runners, repeats, min_sample_s, collect)
     except Exception as e:
         for name in runners:
             records[name].note = f"run failed: {type(e).__name__}: {e}"[:300]
