@@ -169,3 +169,9 @@ tests/test_a.py::TestB::test_y FAILED                                [100%]
         "tests/test_c.py::test_w[bfloat16]": "ERROR",
         "tests/test_c.py::test_v": "SKIPPED",
     }
+    # A timeout is reported, not failed; a failing test or a broken run is.
+    ran = {"ok": False, "timed_out": True, "failed": 0, "errors": 0}
+    assert not device_check._tests_failed(ran)
+    assert device_check._tests_failed({**ran, "failed": 1})
+    assert device_check._tests_failed({**ran, "timed_out": False})
+    assert not device_check._tests_failed({**ran, "ok": True, "timed_out": False})
