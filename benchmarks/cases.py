@@ -269,7 +269,7 @@ def logits_passes(loss_only: int, with_gradient: int) -> Callable[[Shape, int, s
 @dataclasses.dataclass(frozen=True)
 class Case:
     op: str
-    summary: str  # the differentiated loss, for README tables and --help
+    summary: str  # the loss that is timed, for --help
     candidates: Callable[[], dict[str, Callable[..., Array]]]
     reference: str
     inputs: Callable[..., tuple[Array, ...]]  # (shape, dtype, seed) -> arrays

@@ -417,6 +417,9 @@ def _default_out() -> str:
     return os.path.join(_REPO_ROOT, "benchmarks", "results", f"device-{stamp}")
 
 
+_OPS_HELP = "; ".join(f"{c.op} = {c.summary}" for c in cases.CASES)
+
+
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--smoke", action="store_true", help="tiny shapes, 2 repeats (CPU, seconds)")
@@ -435,7 +438,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p.add_argument("--test-workers", type=int, default=6, help="pytest-xdist workers for the tests")
     p.add_argument("--skip-tests", action="store_true", help="benchmarks only")
     p.add_argument("--allow-cpu", action="store_true", help="full shapes on a CPU backend")
-    p.add_argument("--ops", default=",".join(cases.OPS), help=f"comma list from {cases.OPS}")
+    p.add_argument("--ops", default=",".join(cases.OPS), help=f"comma list from: {_OPS_HELP}")
     p.add_argument("--dtypes", default=",".join(DTYPES), help="comma list for the 2-D cases")
     p.add_argument(
         "--candidates",
