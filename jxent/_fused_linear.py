@@ -44,8 +44,8 @@ _DW_BLOCK = 8192
 class _Config(NamedTuple):
     """Static options of one call (hashable: the ``nondiff_argnums`` of the custom_vjp)."""
 
-    chunk_size: int
-    num_rows: int  # N before padding to a multiple of chunk_size
+    chunk_size: int  # 0 until _local_loss chooses it (chunk_size=None)
+    num_rows: int  # this device's N before padding to a multiple of chunk_size
     ignore_index: int | None
     label_smoothing: float
     z_loss: float
@@ -624,7 +624,10 @@ def fused_linear_cross_entropy(
     if weights is not None:
         weights = lax.stop_gradient(weights)
 
-    options = _Options(chunk_size, ignore_index, smoothing, z_coef, softcap, reduction, axis_name)
+    # chunk_size 0 and num_rows 0 are filled in per device by _local_loss.
+    options = _Config(
+        chunk_size or 0, 0, ignore_index, smoothing, z_coef, softcap, reduction, axis_name
+    )
     plan = sh.matmul_plan(x, w)
     if plan is None:
         return _local_loss(x, w, bias_arr, labels, weights, options)
@@ -643,26 +646,13 @@ def fused_linear_cross_entropy(
     return sh.map_shards(local, plan, args, out_kind)
 
 
-class _Options(NamedTuple):
-    """The public function's static options, as validated."""
-
-    chunk_size: int | None
-    ignore_index: int | None
-    label_smoothing: float
-    z_loss: float
-    logit_softcap: float | None
-    reduction: str
-    axis_name: Hashable | None
-    batch_axes: tuple[Hashable, ...] = ()
-
-
 def _local_loss(
     x: jax.Array,
     w: jax.Array,
     bias: jax.Array | None,
     labels: jax.Array,
     weights: jax.Array | None,
-    options: _Options,
+    options: _Config,
 ) -> jax.Array:
     """The loss over the rows of ``x`` (this device's, under explicit sharding)."""
     batch_shape = x.shape[:-1]
@@ -676,7 +666,7 @@ def _local_loss(
     if padded != num_rows:
         flat_x = jnp.pad(flat_x, ((0, padded - num_rows), (0, 0)))
         flat_labels = jnp.pad(flat_labels, (0, padded - num_rows))
-    cfg = _Config(chunk, num_rows, *options[1:])
+    cfg = options._replace(chunk_size=chunk, num_rows=num_rows)
     loss = _impl(flat_x, w, bias, flat_labels, weights, cfg)
     if options.reduction == "none":
         return loss[:num_rows].reshape(batch_shape)
