@@ -19,6 +19,8 @@ import numpy as np
 from jax import lax
 from jax.typing import ArrayLike
 
+from jxent import _sharding
+
 Axis = int | tuple[int, ...] | None
 Reduction = Literal["none", "sum", "mean"]
 REDUCTIONS = ("none", "sum", "mean")
@@ -142,6 +144,7 @@ class ClassLayout:
     def to_last(self, x: jax.Array) -> jax.Array:
         if not self._is_identity:
             x = jnp.transpose(x, self._perm)
+        _sharding.check_class_axes_mergeable(x, len(self.axes), self.axes)
         return x.reshape((*self.batch_shape, self.num_classes))
 
     def from_last(self, x: jax.Array) -> jax.Array:
