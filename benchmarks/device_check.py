@@ -82,6 +82,7 @@ NUMERICS_TESTS = (
     "tests/test_fused_linear.py",
     "tests/test_degenerate.py",
     "tests/test_properties.py",
+    "tests/test_label_semantics.py",
 )
 NOT_NUMERICS = "memory or scratch or parallel or shard or mesh or lower or hlo or export"
 SMOKE_TESTS = ("tests/test_logsumexp.py",)
