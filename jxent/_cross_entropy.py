@@ -135,10 +135,6 @@ def _row_class_count(x: jax.Array, where: jax.Array | None, axis_name: Hashable 
     return jnp.maximum(c.class_sum(where.astype(jnp.int32), axis_name)[..., 0], 1)
 
 
-def _nan_where(bad: jax.Array, x: jax.Array) -> jax.Array:
-    return jnp.where(bad, jnp.full_like(x, jnp.nan), x)
-
-
 def _expand(x: Any) -> Any:
     return x[..., None] if isinstance(x, jax.Array) else x
 
@@ -177,7 +173,7 @@ def _neg_log_probs(x: jax.Array, lse_hi: jax.Array, lse_lo: jax.Array) -> jax.Ar
 
     Written so that XLA:CPU fuses it into the class sums that consume it (no subexpression
     shared with the exponentials, no select). Rows whose ``log_sum`` is ``-inf`` (all
-    masked) come out NaN here; the callers zero those rows after the reduction.
+    masked) come out ``+inf`` here; the callers zero those rows after the reduction.
     """
     return (lse_hi - x) + lse_lo
 
@@ -224,7 +220,7 @@ def _integer_ce_fwd(
         )[..., 0]
     if cfg.z_loss:
         loss = loss + cfg.z_loss * norm.lse()[..., 0] ** 2
-    loss = _nan_where(targets.bad, jnp.where(targets.active, loss, jnp.zeros_like(loss)))
+    loss = c.nan_where(targets.bad, jnp.where(targets.active, loss, jnp.zeros_like(loss)))
     # The logits themselves are needed again only for the class-weight gradient's smoothing
     # term; otherwise the exponentials e (the one logits-sized residual) suffice.
     keep_logits = logits if (weights is not None and eps) else None
@@ -263,7 +259,7 @@ def _integer_ce_bwd(
     num_local = saved_e.shape[-1]
     eps = cfg.label_smoothing
     w_y = targets.weight  # already 0 for inactive examples
-    coef = _nan_where(targets.bad, jnp.where(targets.active, g_loss, jnp.zeros_like(g_loss)))
+    coef = c.nan_where(targets.bad, jnp.where(targets.active, g_loss, jnp.zeros_like(g_loss)))
     # d loss / d x_c = p_c·A - (1-ε)·w_y·[c = y] - (ε/C)·w_c, with A the total target mass.
     mass = (1.0 - eps) * w_y + eps / num_classes * smoothing_mass
     if cfg.z_loss:
@@ -369,6 +365,9 @@ def _dense_ce_fwd(
     row_valid = (
         jnp.ones(loss.shape, bool) if where is None else c.class_any(where, cfg.axis_name)[..., 0]
     )
+    # A counted row whose logits are all -inf has no log-probabilities: NaN, as in the
+    # integer CE (the capped class sum alone would give mass · 3.4e38).
+    loss = c.nan_where(row_valid & jnp.isneginf(norm.log_sum[..., 0]), loss)
     loss = jnp.where(row_valid, loss, jnp.zeros_like(loss))
     if c.block_size(x.shape[-1]):
         # Long rows: the backward pass recomputes e from the logits and can write the
@@ -453,7 +452,7 @@ def _nll_fwd(
     )
     lp_y = _gather_target(log_probs.astype(dtype), targets.local, targets.in_shard, cfg.axis_name)
     loss = jnp.where(targets.active, -targets.weight * lp_y, jnp.zeros_like(lp_y))
-    loss = _nan_where(targets.bad, loss)
+    loss = c.nan_where(targets.bad, loss)
     return (loss, targets.weight), (log_probs, weights, targets, lp_y)
 
 
@@ -463,7 +462,7 @@ def _nll_bwd(
     log_probs, weights, targets, lp_y = residuals
     g_loss, g_weight = cotangents
     num_local = log_probs.shape[-1]
-    coef = _nan_where(targets.bad, jnp.where(targets.active, g_loss, jnp.zeros_like(g_loss)))
+    coef = c.nan_where(targets.bad, jnp.where(targets.active, g_loss, jnp.zeros_like(g_loss)))
     is_target = _target_mask(targets, num_local)
     scale = (-coef * targets.weight)[..., None]
     dlog_probs = jnp.where(is_target, scale, jnp.zeros_like(scale)).astype(log_probs.dtype)

@@ -136,7 +136,7 @@ def _chunk_loss(
     if cfg.z_loss:
         loss = loss + cfg.z_loss * lse**2
     loss = jnp.where(rows.active, loss, jnp.zeros_like(loss))
-    return jnp.where(rows.bad, jnp.full_like(loss, jnp.nan), loss), lse
+    return c.nan_where(rows.bad, loss), lse
 
 
 def _chunk_logits_grad(
@@ -258,7 +258,7 @@ def _row_scale(rows: _Rows, cotangent: Any) -> jax.Array:
     """Per-row factor of the logits' gradient: the cotangent for rows that count, 0 for rows
     that do not (ignored, padding), NaN for rows with an invalid label (their loss is NaN)."""
     g = jnp.broadcast_to(jnp.asarray(cotangent, rows.weight.dtype), rows.weight.shape)
-    return jnp.where(rows.active, g, jnp.where(rows.bad, jnp.nan, 0.0).astype(g.dtype))
+    return c.nan_where(rows.bad, jnp.where(rows.active, g, jnp.zeros_like(g)))
 
 
 def _mean_scale(rows: _Rows) -> jax.Array:

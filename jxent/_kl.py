@@ -53,6 +53,13 @@ _kl_impl.defvjp(_kl_fwd, _kl_bwd)
 # ----------------------------------------------------------------------------- log-probabilities
 
 
+def _log_ratio(lt: jax.Array, lp: jax.Array) -> jax.Array:
+    """``lt - lp``, but 0 where ``lt = -inf`` (those terms are dropped): never forms
+    ``-inf - (-inf)``, whose NaN ``jax.debug_nans`` reports even in a discarded branch."""
+    skip = jnp.isneginf(lt)
+    return jnp.where(skip, jnp.zeros_like(lt), lt) - jnp.where(skip, jnp.zeros_like(lp), lp)
+
+
 @jax.custom_vjp
 def _kl_log_impl(lp: jax.Array, lt: jax.Array, where: jax.Array | None) -> jax.Array:
     return _kl_log_fwd(lp, lt, where)[0]
@@ -63,7 +70,7 @@ def _kl_log_fwd(
 ) -> tuple[jax.Array, tuple[Any, ...]]:
     dtype = c.compute_dtype(jnp.result_type(lp, lt))
     lpf, ltf = lp.astype(dtype), lt.astype(dtype)
-    terms = jnp.where(jnp.isneginf(ltf), jnp.zeros_like(ltf), jnp.exp(ltf) * (ltf - lpf))
+    terms = jnp.where(jnp.isneginf(ltf), jnp.zeros_like(ltf), jnp.exp(ltf) * _log_ratio(ltf, lpf))
     return c.class_sum(c.mask(terms, where, 0.0))[..., 0], (lp, lt, where)
 
 
@@ -73,7 +80,7 @@ def _kl_log_bwd(residuals: tuple[Any, ...], g: jax.Array) -> tuple[Any, ...]:
     lpf, ltf = lp.astype(g.dtype), lt.astype(g.dtype)
     t = jnp.exp(ltf)
     dlp = c.mask(-g * t, where, 0.0)
-    dlt = jnp.where(jnp.isneginf(ltf), jnp.zeros_like(t), g * t * (ltf - lpf + 1.0))
+    dlt = jnp.where(jnp.isneginf(ltf), jnp.zeros_like(t), g * t * (_log_ratio(ltf, lpf) + 1.0))
     return dlp.astype(lp.dtype), c.mask(dlt, where, 0.0).astype(lt.dtype), None
 
 

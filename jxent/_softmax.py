@@ -69,7 +69,7 @@ def _inner_with_probabilities(
     total = c.class_reduce(
         jnp.sum, weighted, g, x, where, hi, num_classes=x.shape[-1], axis_name=axis_name
     )
-    # Empty rows (all masked) have hi = lo = NaN; their p, and so their gradient, is 0.
+    # Empty rows (all masked) have hi = +inf, so total = 0; their p, and gradient, is 0.
     return jnp.where(jnp.isneginf(norm.log_sum), 0.0, total * jnp.exp(-lo))
 
 
