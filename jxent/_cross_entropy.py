@@ -25,7 +25,7 @@ from __future__ import annotations
 
 import functools
 from collections.abc import Hashable
-from typing import Any, NamedTuple
+from typing import Any, Literal, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -556,14 +556,14 @@ _INTEGER_STATIC = (
 def softmax_cross_entropy_with_integer_labels(
     logits: ArrayLike,
     labels: ArrayLike,
-    axis: c.Axis = -1,
+    axis: int | tuple[int, ...] | None = -1,
     where: ArrayLike | None = None,
     *,
     class_weights: ArrayLike | None = None,
     ignore_index: int | None = None,
     label_smoothing: float = 0.0,
     z_loss: float = 0.0,
-    reduction: c.Reduction = "none",
+    reduction: Literal["none", "sum", "mean"] = "none",
     check_labels: bool = False,
     axis_name: Hashable | None = None,
 ) -> jax.Array:
@@ -624,9 +624,11 @@ def softmax_cross_entropy_with_integer_labels(
       Array([ 0.5, -0.5], dtype=float32)
 
     Note:
-      The gradient is a ``jax.custom_vjp``: ``jax.jvp`` and ``jax.jacfwd`` of this
-      function raise. The backward rule is itself differentiable, so Hessians work by
-      ``jax.hessian`` (forward over reverse) or ``jax.jacrev(jax.jacrev(f))``.
+      Reverse mode only (a ``jax.custom_vjp``): ``jax.jvp`` and ``jax.jacfwd`` raise
+      ``TypeError: can't apply forward-mode autodiff (jvp) to a custom_vjp function``. Use
+      ``jax.jacrev`` for Jacobians and ``jax.hessian`` (forward over reverse, which works
+      because the backward rule is differentiable) or ``jax.jacrev(jax.jacrev(f))`` for
+      Hessians.
 
     References:
       Chowdhery et al., `PaLM <https://arxiv.org/abs/2204.02311>`_, 2022 (z-loss);
@@ -653,51 +655,16 @@ def softmax_cross_entropy_with_integer_labels(
     )
 
 
-@functools.partial(jax.jit, static_argnames=_INTEGER_STATIC)
-def _integer_ce(
-    logits: ArrayLike,
-    labels: ArrayLike,
-    where: ArrayLike | None,
-    class_weights: ArrayLike | None,
-    *,
-    axis: c.Axis,
-    ignore_index: int | None,
-    label_smoothing: float,
-    z_loss: float,
-    reduction: str,
-    check_labels: bool,
-    axis_name: Hashable | None,
-) -> jax.Array:
-    c.check_ignore_index(ignore_index)
-    cfg = _IntegerConfig(
-        ignore_index,
-        c.check_unit_interval(label_smoothing, "label_smoothing"),
-        c.check_nonnegative(z_loss, "z_loss"),
-        axis_name,
-    )
-    prepared = _prepare(logits, axis, where, class_weights, reduction, axis_name)
-    int_labels = _integer_labels(labels, prepared.layout)
-    if check_labels and axis_name is None:
-        _check_labels_in_range(int_labels, prepared.layout.num_classes, ignore_index)
-    loss, weight = _integer_ce_impl(
-        prepared.logits, int_labels, prepared.where, prepared.weights, cfg
-    )
-    return c.reduce_loss(loss, weight, reduction)
-
-
-@functools.partial(
-    jax.jit, static_argnames=("axis", "label_smoothing", "z_loss", "reduction", "axis_name")
-)
 def softmax_cross_entropy(
     logits: ArrayLike,
     labels: ArrayLike,
-    axis: c.Axis = -1,
+    axis: int | tuple[int, ...] | None = -1,
     where: ArrayLike | None = None,
     *,
     class_weights: ArrayLike | None = None,
     label_smoothing: float = 0.0,
     z_loss: float = 0.0,
-    reduction: c.Reduction = "none",
+    reduction: Literal["none", "sum", "mean"] = "none",
     axis_name: Hashable | None = None,
 ) -> jax.Array:
     r"""Softmax cross-entropy with probability (dense) targets, with a hand-written gradient.
@@ -745,10 +712,72 @@ def softmax_cross_entropy(
       [0.2761 2.9518]
 
     Note:
-      The gradient is a ``jax.custom_vjp``: ``jax.jvp`` and ``jax.jacfwd`` of this
-      function raise. The backward rule is itself differentiable, so Hessians work by
-      ``jax.hessian`` (forward over reverse) or ``jax.jacrev(jax.jacrev(f))``.
+      Reverse mode only (a ``jax.custom_vjp``): ``jax.jvp`` and ``jax.jacfwd`` raise
+      ``TypeError: can't apply forward-mode autodiff (jvp) to a custom_vjp function``. Use
+      ``jax.jacrev`` for Jacobians and ``jax.hessian`` (forward over reverse, which works
+      because the backward rule is differentiable) or ``jax.jacrev(jax.jacrev(f))`` for
+      Hessians.
     """
+    return _softmax_cross_entropy(
+        logits=logits,
+        labels=labels,
+        axis=axis,
+        where=where,
+        class_weights=class_weights,
+        label_smoothing=label_smoothing,
+        z_loss=z_loss,
+        reduction=reduction,
+        axis_name=axis_name,
+    )
+
+
+@functools.partial(jax.jit, static_argnames=_INTEGER_STATIC)
+def _integer_ce(
+    logits: ArrayLike,
+    labels: ArrayLike,
+    where: ArrayLike | None,
+    class_weights: ArrayLike | None,
+    *,
+    axis: c.Axis,
+    ignore_index: int | None,
+    label_smoothing: float,
+    z_loss: float,
+    reduction: str,
+    check_labels: bool,
+    axis_name: Hashable | None,
+) -> jax.Array:
+    c.check_ignore_index(ignore_index)
+    cfg = _IntegerConfig(
+        ignore_index,
+        c.check_unit_interval(label_smoothing, "label_smoothing"),
+        c.check_nonnegative(z_loss, "z_loss"),
+        axis_name,
+    )
+    prepared = _prepare(logits, axis, where, class_weights, reduction, axis_name)
+    int_labels = _integer_labels(labels, prepared.layout)
+    if check_labels and axis_name is None:
+        _check_labels_in_range(int_labels, prepared.layout.num_classes, ignore_index)
+    loss, weight = _integer_ce_impl(
+        prepared.logits, int_labels, prepared.where, prepared.weights, cfg
+    )
+    return c.reduce_loss(loss, weight, reduction)
+
+
+@functools.partial(
+    jax.jit, static_argnames=("axis", "label_smoothing", "z_loss", "reduction", "axis_name")
+)
+def _softmax_cross_entropy(
+    logits: ArrayLike,
+    labels: ArrayLike,
+    axis: int | tuple[int, ...] | None = -1,
+    where: ArrayLike | None = None,
+    *,
+    class_weights: ArrayLike | None = None,
+    label_smoothing: float = 0.0,
+    z_loss: float = 0.0,
+    reduction: Literal["none", "sum", "mean"] = "none",
+    axis_name: Hashable | None = None,
+) -> jax.Array:
     cfg = _DenseConfig(
         c.check_unit_interval(label_smoothing, "label_smoothing"),
         c.check_nonnegative(z_loss, "z_loss"),
@@ -772,12 +801,12 @@ def softmax_cross_entropy(
 def nll_loss(
     log_probs: ArrayLike,
     labels: ArrayLike,
-    axis: c.Axis = -1,
+    axis: int | tuple[int, ...] | None = -1,
     where: ArrayLike | None = None,
     *,
     class_weights: ArrayLike | None = None,
     ignore_index: int | None = None,
-    reduction: c.Reduction = "none",
+    reduction: Literal["none", "sum", "mean"] = "none",
     check_labels: bool = False,
     axis_name: Hashable | None = None,
 ) -> jax.Array:
@@ -858,14 +887,14 @@ def _nll(
 def cross_entropy(
     logits: ArrayLike,
     labels: ArrayLike,
-    axis: c.Axis = -1,
+    axis: int | tuple[int, ...] | None = -1,
     where: ArrayLike | None = None,
     *,
     class_weights: ArrayLike | None = None,
     ignore_index: int | None = None,
     label_smoothing: float = 0.0,
     z_loss: float = 0.0,
-    reduction: c.Reduction = "mean",
+    reduction: Literal["none", "sum", "mean"] = "mean",
     check_labels: bool = False,
     axis_name: Hashable | None = None,
 ) -> jax.Array:

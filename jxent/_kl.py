@@ -108,11 +108,10 @@ def _apply(
     return impl(layout.to_last(lp), layout.to_last(t), c.broadcast_where(where, layout))
 
 
-@functools.partial(jax.jit, static_argnames=("axis",))
 def kl_divergence(
     log_predictions: ArrayLike,
     targets: ArrayLike,
-    axis: c.Axis = -1,
+    axis: int | tuple[int, ...] | None = -1,
     where: ArrayLike | None = None,
 ) -> jax.Array:
     r"""Kullback-Leibler divergence of predictions from target probabilities.
@@ -138,14 +137,18 @@ def kl_divergence(
       >>> jxent.kl_divergence(jnp.log(jnp.array([0.5, 0.5])), jnp.array([1.0, 0.0]))
       Array(0.6931, dtype=float32)
     """
-    return _apply(_kl_impl, log_predictions, targets, axis, where, "targets")
+    return _kl_divergence(
+        log_predictions=log_predictions,
+        targets=targets,
+        axis=axis,
+        where=where,
+    )
 
 
-@functools.partial(jax.jit, static_argnames=("axis",))
 def kl_divergence_with_log_targets(
     log_predictions: ArrayLike,
     log_targets: ArrayLike,
-    axis: c.Axis = -1,
+    axis: int | tuple[int, ...] | None = -1,
     where: ArrayLike | None = None,
 ) -> jax.Array:
     r"""Kullback-Leibler divergence of predictions from targets, both given as log-probabilities.
@@ -171,4 +174,29 @@ def kl_divergence_with_log_targets(
       >>> jxent.kl_divergence_with_log_targets(lp, lp)
       Array(0., dtype=float32)
     """
+    return _kl_divergence_with_log_targets(
+        log_predictions=log_predictions,
+        log_targets=log_targets,
+        axis=axis,
+        where=where,
+    )
+
+
+@functools.partial(jax.jit, static_argnames=("axis",))
+def _kl_divergence(
+    log_predictions: ArrayLike,
+    targets: ArrayLike,
+    axis: c.Axis = -1,
+    where: ArrayLike | None = None,
+) -> jax.Array:
+    return _apply(_kl_impl, log_predictions, targets, axis, where, "targets")
+
+
+@functools.partial(jax.jit, static_argnames=("axis",))
+def _kl_divergence_with_log_targets(
+    log_predictions: ArrayLike,
+    log_targets: ArrayLike,
+    axis: c.Axis = -1,
+    where: ArrayLike | None = None,
+) -> jax.Array:
     return _apply(_kl_log_impl, log_predictions, log_targets, axis, where, "log_targets")
