@@ -22,7 +22,6 @@ import sys
 import sysconfig
 import tarfile
 import tempfile
-import textwrap
 import venv
 import zipfile
 from pathlib import Path
