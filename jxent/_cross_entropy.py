@@ -278,8 +278,10 @@ def _integer_ce_bwd(
     if weights is not None:
         # loss_n depends on w through w_y (the NLL term, and the mean's weight) and, with
         # smoothing, on every unmasked w_c.
+        # (Inactive rows' target_nll may be infinite: zeroed first, so 0·inf never forms.)
+        nll = jnp.where(targets.active, target_nll, jnp.zeros_like(target_nll))
         per_example = jnp.where(
-            targets.active, coef * (1.0 - eps) * target_nll + g_weight, jnp.zeros_like(coef)
+            targets.active, coef * (1.0 - eps) * nll + g_weight, jnp.zeros_like(coef)
         )
         dw = _scatter_to_classes(per_example, targets, num_local, dtype)
         if eps:
