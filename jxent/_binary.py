@@ -10,6 +10,7 @@ import jax.numpy as jnp
 from jax.typing import ArrayLike
 
 from jxent import _common as c
+from jxent import _sharding as sh
 
 
 def _softplus(x: jax.Array) -> jax.Array:
@@ -124,6 +125,7 @@ def _sigmoid_binary_cross_entropy(
         )
     if not jnp.issubdtype(y.dtype, jnp.floating):
         y = y.astype(x.dtype)
+    y = sh.reshard_like(y, x)
     pw = jnp.ones((), c.compute_dtype(x.dtype)) if pos_weight is None else jnp.asarray(pos_weight)
     # pos_weight stays small (e.g. [C]); the rules broadcast it and sum its cotangent back.
     try:

@@ -206,48 +206,89 @@ def class_weights_vector(
 # ----------------------------------------------------------------------------- reductions
 
 
-@functools.cache
-def block_size(num_classes: int) -> int | None:
-    """The sub-row length for a long class axis: a divisor of it near ``BLOCK``, or None."""
-    if num_classes < LONG_ROW:
+def block_size(num_classes: Any) -> int | None:
+    """The sub-row length for a long class axis on CPU, or None (no blocking).
+
+    A divisor of ``num_classes`` near ``BLOCK`` when there is one; otherwise ``BLOCK``, with a
+    shorter (ragged) last block. None for short rows and for symbolic dimensions
+    (``jax.export``): the unblocked reduction is correct for any size.
+    """
+    if not isinstance(num_classes, int) or num_classes < LONG_ROW:
         return None
+    return _divisor_near_block(num_classes) or BLOCK
+
+
+@functools.cache
+def _divisor_near_block(num_classes: int) -> int | None:
     candidates = [b for b in range(BLOCK // 2, 2 * BLOCK + 1) if num_classes % b == 0]
     return min(candidates, key=lambda b: abs(b - BLOCK)) if candidates else None
 
 
-def _blocked_views(args: Sequence[Any], num_classes: int) -> tuple[int | None, list[Any]]:
-    """Views ``[..., C]`` operands as ``[..., C // b, b]`` (and ``[..., 1]`` ones as
-    ``[..., 1, 1]``) for a long class axis; returns the block ``b`` (None: no blocking)."""
-    block = block_size(num_classes)
-    if block is None:
-        return None, list(args)
+def _split_blocks(args: Sequence[Any], num_classes: int, block: int) -> tuple[list[Any], Any]:
+    """Views ``[..., C]`` operands as ``[..., C // b, b]`` blocks (``[..., 1]`` ones as
+    ``[..., 1, 1]``) plus, when ``b`` does not divide ``C``, the ragged tail ``[..., C % b]``
+    (None otherwise). Scalars pass through both."""
+    full = num_classes - num_classes % block
 
-    def view(a: Any) -> Any:
-        if not isinstance(a, jax.Array) or a.ndim == 0:
-            return a
-        if a.shape[-1] == num_classes:
-            return a.reshape((*a.shape[:-1], num_classes // block, block))
-        return a[..., None]
+    def is_row(a: Any) -> bool:
+        return isinstance(a, jax.Array) and a.ndim > 0 and a.shape[-1] == num_classes
 
-    return block, [view(a) for a in args]
+    def blocks(a: Any) -> Any:
+        if is_row(a):
+            a = a if full == num_classes else a[..., :full]
+            return a.reshape((*a.shape[:-1], full // block, block))
+        return a[..., None] if isinstance(a, jax.Array) and a.ndim else a
+
+    def tail(a: Any) -> Any:
+        return a[..., full:] if is_row(a) else a
+
+    return [blocks(a) for a in args], None if full == num_classes else [tail(a) for a in args]
+
+
+def _blocked_reduce(op: Any, fn: Any, args: Sequence[Any], num_classes: int, block: int) -> Any:
+    """``op`` over the last axis of ``fn(*args)``, block by block (keepdims).
+
+    XLA fuses ``fn`` into fast per-block reductions; the optimization barrier keeps its
+    simplifier from merging the two levels back into one long-row reduction (measured 6x
+    faster for a (2048, 131072) logsumexp on the 2-core CPU).
+    """
+    blocks, tail = _split_blocks(args, num_classes, block)
+    result = op(lax.optimization_barrier(op(fn(*blocks), axis=-1)), axis=-1, keepdims=True)
+    if tail is not None:
+        rest = op(fn(*tail), axis=-1, keepdims=True)
+        result = op(jnp.concatenate([result, rest], axis=-1), axis=-1, keepdims=True)
+    return result
+
+
+def on_cpu(cpu: Any, default: Any) -> Any:
+    """``cpu()`` when lowered for CPU, ``default()`` for CUDA, ROCm and TPU.
+
+    Both are traced; ``lax.platform_dependent`` keeps the one for the platform being
+    compiled, so one jitted (or exported) function carries the right code for each.
+    Choices that work around XLA:CPU (blocked long rows, saved exponentials, in-place
+    scatters) go in ``cpu``; ``default`` keeps the plain max / exp / sum "normalisation
+    diamond" that XLA's GPU and TPU emitters fuse into one kernel.
+    """
+    return lax.platform_dependent(cpu=cpu, default=default)
 
 
 def class_reduce(
-    op: Any, fn: Any, *args: Any, num_classes: int, axis_name: Hashable | None = None
+    op: Any, fn: Any, *args: Any, num_classes: Any, axis_name: Hashable | None = None
 ) -> jax.Array:
     """``op`` (``jnp.sum`` or a max) over the class axis of ``fn(*args)``, keepdims.
 
     ``fn`` is elementwise and its ``[..., C]`` operands are broadcast against ``[..., 1]``
-    ones. For long rows it is evaluated on the blocked view and reduced block by block: XLA
-    then fuses it into fast per-block reductions. The optimization barrier keeps XLA's
-    simplifier from merging the two reductions back into one long-row reduction (measured
-    6x faster for a (2048, 131072) logsumexp on the 2-core CPU).
+    ones. For long rows on CPU it is reduced block by block (see :func:`_blocked_reduce`).
     """
-    block, views = _blocked_views(args, num_classes)
-    values = fn(*views)
-    if block is not None:
-        values = lax.optimization_barrier(op(values, axis=-1))
-    result = op(values, axis=-1, keepdims=True)
+
+    def plain() -> Any:
+        return op(fn(*args), axis=-1, keepdims=True)
+
+    block = block_size(num_classes)
+    if block is None:
+        result = plain()
+    else:
+        result = on_cpu(lambda: _blocked_reduce(op, fn, args, num_classes, block), plain)
     if axis_name is None:
         return result
     return lax.psum(result, axis_name) if op is jnp.sum else lax.pmax(result, axis_name)
@@ -372,33 +413,50 @@ def exponentials(
     gradient over ``e`` in place, so no extra memory is held. For long rows everything is
     computed on the blocked view (see :func:`class_reduce`).
     """
-    num_classes = x.shape[-1]
     shift = row_shift(x, where, axis_name, read_first=read_first)
-    block, (xv, wv, sv) = _blocked_views((x, where, shift), num_classes)
-    e = jnp.exp(mask(xv, wv, -jnp.inf) - sv)
-    partial = e if block is None else lax.optimization_barrier(jnp.sum(e, axis=-1))
-    total = jnp.sum(partial, axis=-1, keepdims=True)
+
+    def exp_shifted(x: Any, where: Any, shift: Any) -> Any:
+        return jnp.exp(mask(x, where, -jnp.inf) - shift)
+
+    e = exp_shifted(x, where, shift)
+    if block_size(x.shape[-1]) is None:
+        total = jnp.sum(e, axis=-1, keepdims=True)
+    else:
+        # Long rows: the sum recomputes the exponentials block by block (on CPU); the
+        # callers then drop e (see exponentials_residual), so it is never materialised.
+        total = class_reduce(jnp.sum, exp_shifted, x, where, shift, num_classes=x.shape[-1])
     if axis_name is not None:
         total = lax.psum(total, axis_name)
     inverse = jnp.where(total == 0, 0.0, 1.0 / jnp.where(total == 0, 1.0, total))
-    return e.reshape(x.shape), Normaliser(shift, jnp.log(total)), inverse
+    return e, Normaliser(shift, jnp.log(total)), inverse
 
 
 def exponentials_residual(logits: jax.Array, e: jax.Array) -> jax.Array:
-    """What a loss saves to rebuild ``e`` in its backward pass: ``e`` itself, except for
-    long (blocked) rows, where XLA cannot write the gradient over a blocked ``e`` and would
-    hold a second logits-sized buffer; there the logits are kept and ``e`` recomputed."""
-    return logits if block_size(logits.shape[-1]) else e.astype(logits.dtype)
+    """What a loss saves to rebuild ``e`` in its backward pass.
+
+    On CPU, ``e`` itself for short rows: recomputing the exponentials costs more than
+    storing them, and XLA writes the gradient over ``e`` in place. Long (blocked) rows keep
+    the logits instead (XLA cannot write the gradient over a blocked ``e`` and would hold a
+    second logits-sized buffer). On GPU and TPU the logits always: the backward pass then
+    reads the logits once and writes the gradient once, the minimum traffic, and the
+    forward pass writes nothing of the logits' size.
+    """
+    if block_size(logits.shape[-1]):
+        return logits
+    return on_cpu(lambda: e.astype(logits.dtype), lambda: logits)
 
 
 def exponentials_from_residual(
     saved: jax.Array, where: jax.Array | None, norm: Normaliser
 ) -> jax.Array:
     """Inverse of :func:`exponentials_residual`, in the compute dtype."""
-    e = saved.astype(norm.shift.dtype)
+
+    def recompute() -> jax.Array:
+        return jnp.exp(mask(saved.astype(norm.shift.dtype), where, -jnp.inf) - norm.shift)
+
     if block_size(saved.shape[-1]):
-        e = jnp.exp(mask(e, where, -jnp.inf) - norm.shift)
-    return e
+        return recompute()
+    return on_cpu(lambda: saved.astype(norm.shift.dtype), recompute)
 
 
 def row_shift(

@@ -34,6 +34,7 @@ from jax.experimental import checkify
 from jax.typing import ArrayLike
 
 from jxent import _common as c
+from jxent import _sharding as sh
 
 # ----------------------------------------------------------------------------- targets
 
@@ -101,15 +102,25 @@ def _target_mask(targets: _Targets, num_local: int) -> jax.Array:
 def _add_at_targets(values: jax.Array, targets: _Targets, amounts: jax.Array) -> jax.Array:
     """``values[..., y] += amounts`` for each example whose label lives on this device.
 
-    A scatter of one value per example: on CPU cheaper than an iota compare and a select
-    over every class, and done in place on ``values``.
+    On CPU a scatter of one value per example: cheaper than an iota compare and a select
+    over every class, and done in place on ``values``. On GPU and TPU the compare, which
+    XLA fuses into the elementwise pass that forms ``values`` (one kernel writes the
+    gradient) instead of a separate scatter kernel.
     """
-    num_local = values.shape[-1]
-    rows = values.reshape(-1, num_local)
-    # Labels on other devices (or out of range) point past the end and are dropped.
-    cols = jnp.where(targets.in_shard, targets.local, num_local).reshape(-1)
-    rows = rows.at[jnp.arange(rows.shape[0]), cols].add(amounts.reshape(-1), mode="drop")
-    return rows.reshape(values.shape)
+
+    def scatter() -> jax.Array:
+        num_local = values.shape[-1]
+        rows = values.reshape(-1, num_local)
+        # Labels on other devices (or out of range) point past the end and are dropped.
+        cols = jnp.where(targets.in_shard, targets.local, num_local).reshape(-1)
+        rows = rows.at[jnp.arange(rows.shape[0]), cols].add(amounts.reshape(-1), mode="drop")
+        return rows.reshape(values.shape)
+
+    def compare() -> jax.Array:
+        is_target = _target_mask(targets, values.shape[-1]) & targets.in_shard[..., None]
+        return values + jnp.where(is_target, amounts[..., None], jnp.zeros_like(values))
+
+    return c.on_cpu(scatter, compare)
 
 
 def _scatter_to_classes(
@@ -287,7 +298,7 @@ def _integer_ce_bwd(
         if eps:
             spread = c.mask(_neg_log_probs(logits.astype(dtype), *norm.lse_parts()), where, 0.0)
             dw = dw + _batch_sum(_expand(coef * eps / num_classes) * spread)
-        dweights = dw.astype(weights.dtype)
+        dweights = sh.sum_to_primal(dw, weights).astype(weights.dtype)
     return dlogits, None, None, dweights
 
 
@@ -414,7 +425,8 @@ def _dense_ce_bwd(
     dweights = None
     if weights is not None:
         t = _smoothed_weighted_targets(labels, where, None, _expand(num_classes), cfg, dtype)
-        dweights = _batch_sum(coef * c.weighted(t, neg_log_p)).astype(weights.dtype)
+        dw = _batch_sum(coef * c.weighted(t, neg_log_p))
+        dweights = sh.sum_to_primal(dw, weights).astype(weights.dtype)
     return dlogits, dlabels, None, dweights
 
 
@@ -472,7 +484,7 @@ def _nll_bwd(
     if weights is not None:
         per_example = -coef * lp_y + jnp.where(targets.active, g_weight, 0.0)
         dw = _scatter_to_classes(per_example, targets, num_local, lp_y.dtype)
-        dweights = dw.astype(weights.dtype)
+        dweights = sh.sum_to_primal(dw, weights).astype(weights.dtype)
     return dlog_probs, None, None, dweights
 
 
@@ -506,6 +518,27 @@ def _prepare(
     return _Prepared(
         layout, layout.to_last(x), c.broadcast_where(where, layout, per_example=True), weights
     )
+
+
+def _run_sharded(
+    impl: Any, cfg: Any, prepared: _Prepared, labels: jax.Array, labels_kind: str
+) -> tuple[jax.Array, jax.Array]:
+    """``impl(logits, labels, where, weights, cfg)``: per example losses and weights.
+
+    Logits sharded over explicit mesh axes are handled shard by shard (see
+    :mod:`jxent._sharding`), their class axis with the ``axis_name`` collectives.
+    """
+    plan = sh.plan(prepared.logits)
+    if plan is None:
+        return impl(prepared.logits, labels, prepared.where, prepared.weights, cfg)
+    cfg = cfg._replace(axis_name=plan.axis_name)
+    args = (
+        (prepared.logits, sh.LOGITS),
+        (labels, labels_kind),
+        (prepared.where, sh.LOGITS),
+        (prepared.weights, sh.CLASSES),
+    )
+    return sh.map_shards(lambda *a: impl(*a, cfg), plan, args, (sh.BATCH, sh.BATCH))
 
 
 def _integer_labels(labels: ArrayLike, layout: c.ClassLayout) -> jax.Array:
@@ -657,6 +690,36 @@ def softmax_cross_entropy_with_integer_labels(
     )
 
 
+@functools.partial(jax.jit, static_argnames=_INTEGER_STATIC)
+def _integer_ce(
+    logits: ArrayLike,
+    labels: ArrayLike,
+    where: ArrayLike | None,
+    class_weights: ArrayLike | None,
+    *,
+    axis: c.Axis,
+    ignore_index: int | None,
+    label_smoothing: float,
+    z_loss: float,
+    reduction: str,
+    check_labels: bool,
+    axis_name: Hashable | None,
+) -> jax.Array:
+    c.check_ignore_index(ignore_index)
+    cfg = _IntegerConfig(
+        ignore_index,
+        c.check_unit_interval(label_smoothing, "label_smoothing"),
+        c.check_nonnegative(z_loss, "z_loss"),
+        axis_name,
+    )
+    prepared = _prepare(logits, axis, where, class_weights, reduction, axis_name)
+    int_labels = _integer_labels(labels, prepared.layout)
+    if check_labels and axis_name is None:
+        _check_labels_in_range(int_labels, prepared.layout.num_classes, ignore_index)
+    loss, weight = _run_sharded(_integer_ce_impl, cfg, prepared, int_labels, sh.BATCH)
+    return c.reduce_loss(loss, weight, reduction)
+
+
 def softmax_cross_entropy(
     logits: ArrayLike,
     labels: ArrayLike,
@@ -733,38 +796,6 @@ def softmax_cross_entropy(
     )
 
 
-@functools.partial(jax.jit, static_argnames=_INTEGER_STATIC)
-def _integer_ce(
-    logits: ArrayLike,
-    labels: ArrayLike,
-    where: ArrayLike | None,
-    class_weights: ArrayLike | None,
-    *,
-    axis: c.Axis,
-    ignore_index: int | None,
-    label_smoothing: float,
-    z_loss: float,
-    reduction: str,
-    check_labels: bool,
-    axis_name: Hashable | None,
-) -> jax.Array:
-    c.check_ignore_index(ignore_index)
-    cfg = _IntegerConfig(
-        ignore_index,
-        c.check_unit_interval(label_smoothing, "label_smoothing"),
-        c.check_nonnegative(z_loss, "z_loss"),
-        axis_name,
-    )
-    prepared = _prepare(logits, axis, where, class_weights, reduction, axis_name)
-    int_labels = _integer_labels(labels, prepared.layout)
-    if check_labels and axis_name is None:
-        _check_labels_in_range(int_labels, prepared.layout.num_classes, ignore_index)
-    loss, weight = _integer_ce_impl(
-        prepared.logits, int_labels, prepared.where, prepared.weights, cfg
-    )
-    return c.reduce_loss(loss, weight, reduction)
-
-
 @functools.partial(
     jax.jit, static_argnames=("axis", "label_smoothing", "z_loss", "reduction", "axis_name")
 )
@@ -794,9 +825,8 @@ def _softmax_cross_entropy(
             f"dense labels of shape {targets.shape} are not broadcastable to the logits' "
             f"shape {prepared.layout.shape}."
         ) from None
-    loss, weight = _dense_ce_impl(
-        prepared.logits, prepared.layout.to_last(targets), prepared.where, prepared.weights, cfg
-    )
+    targets = prepared.layout.to_last(targets)
+    loss, weight = _run_sharded(_dense_ce_impl, cfg, prepared, targets, sh.LOGITS)
     return c.reduce_loss(loss, weight, reduction)
 
 
@@ -882,7 +912,7 @@ def _nll(
     if check_labels and axis_name is None:
         _check_labels_in_range(int_labels, prepared.layout.num_classes, ignore_index)
     cfg = _NLLConfig(ignore_index, axis_name)
-    loss, weight = _nll_impl(prepared.logits, int_labels, prepared.where, prepared.weights, cfg)
+    loss, weight = _run_sharded(_nll_impl, cfg, prepared, int_labels, sh.BATCH)
     return c.reduce_loss(loss, weight, reduction)
 
 

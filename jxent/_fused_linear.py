@@ -22,9 +22,11 @@ from typing import Any, Literal, NamedTuple
 import jax
 import jax.numpy as jnp
 from jax import lax
+from jax.sharding import PartitionSpec as P
 from jax.typing import ArrayLike
 
 from jxent import _common as c
+from jxent import _sharding as sh
 
 # The default chunk keeps one [T, V] float32 logits block within this many bytes: big enough
 # for few scan steps (each re-reads w and updates the [D, V] gradient), small enough that
@@ -33,6 +35,7 @@ from jxent import _common as c
 # chunks match the unfused time where four cost ~5% more; at N=8192, D=1024, V=128256 the
 # 16 chunks of 512 rows hold ~300 MB of temporaries against ~8 GB unfused.
 _CHUNK_BYTES = 256 * 2**20
+_SYMBOLIC_CHUNK = 256
 # Classes per block when adding a chunk's ``xᵀ @ dz`` into the ``[D, V]`` gradient.
 _DW_BLOCK = 8192
 
@@ -48,6 +51,7 @@ class _Config(NamedTuple):
     logit_softcap: float | None
     reduction: str
     axis_name: Hashable | None
+    batch_axes: tuple[Hashable, ...] = ()  # mesh axes the rows are sharded over (explicit mode)
 
 
 class _Rows(NamedTuple):
@@ -60,7 +64,7 @@ class _Rows(NamedTuple):
     weight: jax.Array  # w_y for active rows, else 0: the row's share of the mean's divisor
 
 
-def default_chunk_size(num_rows: int, num_local_classes: int) -> int:
+def default_chunk_size(num_rows: Any, num_local_classes: Any) -> int:
     """Rows per chunk when ``chunk_size=None``.
 
     The ``N`` rows are split into ``K = ceil(N · V · 4 bytes / 256 MiB)`` equal chunks (so
@@ -68,7 +72,15 @@ def default_chunk_size(num_rows: int, num_local_classes: int) -> int:
     rounded up to a multiple of 8. Equal chunks keep the padding small; as few chunks as
     the budget allows keep the per-chunk cost (re-reading ``w``, updating the ``[D, V]``
     gradient) small.
+
+    Symbolic dimensions (``jax.export``): with ``N`` symbolic, ``T`` is the most rows whose
+    block fits the budget (a multiple of 8); with ``V`` symbolic too, 256 rows (within the
+    budget up to ``V = 262144``).
     """
+    if not isinstance(num_local_classes, int):
+        return _SYMBOLIC_CHUNK
+    if not isinstance(num_rows, int):
+        return max(8, _CHUNK_BYTES // (4 * max(num_local_classes, 1)) // 8 * 8)
     num_rows = max(num_rows, 1)
     total_bytes = num_rows * max(num_local_classes, 1) * 4
     num_chunks = max(1, -(-total_bytes // _CHUNK_BYTES))
@@ -171,7 +183,7 @@ def _chunk_logits_grad(
 
 
 def _add_input_grad_product(dw: jax.Array, x: jax.Array, dz: jax.Array) -> jax.Array:
-    """``dw + xᵀ @ dz``; when ``D > T``, one block of ``_DW_BLOCK`` classes at a time.
+    """``dw + xᵀ @ dz``; on CPU when ``D > T``, one block of ``_DW_BLOCK`` classes at a time.
 
     XLA:CPU writes a dot into a fresh buffer before adding it, so a single ``xᵀ @ dz`` would
     hold a second ``[D, V]`` array; unrolled blocks do not help either (the scheduler runs
@@ -183,10 +195,22 @@ def _add_input_grad_product(dw: jax.Array, x: jax.Array, dz: jax.Array) -> jax.A
     """
     num_rows, num_features = x.shape
     num_classes = dz.shape[1]
-    if num_classes <= _DW_BLOCK or num_features <= num_rows:
-        # The [D, V] product is no bigger than the chunk's [T, V] logits: one dot is fastest
-        # (the blocked loop costs ~15% of the whole step at N=4096, D=512, V=32000).
+
+    def one_dot() -> jax.Array:
         return dw + jnp.matmul(x.T, dz, preferred_element_type=dw.dtype)
+
+    if not isinstance(num_classes, int) or num_classes <= _DW_BLOCK or num_features <= num_rows:
+        # The [D, V] product is no bigger than the chunk's [T, V] logits: one dot is fastest
+        # (the blocked loop costs ~15% of the whole step at N=4096, D=512, V=32000). A
+        # symbolic V (jax.export) takes the one dot too: it is correct for any size.
+        return one_dot()
+    # GPU and TPU: one dot; XLA folds the addition into the GEMM's accumulator (beta = 1).
+    return c.on_cpu(lambda: _add_product_by_blocks(dw, x, dz), one_dot)
+
+
+def _add_product_by_blocks(dw: jax.Array, x: jax.Array, dz: jax.Array) -> jax.Array:
+    """``dw + xᵀ @ dz`` one block of ``_DW_BLOCK`` classes at a time (CPU)."""
+    num_classes = dz.shape[1]
     num_blocks = -(-num_classes // _DW_BLOCK)
     columns = lax.broadcasted_iota(jnp.int32, (1, _DW_BLOCK), 1)
 
@@ -203,20 +227,33 @@ def _add_input_grad_product(dw: jax.Array, x: jax.Array, dz: jax.Array) -> jax.A
 
 
 def _gradient_accumulators(
-    w: jax.Array, bias: jax.Array | None, cfg: _Config
+    x: jax.Array, w: jax.Array, bias: jax.Array | None
 ) -> tuple[jax.Array, jax.Array | None]:
     """Zero float accumulators for the ``w`` and ``bias`` gradients.
 
-    Under ``shard_map`` they hold this device's classes, so they are marked as varying over
-    ``axis_name`` (the scan carries them through updates that are).
+    Under ``shard_map`` they hold this device's classes and rows' contributions, so they
+    are marked as varying over the mesh axes ``x`` and ``w`` vary over (the scan carries
+    them through updates that do).
     """
     dtype = c.compute_dtype(w.dtype)
     dw = jnp.zeros(w.shape, dtype)
     db = None if bias is None else jnp.zeros(bias.shape, dtype)
-    if cfg.axis_name is not None:
-        dw = lax.pcast(dw, cfg.axis_name, to="varying")
-        db = None if db is None else lax.pcast(db, cfg.axis_name, to="varying")
+    axes = tuple(sorted(sh.varying_axes(x) | sh.varying_axes(w), key=str))
+    if axes:
+        dw = lax.pcast(dw, axes, to="varying")
+        db = None if db is None else lax.pcast(db, axes, to="varying")
     return dw, db
+
+
+def _parameter_grads(
+    dw: jax.Array, db: jax.Array | None, w: jax.Array, bias: jax.Array | None
+) -> tuple[jax.Array, jax.Array | None]:
+    """The accumulated ``w`` and ``bias`` gradients in their dtypes, summed over the devices
+    that hold other rows of the batch (when the rows are sharded and ``w`` is not)."""
+    dw = sh.sum_to_primal(dw, w).astype(w.dtype)
+    if db is None or bias is None:
+        return dw, None
+    return dw, sh.sum_to_primal(db, bias).astype(bias.dtype)
 
 
 def _psum(x: jax.Array, axis_name: Hashable | None) -> jax.Array:
@@ -261,20 +298,26 @@ def _row_scale(rows: _Rows, cotangent: Any) -> jax.Array:
     return c.nan_where(rows.bad, jnp.where(rows.active, g, jnp.zeros_like(g)))
 
 
-def _mean_scale(rows: _Rows) -> jax.Array:
+def _batch_total(values: jax.Array, cfg: _Config) -> jax.Array:
+    """Sum over every row, including those on other devices when the rows are sharded."""
+    total = jnp.sum(values)
+    return lax.psum(total, cfg.batch_axes) if cfg.batch_axes else total
+
+
+def _mean_scale(rows: _Rows, cfg: _Config) -> jax.Array:
     """d mean / d loss_n = 1 / Σ w_y; 0 when nothing counts (the mean is then 0, with zero
     gradient, where PyTorch gives NaN)."""
-    total = jnp.sum(rows.weight)
+    total = _batch_total(rows.weight, cfg)
     return jnp.where(total == 0, 0.0, 1.0 / jnp.where(total == 0, 1.0, total))
 
 
 def _reduce(losses: jax.Array, rows: _Rows, cfg: _Config) -> jax.Array:
     if cfg.reduction == "none":
         return losses
-    total = jnp.sum(losses)
+    total = _batch_total(losses, cfg)
     if cfg.reduction == "sum":
         return total
-    divisor = jnp.sum(rows.weight)
+    divisor = _batch_total(rows.weight, cfg)
     safe = jnp.where(divisor == 0, 1.0, divisor)
     return jnp.where(divisor == 0, jnp.zeros_like(total), total / safe)
 
@@ -335,7 +378,7 @@ def _fwd(
         return _fwd_per_example(x, w, bias, labels, class_weights, cfg)
     rows, weight_total, num_classes = _setup(x, w, labels, class_weights, cfg)
     # Gradients for a unit cotangent; the backward pass scales them by the real one.
-    scale = _row_scale(rows, _mean_scale(rows) if cfg.reduction == "mean" else 1.0)
+    scale = _row_scale(rows, _mean_scale(rows, cfg) if cfg.reduction == "mean" else 1.0)
 
     def step(carry: tuple[Any, ...], chunk: tuple[Any, ...]) -> tuple[Any, Any]:
         dw, db = carry
@@ -353,14 +396,10 @@ def _fwd(
             db = db + jnp.sum(dz, axis=0)
         return (dw, db), (loss, dx_c.astype(x.dtype))
 
-    init = _gradient_accumulators(w, bias, cfg)
+    init = _gradient_accumulators(x, w, bias)
     (dw, db), (losses, dx) = lax.scan(step, init, _to_chunks((x, rows, scale), cfg.chunk_size))
     loss = _reduce(losses.reshape(-1), rows, cfg)
-    grads = (
-        dx.reshape(x.shape),
-        dw.astype(w.dtype),
-        None if db is None else db.astype(bias.dtype),  # type: ignore[union-attr]
-    )
+    grads = (dx.reshape(x.shape), *_parameter_grads(dw, db, w, bias))
     return loss, grads
 
 
@@ -435,16 +474,10 @@ def _bwd_per_example(cfg: _Config, saved: tuple[Any, ...], g: jax.Array) -> tupl
         return (dw, db), dx_c.astype(x.dtype)
 
     g = _row_scale(rows, g)
-    init = _gradient_accumulators(w, bias, cfg)
+    init = _gradient_accumulators(x, w, bias)
     chunks = _to_chunks((x, rows, lse, g), cfg.chunk_size)
     (dw, db), dx = lax.scan(step, init, chunks)
-    return (
-        dx.reshape(x.shape),
-        dw.astype(w.dtype),
-        None if db is None else db.astype(bias.dtype),
-        None,
-        None,
-    )
+    return (dx.reshape(x.shape), *_parameter_grads(dw, db, w, bias), None, None)
 
 
 _impl.defvjp(_fwd, _bwd)
@@ -657,14 +690,55 @@ def _fused_linear_cross_entropy(
     # input's dtype.
     operand_dtype = jnp.result_type(x.dtype, w.dtype)
     x, w = x.astype(operand_dtype), w.astype(operand_dtype)
-    num_local = w.shape[1]
-    weights = c.class_weights_vector(class_weights, num_local, c.compute_dtype(operand_dtype))
+    weights = c.class_weights_vector(class_weights, w.shape[1], c.compute_dtype(operand_dtype))
     if weights is not None:
         weights = lax.stop_gradient(weights)
 
+    options = _Options(chunk_size, ignore_index, smoothing, z_coef, softcap, reduction, axis_name)
+    plan = sh.matmul_plan(x, w)
+    if plan is None:
+        return _local_loss(x, w, bias_arr, labels, weights, options)
+    # Explicit mesh axes: each device runs the chunked loss over its rows and its slice of
+    # the vocabulary; only per-row statistics and the reduced loss cross devices.
+    options = options._replace(axis_name=plan.axis_name, batch_axes=plan.batch_axes())
+    args = (
+        (x, P(*plan.batch, None)),
+        (w, P(None, plan.classes)),
+        (bias_arr, sh.CLASSES),
+        (labels, sh.BATCH),
+        (weights, sh.CLASSES),
+    )
+    out_kind = sh.BATCH if reduction == "none" else sh.REPLICATED
+    local = functools.partial(_local_loss, options=options)
+    return sh.map_shards(local, plan, args, out_kind)
+
+
+class _Options(NamedTuple):
+    """The public function's static options, as validated."""
+
+    chunk_size: int | None
+    ignore_index: int | None
+    label_smoothing: float
+    z_loss: float
+    logit_softcap: float | None
+    reduction: str
+    axis_name: Hashable | None
+    batch_axes: tuple[Hashable, ...] = ()
+
+
+def _local_loss(
+    x: jax.Array,
+    w: jax.Array,
+    bias: jax.Array | None,
+    labels: jax.Array,
+    weights: jax.Array | None,
+    options: _Options,
+) -> jax.Array:
+    """The loss over the rows of ``x`` (this device's, under explicit sharding)."""
     batch_shape = x.shape[:-1]
     num_rows = math.prod(batch_shape)
-    chunk = default_chunk_size(num_rows, num_local) if chunk_size is None else chunk_size
+    num_local = w.shape[1]
+    chunk = options.chunk_size or default_chunk_size(num_rows, num_local)
     padded = -(-num_rows // chunk) * chunk
     # A signed label dtype, so that a negative ignore_index compares correctly.
     flat_labels = labels.reshape(-1).astype(jnp.int64 if labels.dtype.itemsize > 4 else jnp.int32)
@@ -672,8 +746,8 @@ def _fused_linear_cross_entropy(
     if padded != num_rows:
         flat_x = jnp.pad(flat_x, ((0, padded - num_rows), (0, 0)))
         flat_labels = jnp.pad(flat_labels, (0, padded - num_rows))
-    cfg = _Config(chunk, num_rows, ignore_index, smoothing, z_coef, softcap, reduction, axis_name)
-    loss = _impl(flat_x, w, bias_arr, flat_labels, weights, cfg)
-    if reduction == "none":
+    cfg = _Config(chunk, num_rows, *options[1:])
+    loss = _impl(flat_x, w, bias, flat_labels, weights, cfg)
+    if options.reduction == "none":
         return loss[:num_rows].reshape(batch_shape)
     return loss

@@ -10,6 +10,7 @@ import jax.numpy as jnp
 from jax.typing import ArrayLike
 
 from jxent import _common as c
+from jxent import _sharding as sh
 
 
 def _log_or_zero(t: jax.Array) -> jax.Array:
@@ -105,7 +106,9 @@ def _apply(
             f"{target_name} of shape {t.shape} must match log_predictions of shape {lp.shape}."
         )
     layout = c.ClassLayout(lp.shape, c.canonical_axes(axis, lp.ndim))
-    return impl(layout.to_last(lp), layout.to_last(t), c.broadcast_where(where, layout))
+    lp, t = layout.to_last(lp), layout.to_last(t)
+    mask = sh.reshard_like(c.broadcast_where(where, layout), lp)
+    return impl(lp, sh.reshard_like(t, lp), mask)
 
 
 def kl_divergence(

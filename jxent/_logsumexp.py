@@ -11,6 +11,7 @@ import jax.numpy as jnp
 from jax.typing import ArrayLike
 
 from jxent import _common as c
+from jxent import _sharding as sh
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(3,))
@@ -192,9 +193,10 @@ def _logsumexp(
     c.check_axis_name(axis_name)
     x, b_arr = _promote(a, b)
     layout = c.ClassLayout(x.shape, c.canonical_axes(axis, x.ndim))
-    b_last = None if b_arr is None else layout.to_last(b_arr)
-    where_last = c.broadcast_where(where, layout)
-    lse, sign = _logsumexp_impl(layout.to_last(x), b_last, where_last, axis_name)
+    x_last = layout.to_last(x)
+    b_last = None if b_arr is None else sh.reshard_like(layout.to_last(b_arr), x_last)
+    where_last = sh.reshard_like(c.broadcast_where(where, layout), x_last)
+    lse, sign = _logsumexp_impl(x_last, b_last, where_last, axis_name)
     out_shape = layout.keepdims_shape() if keepdims else layout.batch_shape
     lse = lse.reshape(out_shape).astype(x.dtype)
     sign = sign.reshape(out_shape).astype(x.dtype)

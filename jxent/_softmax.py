@@ -15,6 +15,7 @@ import jax.numpy as jnp
 from jax.typing import ArrayLike
 
 from jxent import _common as c
+from jxent import _sharding as sh
 
 
 def _masked(x: jax.Array, where: jax.Array | None) -> jax.Array:
@@ -120,7 +121,8 @@ def _apply(
     c.check_axis_name(axis_name)
     x = c.as_inexact(x)
     layout = c.ClassLayout(x.shape, c.canonical_axes(axis, x.ndim))
-    out = impl(layout.to_last(x), c.broadcast_where(where, layout), axis_name)
+    x = layout.to_last(x)
+    out = impl(x, sh.reshard_like(c.broadcast_where(where, layout), x), axis_name)
     return layout.from_last(out)
 
 
