@@ -1,12 +1,14 @@
 # Two entry points for a fresh machine; each does all its own set-up.
 #   make run   - train the MNIST MLP showcase (experiments/mnist_mlp.py)
 #   make test  - lint, format check, type check, package check and the whole test suite
+#   make bench - the CPU benchmark suite (benchmarks/run.py)
+#   make device-check - the accelerator check (benchmarks/device_check.py, <= 8 min on one H100)
 PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: run test lint package-check bench clean
+.PHONY: run test lint package-check bench device-check clean
 
 $(STAMP): requirements.lock pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -33,6 +35,9 @@ test: lint package-check
 
 bench: $(STAMP)
 	$(BIN)/python benchmarks/run.py $(ARGS)
+
+device-check: $(STAMP)
+	$(BIN)/python benchmarks/device_check.py $(ARGS)
 
 clean:
 	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache .hypothesis

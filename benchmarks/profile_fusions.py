@@ -3,10 +3,11 @@
     python benchmarks/profile_fusions.py ce_int 2048x131072
     python benchmarks/profile_fusions.py ce_dense 4096x1000 --mode fwd --calls 20
 
-Uses the same candidates and inputs as ``benchmarks/run.py``, records ``--calls`` calls of each
-candidate's compiled ``fwd+bwd`` (or ``fwd``) with ``jax.profiler.trace`` and prints, per
-candidate, the mean milliseconds per call spent in each XLA fusion (the thunk names of XLA:CPU,
-e.g. ``ynn_fusion.1`` or ``subtract_exponential_fusion``). Pair it with the compiled HLO
+Uses the same candidates and inputs as ``benchmarks/run.py`` (the registry in ``cases.py``),
+records ``--calls`` calls of each candidate's compiled ``fwd+bwd`` (or ``fwd``) with
+``jax.profiler.trace`` and prints, per candidate, the mean milliseconds per call spent in
+each XLA fusion (the thunk names of XLA:CPU, e.g. ``ynn_fusion.1`` or
+``subtract_exponential_fusion``). Pair it with the compiled HLO
 (``jax.jit(f).lower(...).compile().as_text()``) to see what each fusion computes. A fusion
 that writes a fresh large output pays its page faults (about 0.35 s per GB on the 2-core dev
 VM); compare with ``--mode donated`` runs of ``run.py`` to tell them apart.
@@ -24,9 +25,12 @@ import sys
 import tempfile
 
 import jax
+import jax.numpy as jnp
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-import run as bench
+# Run from a checkout without installing: make the repository root importable.
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from benchmarks import cases
+from benchmarks.measure import jitted
 
 
 def fusion_times(trace_dir: str, calls: int) -> dict[str, float]:
@@ -46,7 +50,7 @@ def fusion_times(trace_dir: str, calls: int) -> dict[str, float]:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("op", choices=bench.ELEMENTWISE_OPS + bench.CE_OPS)
+    parser.add_argument("op", choices=[c.op for c in cases.CASES if c.shape_rank == 2])
     parser.add_argument("shape", help="NxC, e.g. 4096x1000")
     parser.add_argument("--mode", choices=("fwd+bwd", "fwd"), default="fwd+bwd")
     parser.add_argument("--calls", type=int, default=5, help="calls recorded per candidate")
@@ -54,12 +58,12 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
 
     shape = tuple(int(n) for n in args.shape.lower().split("x"))
-    candidates, _, notes = bench.build_candidates(args.op, {})
-    for note in notes:
-        print(note)
-    inputs = bench.make_inputs(args.op, shape)
-    for name, loss in candidates.items():
-        fn = bench._jitted(loss, args.mode, 0)
+    case = cases.case(args.op)
+    if args.mode not in case.modes:
+        parser.error(f"--mode {args.mode} is not measured for {args.op}; it has {case.modes}")
+    inputs = case.inputs(shape, jnp.float32)
+    for name, loss in case.losses().items():
+        fn = jitted(loss, args.mode, case.argnums)
         jax.block_until_ready(fn(*inputs))  # compile and warm up outside the trace
         with tempfile.TemporaryDirectory() as trace_dir:
             with jax.profiler.trace(trace_dir, create_perfetto_trace=True):

@@ -29,6 +29,7 @@ REDUCTIONS = ("none", "sum", "mean")
 # then combining the per-block results keeps every reduction on the fast path.
 LONG_ROW = 32768
 BLOCK = 8192
+MIN_BLOCK = 64
 
 
 # ----------------------------------------------------------------------------- validation
@@ -209,55 +210,44 @@ def class_weights_vector(
 def block_size(num_classes: Any) -> int | None:
     """The sub-row length for a long class axis on CPU, or None (no blocking).
 
-    A divisor of ``num_classes`` near ``BLOCK`` when there is one; otherwise ``BLOCK``, with a
-    shorter (ragged) last block. None for short rows and for symbolic dimensions
-    (``jax.export``): the unblocked reduction is correct for any size.
+    The divisor of ``num_classes`` nearest ``BLOCK`` among those in ``[MIN_BLOCK, LONG_ROW)``
+    (50257 = 29 blocks of 1733, 128256 = 16 of 8016): every block is then a reshape of the
+    row, which XLA:CPU reads in place. None for short rows, for lengths with no such divisor
+    (primes, for one: a ragged last block would be a slice, which XLA:CPU copies before
+    reducing, and measured slower than no blocking), and for symbolic dimensions
+    (``jax.export``), where the unblocked reduction is correct for any size.
     """
     if not isinstance(num_classes, int) or num_classes < LONG_ROW:
         return None
-    return _divisor_near_block(num_classes) or BLOCK
+    return _divisor_near_block(num_classes)
 
 
 @functools.cache
 def _divisor_near_block(num_classes: int) -> int | None:
-    candidates = [b for b in range(BLOCK // 2, 2 * BLOCK + 1) if num_classes % b == 0]
+    small = [d for d in range(1, math.isqrt(num_classes) + 1) if num_classes % d == 0]
+    divisors = {*small, *(num_classes // d for d in small)}
+    candidates = [b for b in divisors if MIN_BLOCK <= b < LONG_ROW]
     return min(candidates, key=lambda b: abs(b - BLOCK)) if candidates else None
-
-
-def _split_blocks(args: Sequence[Any], num_classes: int, block: int) -> tuple[list[Any], Any]:
-    """Views ``[..., C]`` operands as ``[..., C // b, b]`` blocks (``[..., 1]`` ones as
-    ``[..., 1, 1]``) plus, when ``b`` does not divide ``C``, the ragged tail ``[..., C % b]``
-    (None otherwise). Scalars pass through both."""
-    full = num_classes - num_classes % block
-
-    def is_row(a: Any) -> bool:
-        return isinstance(a, jax.Array) and a.ndim > 0 and a.shape[-1] == num_classes
-
-    def blocks(a: Any) -> Any:
-        if is_row(a):
-            a = a if full == num_classes else a[..., :full]
-            return a.reshape((*a.shape[:-1], full // block, block))
-        return a[..., None] if isinstance(a, jax.Array) and a.ndim else a
-
-    def tail(a: Any) -> Any:
-        return a[..., full:] if is_row(a) else a
-
-    return [blocks(a) for a in args], None if full == num_classes else [tail(a) for a in args]
 
 
 def _blocked_reduce(op: Any, fn: Any, args: Sequence[Any], num_classes: int, block: int) -> Any:
     """``op`` over the last axis of ``fn(*args)``, block by block (keepdims).
 
-    XLA fuses ``fn`` into fast per-block reductions; the optimization barrier keeps its
-    simplifier from merging the two levels back into one long-row reduction (measured 6x
-    faster for a (2048, 131072) logsumexp on the 2-core CPU).
+    ``fn``'s ``[..., C]`` operands are viewed as ``[..., C // b, b]`` (``[..., 1]`` ones as
+    ``[..., 1, 1]``). XLA fuses ``fn`` into fast per-block reductions; the optimization
+    barrier keeps its simplifier from merging the two levels back into one long-row
+    reduction (measured 6x faster for a (2048, 131072) logsumexp on the 2-core CPU).
     """
-    blocks, tail = _split_blocks(args, num_classes, block)
-    result = op(lax.optimization_barrier(op(fn(*blocks), axis=-1)), axis=-1, keepdims=True)
-    if tail is not None:
-        rest = op(fn(*tail), axis=-1, keepdims=True)
-        result = op(jnp.concatenate([result, rest], axis=-1), axis=-1, keepdims=True)
-    return result
+
+    def blocks(a: Any) -> Any:
+        if not isinstance(a, jax.Array) or a.ndim == 0:
+            return a
+        if a.shape[-1] == num_classes:
+            return a.reshape((*a.shape[:-1], num_classes // block, block))
+        return a[..., None]
+
+    partial = op(fn(*(blocks(a) for a in args)), axis=-1)
+    return op(lax.optimization_barrier(partial), axis=-1, keepdims=True)
 
 
 def on_cpu(cpu: Any, default: Any) -> Any:

@@ -116,9 +116,9 @@ def _lowered(name, classes, platform):
 @pytest.mark.parametrize("name", LOSSES)
 @pytest.mark.parametrize("classes", [65536, 50257])
 def test_long_rows_are_blocked_on_cpu_only(name, classes):
-    """CPU reduces long rows in blocks behind an optimization barrier (also when the
-    vocabulary is not a multiple of a block: a ragged last block); CUDA and TPU get the
-    plain max / exp / sum that their emitters fuse, with no barrier."""
+    """CPU reduces long rows in blocks behind an optimization barrier (also for vocabularies
+    that are not a multiple of 8192: 50257 = 29 x 1733); CUDA and TPU get the plain
+    max / exp / sum that their emitters fuse, with no barrier."""
     if name in ("binary_ce", "kl", "kl_log"):
         pytest.skip("no reduction over classes in its kernel")
     assert "optimization_barrier" in _lowered(name, classes, "cpu")
@@ -153,12 +153,14 @@ def test_block_size_rule():
     assert _common.block_size(32000) is None
     assert _common.block_size(65536) == 8192
     assert _common.block_size(128256) == 8016  # a divisor near 8192
-    assert _common.block_size(50257) == 8192  # no divisor: ragged last block
+    assert _common.block_size(50257) == 1733  # 29 blocks
+    assert _common.block_size(100277) == 673
+    assert _common.block_size(50261) is None  # a prime: no blocking
     assert _common.block_size(export.symbolic_shape("v")[0]) is None
 
 
 @pytest.mark.parametrize("classes", [50257, 100277])
-def test_ragged_blocks_match_float64(classes):
+def test_blocks_that_are_not_near_8192_match_float64(classes):
     logits = np.random.default_rng(classes).normal(size=(3, classes)).astype(np.float32) * 4
     labels = np.array([0, classes - 1, classes // 2])
     x64 = logits.astype(np.float64)

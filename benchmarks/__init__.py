@@ -1,0 +1,1 @@
+"""jxent benchmarks: the case registry, the CPU suite and the accelerator check."""
