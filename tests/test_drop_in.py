@@ -223,6 +223,7 @@ NORMALISERS = {
 }
 
 
+@pytest.mark.filterwarnings("ignore:Explicitly requested dtype:UserWarning")  # x64 off: on purpose
 class TestResultDtypesFollowJaxNn:
     """Result dtypes are jax.nn's: integers of up to 32 bits give float32 even with x64
     on; ``a`` and ``b`` are promoted together. (Values are checked against float64
