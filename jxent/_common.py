@@ -19,6 +19,8 @@ import numpy as np
 from jax import lax
 from jax.typing import ArrayLike
 
+from jxent import _sharding
+
 Axis = int | tuple[int, ...] | None
 Reduction = Literal["none", "sum", "mean"]
 REDUCTIONS = ("none", "sum", "mean")
@@ -41,7 +43,9 @@ def check_axis_name(axis_name: Hashable | None) -> None:
 
 
 def canonical_axes(axis: Axis, ndim: int, *, name: str = "axis") -> tuple[int, ...]:
-    """Returns ``axis`` as a sorted tuple of non-negative ints, validated against ``ndim``."""
+    """Returns ``axis`` as a tuple of non-negative ints in the order given, validated against
+    ``ndim``. The order is the order in which class axes are flattened (major to minor), as
+    in optax: ``axis=(3, 2)`` makes axis 3 the major one."""
     if axis is None:
         return tuple(range(ndim))
     raw = (axis,) if isinstance(axis, int | np.integer) else axis
@@ -54,7 +58,7 @@ def canonical_axes(axis: Axis, ndim: int, *, name: str = "axis") -> tuple[int, .
         axes.append(int(a) % ndim)
     if len(set(axes)) != len(axes):
         raise ValueError(f"{name}={axis!r} repeats an axis.")
-    return tuple(sorted(axes))
+    return tuple(axes)
 
 
 def check_reduction(reduction: str) -> None:
@@ -148,6 +152,7 @@ class ClassLayout:
     def to_last(self, x: jax.Array) -> jax.Array:
         if not self._is_identity:
             x = jnp.transpose(x, self._perm)
+        _sharding.check_class_axes_mergeable(x, len(self.axes), self.axes)
         return x.reshape((*self.batch_shape, self.num_classes))
 
     def from_last(self, x: jax.Array) -> jax.Array:
@@ -532,16 +537,44 @@ def global_num_classes(num_local_classes: int, axis_name: Hashable | None) -> An
     return lax.psum(num_local_classes, axis_name)
 
 
-def reduce_loss(loss: jax.Array, weight: jax.Array | None, reduction: str) -> jax.Array:
-    """Applies ``reduction``; ``mean`` divides by the total weight, 0 when that is 0.
+def psum_over(x: jax.Array, axis_name: Hashable | None) -> jax.Array:
+    """``x`` summed over the mesh axis ``axis_name`` (unchanged without one)."""
+    return x if axis_name is None else lax.psum(x, axis_name)
 
-    A mean over zero valid targets is 0 with zero gradient (PyTorch gives NaN).
+
+def batch_total(values: jax.Array, batch_axes: tuple[Hashable, ...] = ()) -> jax.Array:
+    """Sum over every example, including those on other devices when ``batch_axes`` (mesh
+    axes the examples are sharded over inside ``shard_map``) are given."""
+    total = jnp.sum(values)
+    return lax.psum(total, batch_axes) if batch_axes else total
+
+
+def safe_reciprocal(x: jax.Array) -> jax.Array:
+    """``1 / x``, and 0 where ``x`` is 0."""
+    return jnp.where(x == 0, jnp.zeros_like(x), 1.0 / jnp.where(x == 0, jnp.ones_like(x), x))
+
+
+def reduce_loss(
+    loss: jax.Array,
+    weight: jax.Array | None,
+    reduction: str,
+    batch_axes: tuple[Hashable, ...] = (),
+) -> jax.Array:
+    """Applies ``reduction``; ``mean`` divides by the total weight.
+
+    A mean over zero total weight is 0 with zero gradient (PyTorch gives NaN) when every
+    example was ignored, masked or weighted 0, but NaN when any loss is NaN: an invalid
+    label is never hidden by a mean (its loss is NaN and its weight 0).
     """
     if reduction == "none":
         return loss
-    total = jnp.sum(loss)
+    total = batch_total(loss, batch_axes)
     if reduction == "sum":
         return total
-    denominator = jnp.sum(weight) if weight is not None else jnp.asarray(loss.size, loss.dtype)
+    if weight is None:
+        denominator = jnp.asarray(loss.size, loss.dtype)
+    else:
+        denominator = batch_total(weight, batch_axes)
     safe = jnp.where(denominator == 0, jnp.ones_like(denominator), denominator)
-    return jnp.where(denominator == 0, jnp.zeros_like(total), total / safe)
+    # total · 0 keeps a NaN total NaN (and creates none: total is finite otherwise).
+    return jnp.where(denominator == 0, total * 0.0, total / safe)

@@ -12,7 +12,9 @@ Conventions shared by every loss here (they are PyTorch's ``cross_entropy`` / ``
   - ``z_loss=ζ`` adds ``ζ·lse²`` (``lse`` the log-normaliser), PaLM's auxiliary loss;
 
 * ``reduction="mean"`` divides the sum of the losses by the sum of the examples' weights; a
-  mean over zero valid targets (all ignored or all masked) is 0 with zero gradient;
+  mean over zero total weight is 0 with zero gradient when no counted label is invalid (all
+  ignored, all masked, zero class weights, empty batch), and an invalid label's NaN is never
+  hidden by a mean or sum (see :mod:`jxent._labels`);
 * ignored examples and rows masked out entirely by ``where`` give loss 0, gradient 0 and
   weight 0. With ``where``, ``C`` counts the row's unmasked classes.
 
@@ -30,33 +32,13 @@ from typing import Any, Literal, NamedTuple
 import jax
 import jax.numpy as jnp
 import numpy as np
-from jax.experimental import checkify
 from jax.typing import ArrayLike
 
 from jxent import _common as c
+from jxent import _labels as lb
 from jxent import _sharding as sh
 
 # ----------------------------------------------------------------------------- targets
-
-
-class _Targets(NamedTuple):
-    """Where each example's integer label points, and whether it counts."""
-
-    local: jax.Array  # label index within this device's slice of classes
-    in_shard: jax.Array  # the label's class lives on this device
-    active: jax.Array  # contributes to the loss: not ignored, row not masked out, label valid
-    bad: jax.Array  # label out of range, or pointing at a masked-out class: NaN loss
-    weight: jax.Array  # w_y for active examples, else 0: the example's share of the mean
-
-
-def _gather_target(
-    values: jax.Array, local: jax.Array, in_shard: jax.Array, axis_name: Hashable | None
-) -> jax.Array:
-    """``values[..., y]`` for each example, fetched from whichever device holds class ``y``."""
-    index = jnp.clip(local, 0, values.shape[-1] - 1)[..., None]
-    picked = jnp.take_along_axis(values, index, axis=-1)[..., 0]
-    picked = jnp.where(in_shard, picked, jnp.zeros_like(picked))
-    return picked if axis_name is None else jax.lax.psum(picked, axis_name)
 
 
 def _resolve_targets(
@@ -64,34 +46,25 @@ def _resolve_targets(
     where: jax.Array | None,
     weights: jax.Array | None,
     ignore_index: int | None,
-    num_local: int,
     axis_name: Hashable | None,
     dtype: Any,
-) -> _Targets:
-    local = labels - c.class_offset(num_local, axis_name)
-    in_shard = (local >= 0) & (local < num_local)
-    in_range = (labels >= 0) & (labels < c.global_num_classes(num_local, axis_name))
-    ignored = jnp.zeros(labels.shape, bool) if ignore_index is None else labels == ignore_index
-    if where is None:
-        row_valid = jnp.ones(labels.shape, bool)
-        target_unmasked = in_range
-    else:
-        row_valid = c.class_any(where, axis_name)[..., 0]
-        target_unmasked = _gather_target(where.astype(jnp.int32), local, in_shard, axis_name) > 0
-    counted = ~ignored & row_valid
-    bad = counted & ~(in_range & target_unmasked)
-    active = counted & ~bad
-    if weights is None:
-        weight = active.astype(dtype)
-    else:
-        w_y = jnp.take(weights.astype(dtype), jnp.clip(local, 0, num_local - 1))
-        w_y = jnp.where(in_shard, w_y, jnp.zeros_like(w_y))
-        w_y = w_y if axis_name is None else jax.lax.psum(w_y, axis_name)
-        weight = jnp.where(active, w_y, jnp.zeros_like(w_y))
-    return _Targets(local, in_shard, active, bad, weight)
+    num_local: int,
+) -> lb.Targets:
+    """Labels against ``num_local`` classes, masked by ``where``: a row masked out entirely
+    does not count, and a label pointing at a masked-out class is invalid."""
+    return lb.resolve(
+        labels,
+        num_local=num_local,
+        axis_name=axis_name,
+        ignore_index=ignore_index,
+        class_weights=weights,
+        dtype=dtype,
+        counted=None if where is None else c.class_any(where, axis_name)[..., 0],
+        allowed=where,
+    )
 
 
-def _target_mask(targets: _Targets, num_local: int) -> jax.Array:
+def _target_mask(targets: lb.Targets, num_local: int) -> jax.Array:
     """Boolean ``[..., C]`` "this is the target class"; an iota compare that XLA fuses."""
     classes = jax.lax.broadcasted_iota(
         targets.local.dtype, (*targets.local.shape, num_local), targets.local.ndim
@@ -99,7 +72,7 @@ def _target_mask(targets: _Targets, num_local: int) -> jax.Array:
     return classes == targets.local[..., None]
 
 
-def _add_at_targets(values: jax.Array, targets: _Targets, amounts: jax.Array) -> jax.Array:
+def _add_at_targets(values: jax.Array, targets: lb.Targets, amounts: jax.Array) -> jax.Array:
     """``values[..., y] += amounts`` for each example whose label lives on this device.
 
     On CPU a scatter of one value per example: cheaper than an iota compare and a select
@@ -124,7 +97,7 @@ def _add_at_targets(values: jax.Array, targets: _Targets, amounts: jax.Array) ->
 
 
 def _scatter_to_classes(
-    values: jax.Array, targets: _Targets, num_local: int, dtype: Any
+    values: jax.Array, targets: lb.Targets, num_local: int, dtype: Any
 ) -> jax.Array:
     """``Σ_n values_n · [y_n = c]`` for each local class ``c`` (a segment sum)."""
     values = jnp.where(targets.in_shard, values, jnp.zeros_like(values))
@@ -200,10 +173,10 @@ def _integer_ce_fwd(
     num_local = logits.shape[-1]
     x = logits.astype(dtype)
     targets = _resolve_targets(
-        labels, where, weights, cfg.ignore_index, num_local, cfg.axis_name, dtype
+        labels, where, weights, cfg.ignore_index, cfg.axis_name, dtype, num_local
     )
     # Only O(batch) values: the target's -log p from the gathered logit, no log-softmax array.
-    x_y = _gather_target(x, targets.local, targets.in_shard, cfg.axis_name)
+    x_y = lb.take(x, targets.local, targets.in_shard, cfg.axis_name)
     active_x_y = jnp.where(targets.active, x_y, jnp.full_like(x_y, -jnp.inf))
     e, norm, inverse = c.exponentials(x, where, cfg.axis_name, read_first=active_x_y)
     eps = cfg.label_smoothing
@@ -231,7 +204,7 @@ def _integer_ce_fwd(
         )[..., 0]
     if cfg.z_loss:
         loss = loss + cfg.z_loss * norm.lse()[..., 0] ** 2
-    loss = c.nan_where(targets.bad, jnp.where(targets.active, loss, jnp.zeros_like(loss)))
+    loss = lb.nan_where_bad(targets, jnp.where(targets.active, loss, jnp.zeros_like(loss)))
     # The logits themselves are needed again only for the class-weight gradient's smoothing
     # term; otherwise the exponentials e (the one logits-sized residual) suffice.
     keep_logits = logits if (weights is not None and eps) else None
@@ -270,7 +243,7 @@ def _integer_ce_bwd(
     num_local = saved_e.shape[-1]
     eps = cfg.label_smoothing
     w_y = targets.weight  # already 0 for inactive examples
-    coef = c.nan_where(targets.bad, jnp.where(targets.active, g_loss, jnp.zeros_like(g_loss)))
+    coef = lb.nan_where_bad(targets, jnp.where(targets.active, g_loss, jnp.zeros_like(g_loss)))
     # d loss / d x_c = p_c·A - (1-ε)·w_y·[c = y] - (ε/C)·w_c, with A the total target mass.
     mass = (1.0 - eps) * w_y + eps / num_classes * smoothing_mass
     if cfg.z_loss:
@@ -462,11 +435,11 @@ def _nll_fwd(
     dtype = c.compute_dtype(log_probs.dtype)
     num_local = log_probs.shape[-1]
     targets = _resolve_targets(
-        labels, where, weights, cfg.ignore_index, num_local, cfg.axis_name, dtype
+        labels, where, weights, cfg.ignore_index, cfg.axis_name, dtype, num_local
     )
-    lp_y = _gather_target(log_probs.astype(dtype), targets.local, targets.in_shard, cfg.axis_name)
+    lp_y = lb.take(log_probs.astype(dtype), targets.local, targets.in_shard, cfg.axis_name)
     loss = jnp.where(targets.active, -targets.weight * lp_y, jnp.zeros_like(lp_y))
-    loss = c.nan_where(targets.bad, loss)
+    loss = lb.nan_where_bad(targets, loss)
     return (loss, targets.weight), (log_probs, weights, targets, lp_y)
 
 
@@ -476,10 +449,12 @@ def _nll_bwd(
     log_probs, weights, targets, lp_y = residuals
     g_loss, g_weight = cotangents
     num_local = log_probs.shape[-1]
-    coef = c.nan_where(targets.bad, jnp.where(targets.active, g_loss, jnp.zeros_like(g_loss)))
+    coef = lb.nan_where_bad(targets, jnp.where(targets.active, g_loss, jnp.zeros_like(g_loss)))
     is_target = _target_mask(targets, num_local)
     scale = (-coef * targets.weight)[..., None]
-    dlog_probs = jnp.where(is_target, scale, jnp.zeros_like(scale)).astype(log_probs.dtype)
+    dlog_probs = jnp.where(is_target, scale, jnp.zeros_like(scale))
+    # A row with an invalid label has no target entry to carry its NaN: mark the whole row.
+    dlog_probs = lb.nan_where_bad(targets, dlog_probs).astype(log_probs.dtype)
     dweights = None
     if weights is not None:
         per_example = -coef * lp_y + jnp.where(targets.active, g_weight, 0.0)
@@ -541,7 +516,18 @@ def _run_sharded(
     return sh.map_shards(lambda *a: impl(*a, cfg), plan, args, (sh.BATCH, sh.BATCH))
 
 
-def _integer_labels(labels: ArrayLike, layout: c.ClassLayout) -> jax.Array:
+def _as_array(value: ArrayLike, name: str) -> jax.Array:
+    try:
+        return jnp.asarray(value)
+    except (TypeError, ValueError) as error:
+        raise TypeError(
+            f"{name} must be an array (or nested sequence of numbers): {error}"
+        ) from None
+
+
+def _integer_labels(
+    labels: ArrayLike, layout: c.ClassLayout, ignore_index: int | None
+) -> jax.Array:
     labels = c.as_integer_labels(labels)
     if labels.shape != layout.batch_shape:
         raise ValueError(
@@ -549,32 +535,7 @@ def _integer_labels(labels: ArrayLike, layout: c.ClassLayout) -> jax.Array:
             f"{layout.batch_shape} (logits {layout.shape}, class axes {layout.axes}); "
             f"got labels of shape {labels.shape}."
         )
-    # A common signed dtype, so that negative ignore_index values compare correctly.
-    return labels.astype(jnp.int64 if labels.dtype.itemsize > 4 else jnp.int32)
-
-
-def _check_labels_in_range(labels: jax.Array, num_classes: int, ignore_index: int | None) -> None:
-    """Raises (eagerly) or adds a ``checkify`` check (traced) naming the first bad label."""
-    ok = (labels >= 0) & (labels < num_classes)
-    if ignore_index is not None:
-        ok = ok | (labels == ignore_index)
-    if isinstance(labels, jax.core.Tracer):
-        flat_index = jnp.argmin(ok.reshape(-1))
-        checkify.check(
-            jnp.all(ok),
-            "jxent: label {label} at flat index {index} is outside [0, {n}) "
-            "and is not ignore_index",
-            label=labels.reshape(-1)[flat_index],
-            index=flat_index,
-            n=jnp.asarray(num_classes),
-        )
-    elif not bool(jnp.all(ok)):
-        concrete = np.asarray(labels).reshape(-1)
-        first_bad = int(np.argmin(np.asarray(ok).reshape(-1)))
-        raise ValueError(
-            f"jxent: label {concrete[first_bad]} at flat index {first_bad} is outside "
-            f"[0, {num_classes}) and is not ignore_index={ignore_index}."
-        )
+    return lb.widen(labels, ignore_index)
 
 
 _INTEGER_STATIC = (
@@ -620,7 +581,8 @@ def softmax_cross_entropy_with_integer_labels(
     ``torch.nn.functional.cross_entropy(logits, labels, weight=w, ignore_index=...,
     label_smoothing=ε, reduction=...)`` in value and gradient, plus the z-loss: with
     ``reduction="mean"`` the sum is divided by :math:`\sum_n w_{y_n}` over non-ignored
-    examples. One deliberate difference: a mean over no valid example is 0 (PyTorch: NaN).
+    examples. One deliberate difference: a mean over zero total weight is 0 (PyTorch: NaN)
+    when no counted label is invalid; an invalid label makes the mean and sum NaN.
 
     Positional parameters match :func:`optax.softmax_cross_entropy_with_integer_labels`.
 
@@ -673,7 +635,7 @@ def softmax_cross_entropy_with_integer_labels(
     if check_labels and not isinstance(labels, jax.core.Tracer):
         prepared_shape = np.shape(logits)
         layout = c.ClassLayout(prepared_shape, c.canonical_axes(axis, len(prepared_shape)))
-        _check_labels_in_range(jnp.asarray(labels), layout.num_classes, ignore_index)
+        lb.check_in_range(jnp.asarray(labels), layout.num_classes, ignore_index)
         check_labels = False
     return _integer_ce(
         logits,
@@ -713,9 +675,9 @@ def _integer_ce(
         axis_name,
     )
     prepared = _prepare(logits, axis, where, class_weights, reduction, axis_name)
-    int_labels = _integer_labels(labels, prepared.layout)
     if check_labels and axis_name is None:
-        _check_labels_in_range(int_labels, prepared.layout.num_classes, ignore_index)
+        lb.check_in_range(labels, prepared.layout.num_classes, ignore_index)
+    int_labels = _integer_labels(labels, prepared.layout, ignore_index)
     loss, weight = _run_sharded(_integer_ce_impl, cfg, prepared, int_labels, sh.BATCH)
     return c.reduce_loss(loss, weight, reduction)
 
@@ -876,7 +838,7 @@ def nll_loss(
     if check_labels and not isinstance(labels, jax.core.Tracer):
         shape = np.shape(log_probs)
         layout = c.ClassLayout(shape, c.canonical_axes(axis, len(shape)))
-        _check_labels_in_range(jnp.asarray(labels), layout.num_classes, ignore_index)
+        lb.check_in_range(jnp.asarray(labels), layout.num_classes, ignore_index)
         check_labels = False
     return _nll(
         log_probs,
@@ -908,9 +870,9 @@ def _nll(
 ) -> jax.Array:
     c.check_ignore_index(ignore_index)
     prepared = _prepare(log_probs, axis, where, class_weights, reduction, axis_name, "log_probs")
-    int_labels = _integer_labels(labels, prepared.layout)
     if check_labels and axis_name is None:
-        _check_labels_in_range(int_labels, prepared.layout.num_classes, ignore_index)
+        lb.check_in_range(labels, prepared.layout.num_classes, ignore_index)
+    int_labels = _integer_labels(labels, prepared.layout, ignore_index)
     cfg = _NLLConfig(ignore_index, axis_name)
     loss, weight = _run_sharded(_nll_impl, cfg, prepared, int_labels, sh.BATCH)
     return c.reduce_loss(loss, weight, reduction)
@@ -965,7 +927,8 @@ def cross_entropy(
       >>> jax.grad(jxent.cross_entropy)(logits, jnp.array([0, 1])).shape
       (2, 3)
     """
-    label_dtype = jnp.result_type(labels)
+    labels = _as_array(labels, "labels")
+    label_dtype = labels.dtype
     if jnp.issubdtype(label_dtype, jnp.integer):
         return softmax_cross_entropy_with_integer_labels(
             logits,
@@ -990,6 +953,15 @@ def cross_entropy(
         )
     if check_labels:
         raise ValueError("check_labels=True applies to integer labels; got floating labels.")
+    if labels.shape != np.shape(logits):
+        # PyTorch reads floating labels as probabilities only when they have the input's
+        # shape; broadcasting class ids given as floats would silently compute another loss.
+        raise ValueError(
+            f"floating labels are read as class probabilities and must have the logits' "
+            f"shape {np.shape(logits)}; got labels of shape {labels.shape} and dtype "
+            f"{label_dtype}. For class ids, pass integers (e.g. labels.astype(jnp.int32)); "
+            f"for broadcast probabilities, use jxent.softmax_cross_entropy."
+        )
     return softmax_cross_entropy(
         logits,
         labels,

@@ -26,6 +26,7 @@ from jax.sharding import PartitionSpec as P
 from jax.typing import ArrayLike
 
 from jxent import _common as c
+from jxent import _labels as lb
 from jxent import _sharding as sh
 
 # The default chunk keeps one [T, V] float32 logits block within this many bytes: big enough
@@ -43,8 +44,8 @@ _DW_BLOCK = 8192
 class _Config(NamedTuple):
     """Static options of one call (hashable: the ``nondiff_argnums`` of the custom_vjp)."""
 
-    chunk_size: int
-    num_rows: int  # N before padding to a multiple of chunk_size
+    chunk_size: int  # 0 until _local_loss chooses it (chunk_size=None)
+    num_rows: int  # this device's N before padding to a multiple of chunk_size
     ignore_index: int | None
     label_smoothing: float
     z_loss: float
@@ -52,16 +53,6 @@ class _Config(NamedTuple):
     reduction: str
     axis_name: Hashable | None
     batch_axes: tuple[Hashable, ...] = ()  # mesh axes the rows are sharded over (explicit mode)
-
-
-class _Rows(NamedTuple):
-    """Per-example facts that depend only on the labels (computed once, before the scan)."""
-
-    local: jax.Array  # label index into this device's slice of classes
-    in_shard: jax.Array  # the label's class lives on this device
-    active: jax.Array  # counts: a real (not padding) row, not ignored, label in range
-    bad: jax.Array  # label out of range and not ignore_index: NaN loss
-    weight: jax.Array  # w_y for active rows, else 0: the row's share of the mean's divisor
 
 
 def default_chunk_size(num_rows: Any, num_local_classes: Any) -> int:
@@ -105,7 +96,7 @@ def _chunk_logits(
 
 
 def _target_logits(
-    x: jax.Array, w: jax.Array, bias: jax.Array | None, rows: _Rows, cfg: _Config
+    x: jax.Array, w: jax.Array, bias: jax.Array | None, rows: lb.Targets, cfg: _Config
 ) -> jax.Array:
     """``z[n, y_n]`` of one chunk from ``x_n · w[:, y_n]``, on whichever device holds ``y_n``.
 
@@ -121,13 +112,13 @@ def _target_logits(
     if cfg.logit_softcap is not None:
         z = cfg.logit_softcap * jnp.tanh(z / cfg.logit_softcap)
     z = jnp.where(rows.in_shard, z, jnp.zeros_like(z))
-    return _psum(z, cfg.axis_name)
+    return c.psum_over(z, cfg.axis_name)
 
 
 def _chunk_loss(
     z: jax.Array,
     target: jax.Array,
-    rows: _Rows,
+    rows: lb.Targets,
     class_weights: jax.Array | None,
     weight_total: jax.Array,
     num_classes: Any,
@@ -142,20 +133,20 @@ def _chunk_loss(
         weighted = (
             c.class_sum(z, cfg.axis_name)[:, 0]
             if class_weights is None
-            else _psum(jnp.matmul(z, class_weights.astype(z.dtype)), cfg.axis_name)
+            else c.psum_over(jnp.matmul(z, class_weights.astype(z.dtype)), cfg.axis_name)
         )
         loss = loss + eps / num_classes * (weight_total * lse - weighted)
     if cfg.z_loss:
         loss = loss + cfg.z_loss * lse**2
     loss = jnp.where(rows.active, loss, jnp.zeros_like(loss))
-    return c.nan_where(rows.bad, loss), lse
+    return lb.nan_where_bad(rows, loss), lse
 
 
 def _chunk_logits_grad(
     z: jax.Array,
     capped: jax.Array | None,
     lse: jax.Array,
-    rows: _Rows,
+    rows: lb.Targets,
     scale: jax.Array,
     class_weights: jax.Array | None,
     weight_total: jax.Array,
@@ -226,6 +217,24 @@ def _add_product_by_blocks(dw: jax.Array, x: jax.Array, dz: jax.Array) -> jax.Ar
     return lax.fori_loop(0, num_blocks, add_block, dw)
 
 
+def _accumulate_chunk_grads(
+    dz: jax.Array,
+    x: jax.Array,
+    w: jax.Array,
+    dw: jax.Array,
+    db: jax.Array | None,
+    cfg: _Config,
+) -> tuple[tuple[jax.Array, jax.Array | None], jax.Array]:
+    """From one chunk's logits gradient ``dz``: its ``dx`` (summed over the vocabulary's
+    devices) and the ``w`` / ``bias`` gradient accumulators with its share added."""
+    dz_op = dz.astype(x.dtype)
+    dx = c.psum_over(jnp.matmul(dz_op, w.T, preferred_element_type=dz.dtype), cfg.axis_name)
+    dw = _add_input_grad_product(dw, x, dz_op)
+    if db is not None:
+        db = db + jnp.sum(dz, axis=0)
+    return (dw, db), dx.astype(x.dtype)
+
+
 def _gradient_accumulators(
     x: jax.Array, w: jax.Array, bias: jax.Array | None
 ) -> tuple[jax.Array, jax.Array | None]:
@@ -256,70 +265,20 @@ def _parameter_grads(
     return dw, sh.sum_to_primal(db, bias).astype(bias.dtype)
 
 
-def _psum(x: jax.Array, axis_name: Hashable | None) -> jax.Array:
-    return x if axis_name is None else lax.psum(x, axis_name)
-
-
-# ----------------------------------------------------------------------------- layout
-
-
-def _resolve_rows(
-    labels: jax.Array,
-    num_rows: int,
-    class_weights: jax.Array | None,
-    num_local: int,
-    cfg: _Config,
-    dtype: Any,
-) -> _Rows:
-    local = labels - c.class_offset(num_local, cfg.axis_name)
-    in_shard = (local >= 0) & (local < num_local)
-    in_range = (labels >= 0) & (labels < c.global_num_classes(num_local, cfg.axis_name))
-    real = jnp.arange(labels.shape[0]) < num_rows  # padding rows count for nothing
-    counted = real if cfg.ignore_index is None else real & (labels != cfg.ignore_index)
-    bad = counted & ~in_range
-    active = counted & in_range
-    if class_weights is None:
-        weight = active.astype(dtype)
-    else:
-        index = jnp.clip(local, 0, num_local - 1)
-        w_y = jnp.where(in_shard, class_weights.astype(dtype)[index], 0.0)
-        weight = jnp.where(active, _psum(w_y, cfg.axis_name), 0.0)
-    return _Rows(local, in_shard, active, bad, weight)
-
-
 def _to_chunks(tree: Any, chunk: int) -> Any:
     return jax.tree.map(lambda a: a.reshape((a.shape[0] // chunk, chunk, *a.shape[1:])), tree)
 
 
-def _row_scale(rows: _Rows, cotangent: Any) -> jax.Array:
+def _row_scale(rows: lb.Targets, cotangent: Any) -> jax.Array:
     """Per-row factor of the logits' gradient: the cotangent for rows that count, 0 for rows
     that do not (ignored, padding), NaN for rows with an invalid label (their loss is NaN)."""
     g = jnp.broadcast_to(jnp.asarray(cotangent, rows.weight.dtype), rows.weight.shape)
-    return c.nan_where(rows.bad, jnp.where(rows.active, g, jnp.zeros_like(g)))
+    return lb.nan_where_bad(rows, jnp.where(rows.active, g, jnp.zeros_like(g)))
 
 
-def _batch_total(values: jax.Array, cfg: _Config) -> jax.Array:
-    """Sum over every row, including those on other devices when the rows are sharded."""
-    total = jnp.sum(values)
-    return lax.psum(total, cfg.batch_axes) if cfg.batch_axes else total
-
-
-def _mean_scale(rows: _Rows, cfg: _Config) -> jax.Array:
-    """d mean / d loss_n = 1 / Σ w_y; 0 when nothing counts (the mean is then 0, with zero
-    gradient, where PyTorch gives NaN)."""
-    total = _batch_total(rows.weight, cfg)
-    return jnp.where(total == 0, 0.0, 1.0 / jnp.where(total == 0, 1.0, total))
-
-
-def _reduce(losses: jax.Array, rows: _Rows, cfg: _Config) -> jax.Array:
-    if cfg.reduction == "none":
-        return losses
-    total = _batch_total(losses, cfg)
-    if cfg.reduction == "sum":
-        return total
-    divisor = _batch_total(rows.weight, cfg)
-    safe = jnp.where(divisor == 0, 1.0, divisor)
-    return jnp.where(divisor == 0, jnp.zeros_like(total), total / safe)
+def _mean_scale(rows: lb.Targets, cfg: _Config) -> jax.Array:
+    """d mean / d loss_n = 1 / Σ w_y over every row (0 when nothing counts)."""
+    return c.safe_reciprocal(c.batch_total(rows.weight, cfg.batch_axes))
 
 
 def _class_totals(
@@ -329,14 +288,22 @@ def _class_totals(
     num_classes = c.global_num_classes(num_local, cfg.axis_name)
     if class_weights is None:
         return jnp.asarray(num_classes, dtype), num_classes
-    return _psum(jnp.sum(class_weights.astype(dtype)), cfg.axis_name), num_classes
+    return c.psum_over(jnp.sum(class_weights.astype(dtype)), cfg.axis_name), num_classes
 
 
 def _setup(
     x: jax.Array, w: jax.Array, labels: jax.Array, class_weights: jax.Array | None, cfg: _Config
-) -> tuple[_Rows, jax.Array, Any]:
+) -> tuple[lb.Targets, jax.Array, Any]:
     dtype = c.compute_dtype(x.dtype)
-    rows = _resolve_rows(labels, cfg.num_rows, class_weights, w.shape[1], cfg, dtype)
+    rows = lb.resolve(
+        labels,
+        num_local=w.shape[1],
+        axis_name=cfg.axis_name,
+        ignore_index=cfg.ignore_index,
+        class_weights=class_weights,
+        dtype=dtype,
+        counted=jnp.arange(labels.shape[0]) < cfg.num_rows,  # padding rows count for nothing
+    )
     return rows, *_class_totals(class_weights, w.shape[1], cfg, dtype)
 
 
@@ -363,7 +330,7 @@ def _impl(
         return carry, loss
 
     _, losses = lax.scan(step, None, _to_chunks((x, rows), cfg.chunk_size))
-    return _reduce(losses.reshape(-1), rows, cfg)
+    return c.reduce_loss(losses.reshape(-1), rows.weight, cfg.reduction, cfg.batch_axes)
 
 
 def _fwd(
@@ -389,23 +356,19 @@ def _fwd(
         dz = _chunk_logits_grad(
             z, capped, lse, rows_c, scale_c, class_weights, weight_total, num_classes, cfg
         )
-        dz_op = dz.astype(x.dtype)
-        dx_c = _psum(jnp.matmul(dz_op, w.T, preferred_element_type=dz.dtype), cfg.axis_name)
-        dw = _add_input_grad_product(dw, x_c, dz_op)
-        if db is not None:
-            db = db + jnp.sum(dz, axis=0)
-        return (dw, db), (loss, dx_c.astype(x.dtype))
+        (dw, db), dx_c = _accumulate_chunk_grads(dz, x_c, w, dw, db, cfg)
+        return (dw, db), (loss, dx_c)
 
     init = _gradient_accumulators(x, w, bias)
     (dw, db), (losses, dx) = lax.scan(step, init, _to_chunks((x, rows, scale), cfg.chunk_size))
-    loss = _reduce(losses.reshape(-1), rows, cfg)
+    loss = c.reduce_loss(losses.reshape(-1), rows.weight, cfg.reduction, cfg.batch_axes)
     grads = (dx.reshape(x.shape), *_parameter_grads(dw, db, w, bias))
     return loss, grads
 
 
 def _chunk_forward(
     x: jax.Array,
-    rows: _Rows,
+    rows: lb.Targets,
     w: jax.Array,
     bias: jax.Array | None,
     class_weights: jax.Array | None,
@@ -466,12 +429,7 @@ def _bwd_per_example(cfg: _Config, saved: tuple[Any, ...], g: jax.Array) -> tupl
         dz = _chunk_logits_grad(
             z, capped, lse_c, rows_c, g_c, class_weights, weight_total, num_classes, cfg
         )
-        dz_op = dz.astype(x.dtype)
-        dx_c = _psum(jnp.matmul(dz_op, w.T, preferred_element_type=dz.dtype), cfg.axis_name)
-        dw = _add_input_grad_product(dw, x_c, dz_op)
-        if db is not None:
-            db = db + jnp.sum(dz, axis=0)
-        return (dw, db), dx_c.astype(x.dtype)
+        return _accumulate_chunk_grads(dz, x_c, w, dw, db, cfg)
 
     g = _row_scale(rows, g)
     init = _gradient_accumulators(x, w, bias)
@@ -496,6 +454,10 @@ def _check_shapes(
         raise ValueError(f"x must have shape [..., D], got a scalar of shape {x.shape}.")
     if w.ndim != 2:
         raise ValueError(f"w must have shape [D, V], got shape {w.shape}.")
+    if w.shape[1] == 0:
+        raise ValueError(
+            f"w must have at least one class (shape [D, V] with V >= 1), got {w.shape}."
+        )
     if x.shape[-1] != w.shape[0]:
         raise ValueError(
             f"x's last dimension must equal w's first dimension (D): got x of shape "
@@ -570,9 +532,10 @@ def fused_linear_cross_entropy(
     each chunk's logits in the backward pass (four matmuls). Calling it without
     differentiating does no gradient work.
 
-    Ignored examples give loss 0 and no weight in the mean; a mean over no valid example is
-    0 with zero gradient (PyTorch: NaN). A label outside ``[0, V)`` that is not
-    ``ignore_index`` gives NaN for its example (never wrapped to another class).
+    Ignored examples give loss 0 and no weight in the mean; a mean over zero total weight is
+    0 with zero gradient (PyTorch: NaN) when no label is invalid. A label outside ``[0, V)``
+    that is not ``ignore_index`` gives NaN for its example (never wrapped to another class,
+    unsigned labels included), and so do the sum and the mean that include it.
 
     ``chunk_size=None`` splits the ``N`` rows into ``K = ceil(N·V·4 bytes / 256 MiB)``
     equal chunks, i.e. ``T = ceil(N / K)`` rows rounded up to a multiple of 8, so that one
@@ -694,7 +657,10 @@ def _fused_linear_cross_entropy(
     if weights is not None:
         weights = lax.stop_gradient(weights)
 
-    options = _Options(chunk_size, ignore_index, smoothing, z_coef, softcap, reduction, axis_name)
+    # chunk_size 0 and num_rows 0 are filled in per device by _local_loss.
+    options = _Config(
+        chunk_size or 0, 0, ignore_index, smoothing, z_coef, softcap, reduction, axis_name
+    )
     plan = sh.matmul_plan(x, w)
     if plan is None:
         return _local_loss(x, w, bias_arr, labels, weights, options)
@@ -713,26 +679,13 @@ def _fused_linear_cross_entropy(
     return sh.map_shards(local, plan, args, out_kind)
 
 
-class _Options(NamedTuple):
-    """The public function's static options, as validated."""
-
-    chunk_size: int | None
-    ignore_index: int | None
-    label_smoothing: float
-    z_loss: float
-    logit_softcap: float | None
-    reduction: str
-    axis_name: Hashable | None
-    batch_axes: tuple[Hashable, ...] = ()
-
-
 def _local_loss(
     x: jax.Array,
     w: jax.Array,
     bias: jax.Array | None,
     labels: jax.Array,
     weights: jax.Array | None,
-    options: _Options,
+    options: _Config,
 ) -> jax.Array:
     """The loss over the rows of ``x`` (this device's, under explicit sharding)."""
     batch_shape = x.shape[:-1]
@@ -741,12 +694,12 @@ def _local_loss(
     chunk = options.chunk_size or default_chunk_size(num_rows, num_local)
     padded = -(-num_rows // chunk) * chunk
     # A signed label dtype, so that a negative ignore_index compares correctly.
-    flat_labels = labels.reshape(-1).astype(jnp.int64 if labels.dtype.itemsize > 4 else jnp.int32)
+    flat_labels = lb.widen(labels.reshape(-1), options.ignore_index)
     flat_x = x.reshape(num_rows, x.shape[-1])
     if padded != num_rows:
         flat_x = jnp.pad(flat_x, ((0, padded - num_rows), (0, 0)))
         flat_labels = jnp.pad(flat_labels, (0, padded - num_rows))
-    cfg = _Config(chunk, num_rows, *options[1:])
+    cfg = options._replace(chunk_size=chunk, num_rows=num_rows)
     loss = _impl(flat_x, w, bias, flat_labels, weights, cfg)
     if options.reduction == "none":
         return loss[:num_rows].reshape(batch_shape)

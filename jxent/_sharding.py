@@ -113,6 +113,21 @@ def matmul_plan(x: jax.Array, w: jax.Array) -> Plan | None:
     return Plan(mesh, x_entries[:-1], w_entries[1])
 
 
+def check_class_axes_mergeable(x: jax.Array, num_class_axes: int, axes: Any) -> None:
+    """Raises when flattening the last ``num_class_axes`` of ``x`` (class axes in the order
+    given) would need a gather: under explicit sharding only the major one may be sharded."""
+    found = _explicit_entries(x)
+    if found is None or num_class_axes < 2:
+        return
+    entries = found[1][x.ndim - num_class_axes :]
+    if any(entry is not None for entry in entries[1:]):
+        raise ValueError(
+            f"the class axes {axes} are sharded as {entries} (in that order); flattening them "
+            f"into one class axis keeps a sharding only when the first of them alone is "
+            f"sharded. List the sharded class axis first in `axis`, or reshard the logits."
+        )
+
+
 def map_shards(
     kernel: Callable[..., Any],
     p: Plan,

@@ -206,6 +206,17 @@ def test_fused_loss_refuses_a_sharded_contraction_axis():
         jax.jit(jxent.fused_linear_cross_entropy)(X, w, LABELS)
 
 
+def test_tuple_class_axes_sharded_on_a_minor_axis_is_a_clear_error():
+    mesh, _ = make_mesh("classes", "explicit")
+    x = jax.device_put(jnp.ones((4, 3, 16)), NamedSharding(mesh, P(None, None, "v")))
+    labels = jnp.zeros(4, jnp.int32)
+    with pytest.raises(ValueError, match=r"class axes \(1, 2\) are sharded as \(None, 'v'\)"):
+        jax.jit(lambda x: jxent.cross_entropy(x, labels, axis=(1, 2)))(x)
+    # Listed major-first, the sharded axis flattens without a gather.
+    got = jax.jit(lambda x: jxent.cross_entropy(x, labels, axis=(2, 1)))(x)
+    np.testing.assert_allclose(got, jnp.log(48.0), rtol=1e-6)
+
+
 def test_shard_map_with_axis_name_inside_explicit_mesh():
     """User-written vocabulary parallelism keeps working on a jax.make_mesh mesh."""
     mesh, _ = make_mesh("classes", "explicit")
