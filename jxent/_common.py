@@ -576,5 +576,8 @@ def reduce_loss(
     else:
         denominator = batch_total(weight, batch_axes)
     safe = jnp.where(denominator == 0, jnp.ones_like(denominator), denominator)
-    # total · 0 keeps a NaN total NaN (and creates none: total is finite otherwise).
-    return jnp.where(denominator == 0, total * 0.0, total / safe)
+    # Zero weight: 0, or NaN if the total is NaN. Selected rather than total · 0, which
+    # would make a NaN from an infinite total (a valid -inf logit in the BCE) that
+    # jax.debug_nans reports even though this branch is discarded.
+    empty = jnp.where(jnp.isnan(total), total, jnp.zeros_like(total))
+    return jnp.where(denominator == 0, empty, total / safe)
