@@ -1,6 +1,6 @@
 # Two entry points for a fresh machine; each does all its own set-up.
 #   make run   - train the MNIST MLP showcase (experiments/mnist_mlp.py)
-#   make test  - lint, format check, type check and the whole test suite
+#   make test  - lint, format check, type check, package check and the whole test suite
 #   make bench - the CPU benchmark suite (benchmarks/run.py)
 #   make device-check - the accelerator check (benchmarks/device_check.py, <= 8 min on one H100)
 PYTHON ?= python3
@@ -8,7 +8,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: run test lint bench device-check clean
+.PHONY: run test lint package-check bench device-check clean
 
 $(STAMP): requirements.lock pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -25,7 +25,12 @@ lint: $(STAMP)
 	$(BIN)/ruff format --check .
 	$(BIN)/mypy
 
-test: lint
+# Builds the wheel and sdist, installs the wheel into a fresh venv and checks py.typed,
+# the licence and the sdist's tests (~30 s; see tools/check_package.py).
+package-check: $(STAMP)
+	$(BIN)/python tools/check_package.py
+
+test: lint package-check
 	$(BIN)/python -m pytest -n 2 $(ARGS)
 
 bench: $(STAMP)

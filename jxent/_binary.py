@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import functools
-from typing import Any
+from typing import Any, Literal
 
 import jax
 import jax.numpy as jnp
@@ -60,14 +60,13 @@ def _sum_to_shape(x: jax.Array, shape: tuple[int, ...]) -> jax.Array:
 _bce_impl.defvjp(_bce_fwd, _bce_bwd)
 
 
-@functools.partial(jax.jit, static_argnames=("label_smoothing", "reduction"))
 def sigmoid_binary_cross_entropy(
     logits: ArrayLike,
     labels: ArrayLike,
     *,
     pos_weight: ArrayLike | None = None,
     label_smoothing: float = 0.0,
-    reduction: c.Reduction = "none",
+    reduction: Literal["none", "sum", "mean"] = "none",
 ) -> jax.Array:
     r"""Binary cross-entropy of sigmoid probabilities, from logits, with a hand-written gradient.
 
@@ -98,6 +97,24 @@ def sigmoid_binary_cross_entropy(
       >>> jxent.sigmoid_binary_cross_entropy(jnp.array([0.0, 100.0]), jnp.array([1.0, 0.0]))
       Array([  0.6931, 100.    ], dtype=float32)
     """
+    return _sigmoid_binary_cross_entropy(
+        logits=logits,
+        labels=labels,
+        pos_weight=pos_weight,
+        label_smoothing=label_smoothing,
+        reduction=reduction,
+    )
+
+
+@functools.partial(jax.jit, static_argnames=("label_smoothing", "reduction"))
+def _sigmoid_binary_cross_entropy(
+    logits: ArrayLike,
+    labels: ArrayLike,
+    *,
+    pos_weight: ArrayLike | None = None,
+    label_smoothing: float = 0.0,
+    reduction: c.Reduction = "none",
+) -> jax.Array:
     c.check_reduction(reduction)
     eps = c.check_unit_interval(label_smoothing, "label_smoothing")
     x = c.as_floating(logits, "logits")

@@ -92,12 +92,20 @@ def as_floating(x: ArrayLike, name: str) -> jax.Array:
     return x
 
 
+def inexact_dtype(dtype: Any) -> Any:
+    """The floating dtype ``jax.nn`` computes a ``dtype`` input in: inexact dtypes stay;
+    bools and integers of up to 32 bits become float32, 64-bit integers float64 (so with
+    x64 on, an int32 input still gives float32, as in ``jax.nn``)."""
+    dtype = np.dtype(dtype)
+    if jnp.issubdtype(dtype, jnp.inexact):
+        return dtype
+    return np.dtype(np.float64 if dtype.itemsize == 8 else np.float32)
+
+
 def as_inexact(x: ArrayLike) -> jax.Array:
     """Returns ``x`` as an array, promoting integers and bools to float as ``jax.nn`` does."""
     x = jnp.asarray(x)
-    if not jnp.issubdtype(x.dtype, jnp.inexact):
-        x = x.astype(jnp.result_type(float))
-    return x
+    return x if jnp.issubdtype(x.dtype, jnp.inexact) else x.astype(inexact_dtype(x.dtype))
 
 
 def as_integer_labels(labels: ArrayLike) -> jax.Array:
@@ -300,8 +308,23 @@ def class_any(x: jax.Array, axis_name: Hashable | None = None) -> jax.Array:
 
 
 def weighted(weight: jax.Array, value: jax.Array) -> jax.Array:
-    """``weight · value`` with ``0 · inf = 0``: a term with no weight contributes nothing."""
-    return jnp.where(weight == 0, jnp.zeros_like(value), weight * value)
+    """``weight · value`` with ``0 · inf = 0``: a term with no weight contributes nothing.
+
+    The select comes before the product, so that ``0 · inf`` is never formed: a NaN made
+    even in a discarded branch trips ``jax.debug_nans``.
+    """
+    return weight * jnp.where(weight == 0, jnp.zeros_like(value), value)
+
+
+def nan_where(bad: jax.Array, x: jax.Array) -> jax.Array:
+    """``x`` with NaN where ``bad``, made by arithmetic that yields NaN only there.
+
+    ``jnp.where(bad, nan, x)`` would create a NaN constant even when nothing is bad, which
+    ``jax.debug_nans`` reports on valid input (cf. jax-ml/jax#7634); ``0 · inf`` is NaN
+    exactly where ``bad`` holds, and ``x + 0`` elsewhere is ``x``.
+    """
+    poison = jnp.where(bad, jnp.asarray(jnp.inf, x.dtype), jnp.zeros((), x.dtype))
+    return x + poison * jnp.zeros((), x.dtype)
 
 
 def mask(x: jax.Array, where: jax.Array | None, fill: float) -> jax.Array:
@@ -328,12 +351,19 @@ class Normaliser(NamedTuple):
         For ``-log p = (hi - x) + lo``: as accurate as ``log_sum + (shift - x)`` (exact for
         ``x = [3e38, 3e38]``), but consumers see one broadcast per part rather than the
         shift, whose broadcast XLA:CPU would otherwise materialise as a logits-sized array
-        shared with the exponentials. (Knuth's TwoSum; both parts are NaN on empty rows.)
+        shared with the exponentials. (Knuth's TwoSum.)
+
+        On empty rows (``log_sum = -inf``) the parts are ``(+inf, 0)``: every ``-log p``
+        there is ``+inf`` and ``exp(x - hi)`` is 0, never the NaN of ``-inf - (-inf)``,
+        which ``jax.debug_nans`` would report for a fully masked row. Callers zero such
+        rows after the reduction.
         """
-        hi = self.shift + self.log_sum
+        empty = jnp.isneginf(self.log_sum)
+        log_sum = jnp.where(empty, jnp.zeros_like(self.log_sum), self.log_sum)
+        hi = self.shift + log_sum
         b = hi - self.shift
-        lo = (self.shift - (hi - b)) + (self.log_sum - b)
-        return hi, lo
+        lo = (self.shift - (hi - b)) + (log_sum - b)
+        return jnp.where(empty, jnp.full_like(hi, jnp.inf), hi), lo
 
     def log_probs(self, x: jax.Array) -> jax.Array:
         """``x - lse``; ``-inf`` (not NaN) on rows whose entries are all ``-inf``.
@@ -453,14 +483,20 @@ def row_shift(
     )
     if read_first is not None:
         m = jnp.maximum(m, read_first[..., None])
-    return lax.stop_gradient(jnp.minimum(m, jnp.finfo(m.dtype).max))
+    # The clip from below is needed although the max starts at the floor: XLA drops a
+    # reduction's initial value when the reduced axis has size 1, so a single -inf class
+    # (or a masked one) would reach here as -inf. A clip on the O(batch) result, unlike a
+    # select, does not split the fusions.
+    finfo = jnp.finfo(m.dtype)
+    return lax.stop_gradient(jnp.clip(m, finfo.min, finfo.max))
 
 
 def _floored_max(x: jax.Array, axis: int, keepdims: bool = False) -> jax.Array:
     """``max(x, axis)`` started from the most negative finite float instead of ``-inf``.
 
     An all ``-inf`` row then has a finite shift and ``x - shift`` is ``-inf``, never NaN,
-    without a select after the reduction, which would split XLA:CPU's fusions.
+    without a select after the reduction, which would split XLA:CPU's fusions. (For a
+    reduced axis of size 1 XLA ignores the start value; :func:`row_shift` clips.)
     """
     floor = np.asarray(jnp.finfo(x.dtype).min, x.dtype)
     result = lax.reduce(x, floor, lax.max, (axis % x.ndim,))
@@ -540,5 +576,8 @@ def reduce_loss(
     else:
         denominator = batch_total(weight, batch_axes)
     safe = jnp.where(denominator == 0, jnp.ones_like(denominator), denominator)
-    # total · 0 keeps a NaN total NaN (and creates none: total is finite otherwise).
-    return jnp.where(denominator == 0, total * 0.0, total / safe)
+    # Zero weight: 0, or NaN if the total is NaN. Selected rather than total · 0, which
+    # would make a NaN from an infinite total (a valid -inf logit in the BCE) that
+    # jax.debug_nans reports even though this branch is discarded.
+    empty = jnp.where(jnp.isnan(total), total, jnp.zeros_like(total))
+    return jnp.where(denominator == 0, empty, total / safe)

@@ -27,7 +27,7 @@ from __future__ import annotations
 
 import functools
 from collections.abc import Hashable
-from typing import Any, NamedTuple
+from typing import Any, Literal, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -157,7 +157,7 @@ def _neg_log_probs(x: jax.Array, lse_hi: jax.Array, lse_lo: jax.Array) -> jax.Ar
 
     Written so that XLA:CPU fuses it into the class sums that consume it (no subexpression
     shared with the exponentials, no select). Rows whose ``log_sum`` is ``-inf`` (all
-    masked) come out NaN here; the callers zero those rows after the reduction.
+    masked) come out ``+inf`` here; the callers zero those rows after the reduction.
     """
     return (lse_hi - x) + lse_lo
 
@@ -262,8 +262,10 @@ def _integer_ce_bwd(
     if weights is not None:
         # loss_n depends on w through w_y (the NLL term, and the mean's weight) and, with
         # smoothing, on every unmasked w_c.
+        # (Inactive rows' target_nll may be infinite: zeroed first, so 0·inf never forms.)
+        nll = jnp.where(targets.active, target_nll, jnp.zeros_like(target_nll))
         per_example = jnp.where(
-            targets.active, coef * (1.0 - eps) * target_nll + g_weight, jnp.zeros_like(coef)
+            targets.active, coef * (1.0 - eps) * nll + g_weight, jnp.zeros_like(coef)
         )
         dw = _scatter_to_classes(per_example, targets, num_local, dtype)
         if eps:
@@ -349,6 +351,9 @@ def _dense_ce_fwd(
     row_valid = (
         jnp.ones(loss.shape, bool) if where is None else c.class_any(where, cfg.axis_name)[..., 0]
     )
+    # A counted row whose logits are all -inf has no log-probabilities: NaN, as in the
+    # integer CE (the capped class sum alone would give mass · 3.4e38).
+    loss = c.nan_where(row_valid & jnp.isneginf(norm.log_sum[..., 0]), loss)
     loss = jnp.where(row_valid, loss, jnp.zeros_like(loss))
     if c.block_size(x.shape[-1]):
         # Long rows: the backward pass recomputes e from the logits and can write the
@@ -547,14 +552,14 @@ _INTEGER_STATIC = (
 def softmax_cross_entropy_with_integer_labels(
     logits: ArrayLike,
     labels: ArrayLike,
-    axis: c.Axis = -1,
+    axis: int | tuple[int, ...] | None = -1,
     where: ArrayLike | None = None,
     *,
     class_weights: ArrayLike | None = None,
     ignore_index: int | None = None,
     label_smoothing: float = 0.0,
     z_loss: float = 0.0,
-    reduction: c.Reduction = "none",
+    reduction: Literal["none", "sum", "mean"] = "none",
     check_labels: bool = False,
     axis_name: Hashable | None = None,
 ) -> jax.Array:
@@ -616,9 +621,11 @@ def softmax_cross_entropy_with_integer_labels(
       Array([ 0.5, -0.5], dtype=float32)
 
     Note:
-      The gradient is a ``jax.custom_vjp``: ``jax.jvp`` and ``jax.jacfwd`` of this
-      function raise. The backward rule is itself differentiable, so Hessians work by
-      ``jax.hessian`` (forward over reverse) or ``jax.jacrev(jax.jacrev(f))``.
+      Reverse mode only (a ``jax.custom_vjp``): ``jax.jvp`` and ``jax.jacfwd`` raise
+      ``TypeError: can't apply forward-mode autodiff (jvp) to a custom_vjp function``. Use
+      ``jax.jacrev`` for Jacobians and ``jax.hessian`` (forward over reverse, which works
+      because the backward rule is differentiable) or ``jax.jacrev(jax.jacrev(f))`` for
+      Hessians.
 
     References:
       Chowdhery et al., `PaLM <https://arxiv.org/abs/2204.02311>`_, 2022 (z-loss);
@@ -675,19 +682,16 @@ def _integer_ce(
     return c.reduce_loss(loss, weight, reduction)
 
 
-@functools.partial(
-    jax.jit, static_argnames=("axis", "label_smoothing", "z_loss", "reduction", "axis_name")
-)
 def softmax_cross_entropy(
     logits: ArrayLike,
     labels: ArrayLike,
-    axis: c.Axis = -1,
+    axis: int | tuple[int, ...] | None = -1,
     where: ArrayLike | None = None,
     *,
     class_weights: ArrayLike | None = None,
     label_smoothing: float = 0.0,
     z_loss: float = 0.0,
-    reduction: c.Reduction = "none",
+    reduction: Literal["none", "sum", "mean"] = "none",
     axis_name: Hashable | None = None,
 ) -> jax.Array:
     r"""Softmax cross-entropy with probability (dense) targets, with a hand-written gradient.
@@ -735,10 +739,40 @@ def softmax_cross_entropy(
       [0.2761 2.9518]
 
     Note:
-      The gradient is a ``jax.custom_vjp``: ``jax.jvp`` and ``jax.jacfwd`` of this
-      function raise. The backward rule is itself differentiable, so Hessians work by
-      ``jax.hessian`` (forward over reverse) or ``jax.jacrev(jax.jacrev(f))``.
+      Reverse mode only (a ``jax.custom_vjp``): ``jax.jvp`` and ``jax.jacfwd`` raise
+      ``TypeError: can't apply forward-mode autodiff (jvp) to a custom_vjp function``. Use
+      ``jax.jacrev`` for Jacobians and ``jax.hessian`` (forward over reverse, which works
+      because the backward rule is differentiable) or ``jax.jacrev(jax.jacrev(f))`` for
+      Hessians.
     """
+    return _softmax_cross_entropy(
+        logits=logits,
+        labels=labels,
+        axis=axis,
+        where=where,
+        class_weights=class_weights,
+        label_smoothing=label_smoothing,
+        z_loss=z_loss,
+        reduction=reduction,
+        axis_name=axis_name,
+    )
+
+
+@functools.partial(
+    jax.jit, static_argnames=("axis", "label_smoothing", "z_loss", "reduction", "axis_name")
+)
+def _softmax_cross_entropy(
+    logits: ArrayLike,
+    labels: ArrayLike,
+    axis: int | tuple[int, ...] | None = -1,
+    where: ArrayLike | None = None,
+    *,
+    class_weights: ArrayLike | None = None,
+    label_smoothing: float = 0.0,
+    z_loss: float = 0.0,
+    reduction: Literal["none", "sum", "mean"] = "none",
+    axis_name: Hashable | None = None,
+) -> jax.Array:
     cfg = _DenseConfig(
         c.check_unit_interval(label_smoothing, "label_smoothing"),
         c.check_nonnegative(z_loss, "z_loss"),
@@ -761,12 +795,12 @@ def softmax_cross_entropy(
 def nll_loss(
     log_probs: ArrayLike,
     labels: ArrayLike,
-    axis: c.Axis = -1,
+    axis: int | tuple[int, ...] | None = -1,
     where: ArrayLike | None = None,
     *,
     class_weights: ArrayLike | None = None,
     ignore_index: int | None = None,
-    reduction: c.Reduction = "none",
+    reduction: Literal["none", "sum", "mean"] = "none",
     check_labels: bool = False,
     axis_name: Hashable | None = None,
 ) -> jax.Array:
@@ -847,14 +881,14 @@ def _nll(
 def cross_entropy(
     logits: ArrayLike,
     labels: ArrayLike,
-    axis: c.Axis = -1,
+    axis: int | tuple[int, ...] | None = -1,
     where: ArrayLike | None = None,
     *,
     class_weights: ArrayLike | None = None,
     ignore_index: int | None = None,
     label_smoothing: float = 0.0,
     z_loss: float = 0.0,
-    reduction: c.Reduction = "mean",
+    reduction: Literal["none", "sum", "mean"] = "mean",
     check_labels: bool = False,
     axis_name: Hashable | None = None,
 ) -> jax.Array:

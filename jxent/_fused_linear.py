@@ -17,7 +17,7 @@ from __future__ import annotations
 import functools
 import math
 from collections.abc import Hashable
-from typing import Any, NamedTuple
+from typing import Any, Literal, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -493,18 +493,6 @@ def _check_chunk_size(chunk_size: int | None) -> None:
         raise ValueError(f"chunk_size must be a positive int or None, got {chunk_size!r}.")
 
 
-@functools.partial(
-    jax.jit,
-    static_argnames=(
-        "chunk_size",
-        "ignore_index",
-        "label_smoothing",
-        "z_loss",
-        "logit_softcap",
-        "reduction",
-        "axis_name",
-    ),
-)
 def fused_linear_cross_entropy(
     x: ArrayLike,
     w: ArrayLike,
@@ -517,7 +505,7 @@ def fused_linear_cross_entropy(
     label_smoothing: float = 0.0,
     z_loss: float = 0.0,
     logit_softcap: float | None = None,
-    reduction: c.Reduction = "mean",
+    reduction: Literal["none", "sum", "mean"] = "mean",
     axis_name: Hashable | None = None,
 ) -> jax.Array:
     r"""Cross-entropy of ``x @ w + bias`` against integer labels, without forming the logits.
@@ -581,20 +569,22 @@ def fused_linear_cross_entropy(
       inputs are multiplied with float32 accumulation.
 
     Example:
-      >>> import jax, jax.numpy as jnp
-      >>> from jxent._fused_linear import fused_linear_cross_entropy
+      >>> import jax, jax.numpy as jnp, jxent
       >>> x = jnp.array([[1.0, 0.0], [0.0, 2.0]])
       >>> w = jnp.array([[1.0, -1.0, 0.0], [0.5, 0.0, 1.0]])
-      >>> fused_linear_cross_entropy(x, w, jnp.array([0, 2]))
+      >>> jxent.fused_linear_cross_entropy(x, w, jnp.array([0, 2]))
       Array(0.4076, dtype=float32)
-      >>> dx, dw = jax.grad(fused_linear_cross_entropy, argnums=(0, 1))(x, w, jnp.array([0, 2]))
+      >>> loss_grad = jax.grad(jxent.fused_linear_cross_entropy, argnums=(0, 1))
+      >>> dx, dw = loss_grad(x, w, jnp.array([0, 2]))
       >>> dw.shape
       (2, 3)
 
     Note:
-      The gradient is a ``jax.custom_vjp``: ``jax.jvp`` and ``jax.jacfwd`` of this
-      function raise. The backward rule is itself differentiable, so Hessians work by
-      ``jax.hessian`` (forward over reverse) or ``jax.jacrev(jax.jacrev(f))``.
+      Reverse mode only (a ``jax.custom_vjp``): ``jax.jvp`` and ``jax.jacfwd`` raise
+      ``TypeError: can't apply forward-mode autodiff (jvp) to a custom_vjp function``. Use
+      ``jax.jacrev`` for Jacobians and ``jax.hessian`` (forward over reverse, which works
+      because the backward rule is differentiable) or ``jax.jacrev(jax.jacrev(f))`` for
+      Hessians.
 
     References:
       Wijmans et al., `Cut Your Losses in Large-Vocabulary Language Models
@@ -604,6 +594,49 @@ def fused_linear_cross_entropy(
       Gemma Team, `Gemma 2 <https://arxiv.org/abs/2408.00118>`_, 2024 (logit soft-capping);
       Chowdhery et al., `PaLM <https://arxiv.org/abs/2204.02311>`_, 2022 (z-loss).
     """
+    return _fused_linear_cross_entropy(
+        x=x,
+        w=w,
+        labels=labels,
+        bias=bias,
+        chunk_size=chunk_size,
+        class_weights=class_weights,
+        ignore_index=ignore_index,
+        label_smoothing=label_smoothing,
+        z_loss=z_loss,
+        logit_softcap=logit_softcap,
+        reduction=reduction,
+        axis_name=axis_name,
+    )
+
+
+@functools.partial(
+    jax.jit,
+    static_argnames=(
+        "chunk_size",
+        "ignore_index",
+        "label_smoothing",
+        "z_loss",
+        "logit_softcap",
+        "reduction",
+        "axis_name",
+    ),
+)
+def _fused_linear_cross_entropy(
+    x: ArrayLike,
+    w: ArrayLike,
+    labels: ArrayLike,
+    *,
+    bias: ArrayLike | None = None,
+    chunk_size: int | None = None,
+    class_weights: ArrayLike | None = None,
+    ignore_index: int | None = None,
+    label_smoothing: float = 0.0,
+    z_loss: float = 0.0,
+    logit_softcap: float | None = None,
+    reduction: c.Reduction = "mean",
+    axis_name: Hashable | None = None,
+) -> jax.Array:
     c.check_reduction(reduction)
     c.check_axis_name(axis_name)
     c.check_ignore_index(ignore_index)

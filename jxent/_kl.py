@@ -54,6 +54,13 @@ _kl_impl.defvjp(_kl_fwd, _kl_bwd)
 # ----------------------------------------------------------------------------- log-probabilities
 
 
+def _log_ratio(lt: jax.Array, lp: jax.Array) -> jax.Array:
+    """``lt - lp``, but 0 where ``lt = -inf`` (those terms are dropped): never forms
+    ``-inf - (-inf)``, whose NaN ``jax.debug_nans`` reports even in a discarded branch."""
+    skip = jnp.isneginf(lt)
+    return jnp.where(skip, jnp.zeros_like(lt), lt) - jnp.where(skip, jnp.zeros_like(lp), lp)
+
+
 @jax.custom_vjp
 def _kl_log_impl(lp: jax.Array, lt: jax.Array, where: jax.Array | None) -> jax.Array:
     return _kl_log_fwd(lp, lt, where)[0]
@@ -64,7 +71,7 @@ def _kl_log_fwd(
 ) -> tuple[jax.Array, tuple[Any, ...]]:
     dtype = c.compute_dtype(jnp.result_type(lp, lt))
     lpf, ltf = lp.astype(dtype), lt.astype(dtype)
-    terms = jnp.where(jnp.isneginf(ltf), jnp.zeros_like(ltf), jnp.exp(ltf) * (ltf - lpf))
+    terms = jnp.where(jnp.isneginf(ltf), jnp.zeros_like(ltf), jnp.exp(ltf) * _log_ratio(ltf, lpf))
     return c.class_sum(c.mask(terms, where, 0.0))[..., 0], (lp, lt, where)
 
 
@@ -74,7 +81,7 @@ def _kl_log_bwd(residuals: tuple[Any, ...], g: jax.Array) -> tuple[Any, ...]:
     lpf, ltf = lp.astype(g.dtype), lt.astype(g.dtype)
     t = jnp.exp(ltf)
     dlp = c.mask(-g * t, where, 0.0)
-    dlt = jnp.where(jnp.isneginf(ltf), jnp.zeros_like(t), g * t * (ltf - lpf + 1.0))
+    dlt = jnp.where(jnp.isneginf(ltf), jnp.zeros_like(t), g * t * (_log_ratio(ltf, lpf) + 1.0))
     return dlp.astype(lp.dtype), c.mask(dlt, where, 0.0).astype(lt.dtype), None
 
 
@@ -104,11 +111,10 @@ def _apply(
     return impl(lp, sh.reshard_like(t, lp), mask)
 
 
-@functools.partial(jax.jit, static_argnames=("axis",))
 def kl_divergence(
     log_predictions: ArrayLike,
     targets: ArrayLike,
-    axis: c.Axis = -1,
+    axis: int | tuple[int, ...] | None = -1,
     where: ArrayLike | None = None,
 ) -> jax.Array:
     r"""Kullback-Leibler divergence of predictions from target probabilities.
@@ -134,14 +140,18 @@ def kl_divergence(
       >>> jxent.kl_divergence(jnp.log(jnp.array([0.5, 0.5])), jnp.array([1.0, 0.0]))
       Array(0.6931, dtype=float32)
     """
-    return _apply(_kl_impl, log_predictions, targets, axis, where, "targets")
+    return _kl_divergence(
+        log_predictions=log_predictions,
+        targets=targets,
+        axis=axis,
+        where=where,
+    )
 
 
-@functools.partial(jax.jit, static_argnames=("axis",))
 def kl_divergence_with_log_targets(
     log_predictions: ArrayLike,
     log_targets: ArrayLike,
-    axis: c.Axis = -1,
+    axis: int | tuple[int, ...] | None = -1,
     where: ArrayLike | None = None,
 ) -> jax.Array:
     r"""Kullback-Leibler divergence of predictions from targets, both given as log-probabilities.
@@ -167,4 +177,29 @@ def kl_divergence_with_log_targets(
       >>> jxent.kl_divergence_with_log_targets(lp, lp)
       Array(0., dtype=float32)
     """
+    return _kl_divergence_with_log_targets(
+        log_predictions=log_predictions,
+        log_targets=log_targets,
+        axis=axis,
+        where=where,
+    )
+
+
+@functools.partial(jax.jit, static_argnames=("axis",))
+def _kl_divergence(
+    log_predictions: ArrayLike,
+    targets: ArrayLike,
+    axis: c.Axis = -1,
+    where: ArrayLike | None = None,
+) -> jax.Array:
+    return _apply(_kl_impl, log_predictions, targets, axis, where, "targets")
+
+
+@functools.partial(jax.jit, static_argnames=("axis",))
+def _kl_divergence_with_log_targets(
+    log_predictions: ArrayLike,
+    log_targets: ArrayLike,
+    axis: c.Axis = -1,
+    where: ArrayLike | None = None,
+) -> jax.Array:
     return _apply(_kl_log_impl, log_predictions, log_targets, axis, where, "log_targets")

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import functools
 from collections.abc import Hashable
-from typing import Any
+from typing import Any, Literal, overload
 
 import jax
 import jax.numpy as jnp
@@ -77,10 +77,48 @@ def _logsumexp_bwd(
 _logsumexp_impl.defvjp(_logsumexp_fwd, _logsumexp_bwd)
 
 
-@functools.partial(jax.jit, static_argnames=("axis", "keepdims", "return_sign", "axis_name"))
+@overload
 def logsumexp(
     a: ArrayLike,
-    axis: c.Axis = None,
+    axis: int | tuple[int, ...] | None = None,
+    b: ArrayLike | None = None,
+    keepdims: bool = False,
+    return_sign: Literal[False] = False,
+    where: ArrayLike | None = None,
+    *,
+    axis_name: Hashable | None = None,
+) -> jax.Array: ...
+
+
+@overload
+def logsumexp(
+    a: ArrayLike,
+    axis: int | tuple[int, ...] | None = None,
+    b: ArrayLike | None = None,
+    keepdims: bool = False,
+    *,
+    return_sign: Literal[True],
+    where: ArrayLike | None = None,
+    axis_name: Hashable | None = None,
+) -> tuple[jax.Array, jax.Array]: ...
+
+
+@overload
+def logsumexp(
+    a: ArrayLike,
+    axis: int | tuple[int, ...] | None = None,
+    b: ArrayLike | None = None,
+    keepdims: bool = False,
+    return_sign: bool = False,
+    where: ArrayLike | None = None,
+    *,
+    axis_name: Hashable | None = None,
+) -> jax.Array | tuple[jax.Array, jax.Array]: ...
+
+
+def logsumexp(
+    a: ArrayLike,
+    axis: int | tuple[int, ...] | None = None,
     b: ArrayLike | None = None,
     keepdims: bool = False,
     return_sign: bool = False,
@@ -95,7 +133,8 @@ def logsumexp(
         = m + \log \sum_i b_i \exp(a_i - m), \qquad m = \max_i a_i .
 
     A drop-in for :func:`jax.nn.logsumexp`. Half-precision inputs are accumulated in
-    float32; the result has the input's dtype.
+    float32; the result has the dtype ``jax.nn`` gives: that of ``a`` and ``b`` promoted
+    together, integers becoming float32 (float64 for 64-bit integers).
 
     Degenerate cases: a row whose entries are all ``-inf`` (or all masked out) gives
     ``-inf`` with gradient 0; masked entries get gradient exactly 0 whatever they hold;
@@ -104,7 +143,9 @@ def logsumexp(
     Args:
       a: input array. Integer inputs are promoted to float.
       axis: axis or tuple of axes to reduce; ``None`` reduces over all axes.
-      b: optional scaling factors, broadcastable to ``a``; entries with ``b == 0`` are left out.
+      b: optional scaling factors; ``a`` and ``b`` broadcast against each other (as in
+        :func:`jax.nn.logsumexp` and SciPy) and ``axis`` refers to their broadcast shape.
+        Entries with ``b == 0`` are left out.
       keepdims: keep the reduced axes with size 1.
       return_sign: also return the sign of the sum. Without it a negative sum gives NaN.
       where: optional boolean mask, broadcastable to ``a``; ``False`` entries take no part.
@@ -121,24 +162,39 @@ def logsumexp(
       1000.693
 
     Note:
-      The gradient is a ``jax.custom_vjp``: ``jax.jvp`` and ``jax.jacfwd`` of this
-      function raise. The backward rule is itself differentiable, so Hessians work by
-      ``jax.hessian`` (forward over reverse) or ``jax.jacrev(jax.jacrev(f))``.
+      Reverse mode only (a ``jax.custom_vjp``): ``jax.jvp`` and ``jax.jacfwd`` raise
+      ``TypeError: can't apply forward-mode autodiff (jvp) to a custom_vjp function``. Use
+      ``jax.jacrev`` for Jacobians and ``jax.hessian`` (forward over reverse, which works
+      because the backward rule is differentiable) or ``jax.jacrev(jax.jacrev(f))`` for
+      Hessians.
     """
+    return _logsumexp(
+        a,
+        b,
+        where,
+        axis=axis,
+        keepdims=keepdims,
+        return_sign=return_sign,
+        axis_name=axis_name,
+    )
+
+
+@functools.partial(jax.jit, static_argnames=("axis", "keepdims", "return_sign", "axis_name"))
+def _logsumexp(
+    a: ArrayLike,
+    b: ArrayLike | None,
+    where: ArrayLike | None,
+    *,
+    axis: c.Axis,
+    keepdims: bool,
+    return_sign: bool,
+    axis_name: Hashable | None,
+) -> jax.Array | tuple[jax.Array, jax.Array]:
     c.check_axis_name(axis_name)
-    x = c.as_inexact(a)
+    x, b_arr = _promote(a, b)
     layout = c.ClassLayout(x.shape, c.canonical_axes(axis, x.ndim))
     x_last = layout.to_last(x)
-    b_last = None
-    if b is not None:
-        b_arr = c.as_inexact(b)
-        try:
-            b_arr = jnp.broadcast_to(b_arr, x.shape)
-        except ValueError:
-            raise ValueError(
-                f"b of shape {b_arr.shape} is not broadcastable to {x.shape}."
-            ) from None
-        b_last = sh.reshard_like(layout.to_last(b_arr), x_last)
+    b_last = None if b_arr is None else sh.reshard_like(layout.to_last(b_arr), x_last)
     where_last = sh.reshard_like(c.broadcast_where(where, layout), x_last)
     lse, sign = _logsumexp_impl(x_last, b_last, where_last, axis_name)
     out_shape = layout.keepdims_shape() if keepdims else layout.batch_shape
@@ -147,5 +203,28 @@ def logsumexp(
     if return_sign:
         return lse, sign
     if b is not None:
-        lse = jnp.where(sign < 0, jnp.nan, lse).astype(x.dtype)
+        lse = c.nan_where(sign < 0, lse)  # log of a negative sum
     return lse
+
+
+def _promote(a: ArrayLike, b: ArrayLike | None) -> tuple[jax.Array, jax.Array | None]:
+    """``a`` and ``b`` in their common floating dtype, broadcast against each other.
+
+    As :func:`jax.nn.logsumexp`: the dtype is that of ``a`` and ``b`` promoted together
+    (integers becoming float, see :func:`~jxent._common.inexact_dtype`), and either may
+    broadcast the other.
+    """
+    if b is None:
+        return c.as_inexact(a), None
+    x, b_arr = jnp.asarray(a), jnp.asarray(b)
+    dtype = c.inexact_dtype(jnp.result_type(x, b_arr))
+    try:
+        shape = jnp.broadcast_shapes(x.shape, b_arr.shape)
+    except ValueError:
+        raise ValueError(
+            f"b of shape {b_arr.shape} does not broadcast against a of shape {x.shape}."
+        ) from None
+    return (
+        jnp.broadcast_to(x.astype(dtype), shape),
+        jnp.broadcast_to(b_arr.astype(dtype), shape),
+    )

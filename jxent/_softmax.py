@@ -70,7 +70,7 @@ def _inner_with_probabilities(
     total = c.class_reduce(
         jnp.sum, weighted, g, x, where, hi, num_classes=x.shape[-1], axis_name=axis_name
     )
-    # Empty rows (all masked) have hi = lo = NaN; their p, and so their gradient, is 0.
+    # Empty rows (all masked) have hi = +inf, so total = 0; their p, and gradient, is 0.
     return jnp.where(jnp.isneginf(norm.log_sum), 0.0, total * jnp.exp(-lo))
 
 
@@ -126,10 +126,25 @@ def _apply(
     return layout.from_last(out)
 
 
+# The jitted cores; the public functions below are plain typed defs over them, so that
+# type checkers and help() see their real signatures.
 @functools.partial(jax.jit, static_argnames=("axis", "axis_name"))
+def _softmax(
+    x: ArrayLike, where: ArrayLike | None, *, axis: c.Axis, axis_name: Hashable | None
+) -> jax.Array:
+    return _apply(_softmax_impl, x, axis, where, axis_name)
+
+
+@functools.partial(jax.jit, static_argnames=("axis", "axis_name"))
+def _log_softmax(
+    x: ArrayLike, where: ArrayLike | None, *, axis: c.Axis, axis_name: Hashable | None
+) -> jax.Array:
+    return _apply(_log_softmax_impl, x, axis, where, axis_name)
+
+
 def softmax(
     x: ArrayLike,
-    axis: c.Axis = -1,
+    axis: int | tuple[int, ...] | None = -1,
     where: ArrayLike | None = None,
     *,
     axis_name: Hashable | None = None,
@@ -161,21 +176,22 @@ def softmax(
       Array([0., 0., 1.], dtype=float32)
 
     Note:
-      The gradient is a ``jax.custom_vjp``: ``jax.jvp`` and ``jax.jacfwd`` of this
-      function raise. The backward rule is itself differentiable, so Hessians work by
-      ``jax.hessian`` (forward over reverse) or ``jax.jacrev(jax.jacrev(f))``.
+      Reverse mode only (a ``jax.custom_vjp``): ``jax.jvp`` and ``jax.jacfwd`` raise
+      ``TypeError: can't apply forward-mode autodiff (jvp) to a custom_vjp function``. Use
+      ``jax.jacrev`` for Jacobians and ``jax.hessian`` (forward over reverse, which works
+      because the backward rule is differentiable) or ``jax.jacrev(jax.jacrev(f))`` for
+      Hessians.
 
     References:
       Milakov & Gimelshein, `Online normalizer calculation for softmax
       <https://arxiv.org/abs/1805.02867>`_, 2018.
     """
-    return _apply(_softmax_impl, x, axis, where, axis_name)
+    return _softmax(x, where, axis=axis, axis_name=axis_name)
 
 
-@functools.partial(jax.jit, static_argnames=("axis", "axis_name"))
 def log_softmax(
     x: ArrayLike,
-    axis: c.Axis = -1,
+    axis: int | tuple[int, ...] | None = -1,
     where: ArrayLike | None = None,
     *,
     axis_name: Hashable | None = None,
@@ -204,7 +220,10 @@ def log_softmax(
       Array([-0.6931472, -0.6931472], dtype=float32)
 
     Note:
-      Forward-mode autodiff is not available through a ``jax.custom_vjp``; use
-      ``jax.jacrev``.
+      Reverse mode only (a ``jax.custom_vjp``): ``jax.jvp`` and ``jax.jacfwd`` raise
+      ``TypeError: can't apply forward-mode autodiff (jvp) to a custom_vjp function``. Use
+      ``jax.jacrev`` for Jacobians and ``jax.hessian`` (forward over reverse, which works
+      because the backward rule is differentiable) or ``jax.jacrev(jax.jacrev(f))`` for
+      Hessians.
     """
-    return _apply(_log_softmax_impl, x, axis, where, axis_name)
+    return _log_softmax(x, where, axis=axis, axis_name=axis_name)

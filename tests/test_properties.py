@@ -10,6 +10,7 @@ import functools
 
 import hypothesis.extra.numpy as hnp
 import jax
+import jax.numpy as jnp
 import numpy as np
 import reference as ref
 from hypothesis import given, settings
@@ -179,3 +180,73 @@ class TestTransformations:
         np.testing.assert_allclose(
             jax.vmap(jxent.kl_divergence)(lp, t), jxent.kl_divergence(lp, t), rtol=1e-6, atol=1e-6
         )
+
+
+# ----------------------------------------------------------------------------- vs jax.nn
+
+NORMALISERS = {
+    "logsumexp": (jxent.logsumexp, jax.nn.logsumexp),
+    "softmax": (jxent.softmax, jax.nn.softmax),
+    "log_softmax": (jxent.log_softmax, jax.nn.log_softmax),
+}
+# Half precision: jax.nn computes in the input dtype, jxent accumulates in float32.
+TOLERANCE = {"float16": 2e-2, "bfloat16": 3e-2, "float32": 2e-6, "float64": 1e-13}
+
+
+@st.composite
+def normaliser_cases(draw):
+    """A normaliser call with random shape (dims of size 0 to 3), axis (None, an int or a
+    tuple in any order), ``where`` broadcast up to the input, ``b`` broadcast both ways
+    against it (logsumexp), a float dtype, and x64 on or off."""
+    name = draw(st.sampled_from(sorted(NORMALISERS)))
+    x64 = draw(st.booleans())
+    dtype = draw(st.sampled_from(["float32", "float16", "bfloat16"] + ["float64"] * x64))
+    shape = tuple(draw(st.lists(st.integers(0, 3), min_size=0, max_size=3)))
+    a = draw(hnp.arrays(np.float32, shape, elements=st.floats(-5.0, 5.0, width=32)))
+    full = shape
+    b = None
+    if name == "logsumexp" and draw(st.booleans()):
+        # b may expand a's size-1 dims (and a may expand b's), and may have fewer dims.
+        b_shape = tuple(draw(st.sampled_from([1, 2] if d == 1 else [d, 1])) for d in shape)
+        b_shape = b_shape[draw(st.integers(0, len(b_shape))) :]
+        values = st.sampled_from([0.0, 0.5, 1.0, 2.0])
+        b = draw(hnp.arrays(np.float32, b_shape, elements=values))
+        full = np.broadcast_shapes(shape, b_shape)
+    where = None
+    if draw(st.booleans()):
+        where_shape = tuple(draw(st.sampled_from([d, 1])) for d in full)
+        where = draw(hnp.arrays(np.bool_, where_shape))
+    ndim = len(full)
+    axis_choices = [st.none()]
+    if ndim:
+        axis_choices.append(st.integers(-ndim, ndim - 1))
+        axis_choices.append(
+            st.permutations(range(ndim)).flatmap(
+                lambda p: st.integers(1, ndim).map(lambda k: tuple(p[:k]))
+            )
+        )
+    axis = draw(st.one_of(axis_choices))
+    return name, x64, dtype, a, b, where, axis
+
+
+class TestNormalisersMatchJaxNn:
+    """Every normaliser equals ``jax.nn``'s in value, shape and dtype over random calls."""
+
+    @settings(max_examples=40, deadline=None)
+    @given(normaliser_cases())
+    def test_value_shape_and_dtype(self, case):
+        name, x64, dtype, a, b, where, axis = case
+        ours, theirs = NORMALISERS[name]
+        with jax.enable_x64(x64):
+            kwargs = {"axis": axis}
+            if where is not None:
+                kwargs["where"] = jnp.asarray(where)
+            if b is not None:
+                kwargs["b"] = jnp.asarray(b, dtype)
+            x = jnp.asarray(a, dtype)
+            got, expected = ours(x, **kwargs), theirs(x, **kwargs)
+            assert got.shape == expected.shape and got.dtype == expected.dtype
+            tol = TOLERANCE[dtype]
+            np.testing.assert_allclose(
+                np.asarray(got, np.float64), np.asarray(expected, np.float64), rtol=tol, atol=tol
+            )
