@@ -106,7 +106,7 @@ def sigmoid_binary_cross_entropy(
     )
 
 
-@functools.partial(jax.jit, static_argnames=("label_smoothing", "reduction"))
+@c.jit_with_static("label_smoothing", "reduction")
 def _sigmoid_binary_cross_entropy(
     logits: ArrayLike,
     labels: ArrayLike,

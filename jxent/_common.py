@@ -61,6 +61,37 @@ def canonical_axes(axis: Axis, ndim: int, *, name: str = "axis") -> tuple[int, .
     return tuple(axes)
 
 
+def jit_with_static(*static_argnames: str) -> Any:
+    """``jax.jit`` with ``static_argnames``, where a static option passed as an array (or any
+    unhashable value) gets jxent's error naming it instead of JAX's "Non-hashable static
+    arguments". Static options select the compiled program, so they must be Python values.
+    """
+
+    def decorate(fn: Any) -> Any:
+        jitted = jax.jit(fn, static_argnames=static_argnames)
+
+        @functools.wraps(fn)
+        def call(*args: Any, **kwargs: Any) -> Any:
+            for name in static_argnames:
+                if name in kwargs:
+                    _check_static(name, kwargs[name])
+            return jitted(*args, **kwargs)
+
+        call._cache_size = jitted._cache_size  # type: ignore[attr-defined]
+        return call
+
+    return decorate
+
+
+def _check_static(name: str, value: Any) -> None:
+    if isinstance(value, jax.Array | np.ndarray) or not isinstance(value, Hashable):
+        raise TypeError(
+            f"{name} must be a static Python value (it selects the compiled program), got "
+            f"{type(value).__name__} {value!r}; pass a Python number, tuple or string, e.g. "
+            f"float(...) of a concrete scalar."
+        )
+
+
 def check_reduction(reduction: str) -> None:
     if reduction not in REDUCTIONS:
         raise ValueError(f"reduction must be one of {REDUCTIONS}, got {reduction!r}.")

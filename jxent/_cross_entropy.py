@@ -652,7 +652,7 @@ def softmax_cross_entropy_with_integer_labels(
     )
 
 
-@functools.partial(jax.jit, static_argnames=_INTEGER_STATIC)
+@c.jit_with_static(*_INTEGER_STATIC)
 def _integer_ce(
     logits: ArrayLike,
     labels: ArrayLike,
@@ -758,9 +758,7 @@ def softmax_cross_entropy(
     )
 
 
-@functools.partial(
-    jax.jit, static_argnames=("axis", "label_smoothing", "z_loss", "reduction", "axis_name")
-)
+@c.jit_with_static("axis", "label_smoothing", "z_loss", "reduction", "axis_name")
 def _softmax_cross_entropy(
     logits: ArrayLike,
     labels: ArrayLike,
@@ -853,9 +851,7 @@ def nll_loss(
     )
 
 
-@functools.partial(
-    jax.jit, static_argnames=("axis", "ignore_index", "reduction", "check_labels", "axis_name")
-)
+@c.jit_with_static("axis", "ignore_index", "reduction", "check_labels", "axis_name")
 def _nll(
     log_probs: ArrayLike,
     labels: ArrayLike,

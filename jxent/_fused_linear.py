@@ -610,17 +610,14 @@ def fused_linear_cross_entropy(
     )
 
 
-@functools.partial(
-    jax.jit,
-    static_argnames=(
-        "chunk_size",
-        "ignore_index",
-        "label_smoothing",
-        "z_loss",
-        "logit_softcap",
-        "reduction",
-        "axis_name",
-    ),
+@c.jit_with_static(
+    "chunk_size",
+    "ignore_index",
+    "label_smoothing",
+    "z_loss",
+    "logit_softcap",
+    "reduction",
+    "axis_name",
 )
 def _fused_linear_cross_entropy(
     x: ArrayLike,

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import functools
 from typing import Any
 
 import jax
@@ -185,7 +184,7 @@ def kl_divergence_with_log_targets(
     )
 
 
-@functools.partial(jax.jit, static_argnames=("axis",))
+@c.jit_with_static("axis")
 def _kl_divergence(
     log_predictions: ArrayLike,
     targets: ArrayLike,
@@ -195,7 +194,7 @@ def _kl_divergence(
     return _apply(_kl_impl, log_predictions, targets, axis, where, "targets")
 
 
-@functools.partial(jax.jit, static_argnames=("axis",))
+@c.jit_with_static("axis")
 def _kl_divergence_with_log_targets(
     log_predictions: ArrayLike,
     log_targets: ArrayLike,

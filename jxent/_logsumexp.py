@@ -179,7 +179,7 @@ def logsumexp(
     )
 
 
-@functools.partial(jax.jit, static_argnames=("axis", "keepdims", "return_sign", "axis_name"))
+@c.jit_with_static("axis", "keepdims", "return_sign", "axis_name")
 def _logsumexp(
     a: ArrayLike,
     b: ArrayLike | None,

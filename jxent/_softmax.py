@@ -128,14 +128,14 @@ def _apply(
 
 # The jitted cores; the public functions below are plain typed defs over them, so that
 # type checkers and help() see their real signatures.
-@functools.partial(jax.jit, static_argnames=("axis", "axis_name"))
+@c.jit_with_static("axis", "axis_name")
 def _softmax(
     x: ArrayLike, where: ArrayLike | None, *, axis: c.Axis, axis_name: Hashable | None
 ) -> jax.Array:
     return _apply(_softmax_impl, x, axis, where, axis_name)
 
 
-@functools.partial(jax.jit, static_argnames=("axis", "axis_name"))
+@c.jit_with_static("axis", "axis_name")
 def _log_softmax(
     x: ArrayLike, where: ArrayLike | None, *, axis: c.Axis, axis_name: Hashable | None
 ) -> jax.Array:

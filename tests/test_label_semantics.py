@@ -152,3 +152,20 @@ def test_fused_loss_with_zero_classes_is_a_clear_error():
 def test_zero_classes_make_every_reduction_nan(reduction):
     loss = jxent.cross_entropy(jnp.zeros((3, 0)), jnp.array([0, 0, 0]), reduction=reduction)
     assert np.isnan(loss).all()
+
+
+STATIC_OPTIONS = {
+    "label_smoothing": lambda v: jxent.cross_entropy(LOGITS, [0, 1, 2], label_smoothing=v),
+    "z_loss": lambda v: jxent.softmax_cross_entropy(LOGITS, jax.nn.softmax(LOGITS), z_loss=v),
+    "ignore_index": lambda v: jxent.nll_loss(LOGITS, [0, 1, 2], ignore_index=v),
+    "logit_softcap": lambda v: jxent.fused_linear_cross_entropy(X, W, [0, 1, 2], logit_softcap=v),
+    "axis": lambda v: jxent.softmax(LOGITS, axis=v),
+}
+
+
+@pytest.mark.parametrize("name", STATIC_OPTIONS)
+@pytest.mark.parametrize("value", [jnp.float32(0.5), np.array([1]), [1]], ids=["jax", "np", "list"])
+def test_static_option_given_as_an_array_gets_jxents_error(name, value):
+    """Was JAX's "Non-hashable static arguments are not supported"."""
+    with pytest.raises(TypeError, match=rf"^{name} must be a static Python value"):
+        STATIC_OPTIONS[name](value)
