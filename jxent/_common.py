@@ -453,8 +453,7 @@ def exponentials(
         total = class_reduce(jnp.sum, exp_shifted, x, where, shift, num_classes=x.shape[-1])
     if axis_name is not None:
         total = lax.psum(total, axis_name)
-    inverse = jnp.where(total == 0, 0.0, 1.0 / jnp.where(total == 0, 1.0, total))
-    return e, Normaliser(shift, jnp.log(total)), inverse
+    return e, Normaliser(shift, jnp.log(total)), safe_reciprocal(total)
 
 
 def exponentials_residual(logits: jax.Array, e: jax.Array) -> jax.Array:

@@ -103,14 +103,9 @@ def take(
 
 def nan_where_bad(targets: Targets, values: jax.Array) -> jax.Array:
     """``values`` (per example, or ``[..., C]`` per class) with NaN for examples whose
-    label is invalid.
-
-    The NaN comes from ``0 · inf`` only in those entries (``jnp.where`` over a NaN-filled
-    array would create NaNs that ``jax.debug_nans`` reports on valid input).
-    """
+    label is invalid (made without creating a NaN on valid input: see ``c.nan_where``)."""
     bad = targets.bad.reshape(targets.bad.shape + (1,) * (values.ndim - targets.bad.ndim))
-    poison = jnp.where(bad, jnp.inf, 0.0).astype(values.dtype)
-    return jnp.where(bad, poison * 0.0, values)
+    return c.nan_where(bad, values)
 
 
 def check_in_range(labels: ArrayLike, num_classes: int, ignore_index: int | None) -> None:
