@@ -194,6 +194,7 @@ def train(
         resume=resume,
         stop=stop,
         on_chunk=on_chunk,
+        cache_key=(EXPERIMENT, config, corpus.vocab_size),
     )
     if result.interrupted or jax.process_index() != 0:
         return result

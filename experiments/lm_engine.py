@@ -265,6 +265,10 @@ def make_generate(graphdef: Any, context: int, n_words: int) -> Callable:
 # The loop.
 
 
+# Compiled step functions by cache key (see ``fit``).
+_STEP_FUNCTIONS: dict[Any, tuple[Callable, ...]] = {}
+
+
 @dataclasses.dataclass
 class LMResult:
     """What ``fit`` leaves: best params (host), per-epoch records, test perplexity, exit status."""
@@ -296,11 +300,14 @@ def fit(
     resume: bool = False,
     stop: StopRequest | None = None,
     on_chunk: Callable[[int, int], None] | None = None,
+    cache_key: Any = None,
 ) -> LMResult:
     """Trains ``model`` on ``corpus.ids[corpus.train]``, checkpointing every epoch.
 
     ``resume`` continues from the newest complete checkpoint under ``run_dir`` (from the start
     if there is none). ``on_chunk(epoch, step)`` is a test hook called after every chunk.
+    ``cache_key``: a hashable value that fully determines ``optimizer`` (e.g. the experiment's
+    frozen config); runs in one process with equal keys share compiled step functions.
     """
     stop = stop if stop is not None else StopRequest()
     mesh = devices.make_mesh(options.devices)
@@ -352,9 +359,23 @@ def fit(
     n_steps = steps_per_epoch(len(train_ids), options.batch_size, options.context)
     chunks = engine.chunk_bounds(n_steps, options.chunk_steps)
     loss_fn = make_loss(options.loss, options.label_smoothing, options.z_loss)
-    train_chunk = make_train_chunk(graphdef, optimizer, loss_fn, mesh, options.context)
-    evaluate = make_evaluate(graphdef, options.eval_batch)
-    permute = make_permute(len(train_ids), options.batch_size, options.context)
+
+    def build_step_functions() -> tuple[Callable, ...]:
+        return (
+            make_train_chunk(graphdef, optimizer, loss_fn, mesh, options.context),
+            make_evaluate(graphdef, options.eval_batch),
+            make_permute(len(train_ids), options.batch_size, options.context),
+            make_generate(graphdef, options.context, options.sample_words),
+        )
+
+    if cache_key is None:
+        train_chunk, evaluate, permute, generate = build_step_functions()
+    else:
+        # Same config, graph and data size: reuse the compiled functions (tests run many).
+        key = (cache_key, graphdef, options, len(train_ids))
+        if key not in _STEP_FUNCTIONS:
+            _STEP_FUNCTIONS[key] = build_step_functions()
+        train_chunk, evaluate, permute, generate = _STEP_FUNCTIONS[key]
 
     params, opt_state, best_params = state["params"], state["opt_state"], state["best_params"]
     best_valid = min((r["valid_perplexity"] for r in records), default=math.inf)
@@ -440,7 +461,6 @@ def fit(
     test_ppl = perplexity(*evaluate(best_params, *test))
     sample = None
     if options.sample_words:
-        generate = make_generate(graphdef, options.context, options.sample_words)
         prompt = jnp.asarray(corpus.ids[corpus.test][: options.context])
         words = generate(best_params, prompt, jax.random.key(options.seed))
         sample = " ".join(corpus.words(np.asarray(words)))

@@ -32,6 +32,7 @@ import optax
 import runfiles
 from data import mnist
 from flax import nnx
+from plots import write_plots
 from signals import StopRequest
 
 EXPERIMENT = "mnist_lenet5"
@@ -153,7 +154,7 @@ def train(
         cache_key=(EXPERIMENT, config),
     )
     if plots and not result.interrupted and jax.process_index() == 0:
-        plots.write_plots(run_dir, result, data, f"LeNet-5, {config.loss} loss")
+        write_plots(run_dir, result, data, f"LeNet-5, {config.loss} loss")
     return result
 
 

@@ -33,6 +33,7 @@ import optax
 import runfiles
 from data import mnist
 from flax import nnx
+from plots import write_plots
 from signals import StopRequest
 
 EXPERIMENT = "mnist_mlp"
@@ -154,7 +155,7 @@ def train(
     )
     if plots and not result.interrupted and jax.process_index() == 0:
         title = f"MLP {'-'.join(map(str, (784, *config.hidden, 10)))}, {config.loss} loss"
-        plots.write_plots(run_dir, result, data, title)
+        write_plots(run_dir, result, data, title)
     return result
 
 
