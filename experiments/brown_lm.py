@@ -65,6 +65,9 @@ class Config:
     embed_dim: int = 60
     label_smoothing: float = 0.0
     z_loss: float = 0.0
+    # Tokens per block of jxent's fused output layer (0: jxent's own choice, one block of the
+    # whole 2048-token batch at the default shapes; 512 holds less memory but runs slower).
+    loss_chunk: int = 0
     eval_stride: int | None = None
     seed: int = 0
     loss: str = "jxent"
@@ -155,6 +158,7 @@ def lm_options(config: Config, progress: bool) -> lm_engine.LMOptions:
         loss=config.loss,
         label_smoothing=config.label_smoothing,
         z_loss=config.z_loss,
+        loss_chunk=config.loss_chunk or None,
         devices=config.devices,
         chunk_steps=config.chunk_steps,
         eval_stride=config.eval_stride,
@@ -238,7 +242,11 @@ def compiled_step_memory(config: Config, corpus: brown.Corpus, loss: str) -> dic
     optimizer = build_optimizer(config, n_steps)
     step = jax.jit(
         lm_engine.make_train_step(
-            graphdef, optimizer, lm_engine.make_loss(loss, config.label_smoothing, config.z_loss)
+            graphdef,
+            optimizer,
+            lm_engine.make_loss(
+                loss, config.label_smoothing, config.z_loss, config.loss_chunk or None
+            ),
         ),
         donate_argnums=(0, 1),
     )
@@ -252,7 +260,9 @@ def compiled_step_memory(config: Config, corpus: brown.Corpus, loss: str) -> dic
     }
 
 
-def interleaved_step_times(config: Config, corpus: brown.Corpus, rounds: int) -> dict[str, Any]:
+def interleaved_step_times(
+    config: Config, corpus: brown.Corpus, rounds: int, steps: int | None = None
+) -> dict[str, Any]:
     """Seconds per train step of each loss, timed in alternating order (A-B, B-A, ...).
 
     Each round times one chunk of steps per loss; round 0 compiles and is not counted.
@@ -265,14 +275,18 @@ def interleaved_step_times(config: Config, corpus: brown.Corpus, rounds: int) ->
     tokens = jnp.asarray(corpus.ids[corpus.train])
     permute = lm_engine.make_permute(len(tokens), config.batch_size, config.context)
     order = permute(jax.random.key(config.seed))
-    steps = min(config.chunk_steps, order.shape[0])
+    steps = min(steps or config.chunk_steps, order.shape[0])
     runners: dict[str, list[Any]] = {}
     for loss in lm_engine.LOSSES:
         cfg = dataclasses.replace(config, loss=loss)
         graphdef, params = nnx.split(build_model(cfg, corpus.vocab_size), nnx.Param)
         optimizer = build_optimizer(cfg, order.shape[0])
         chunk = lm_engine.make_train_chunk(
-            graphdef, optimizer, lm_engine.make_loss(loss), mesh, cfg.context
+            graphdef,
+            optimizer,
+            lm_engine.make_loss(loss, chunk=cfg.loss_chunk or None),
+            mesh,
+            cfg.context,
         )
         runners[loss] = [chunk, params, optimizer.init(params)]
     times: dict[str, list[float]] = {loss: [] for loss in runners}
@@ -317,7 +331,7 @@ def compare(config: Config, args: argparse.Namespace, run_dir: Path) -> int:
         results[loss] = runfiles.read_json(out / "results.json")
     corpus = brown.load_brown(config.data_dir)
     print(f"compare: timing the train steps interleaved ({args.compare_rounds} rounds)")
-    timing = interleaved_step_times(config, corpus, args.compare_rounds)
+    timing = interleaved_step_times(config, corpus, args.compare_rounds, args.compare_steps)
     memory = {loss: compiled_step_memory(config, corpus, loss) for loss in lm_engine.LOSSES}
     report = {
         "test_perplexity": {k: v["test_perplexity"] for k, v in results.items()},
@@ -383,6 +397,7 @@ def make_parser() -> argparse.ArgumentParser:
         "hidden",
         "embed_dim",
         "chunk_steps",
+        "loss_chunk",
     ):
         parser.add_argument(
             f"--{name.replace('_', '-')}", type=int, default=getattr(defaults, name)
@@ -422,7 +437,10 @@ def make_parser() -> argparse.ArgumentParser:
         action="store_true",
         help="train with jxent and with optax, then time and size both train steps",
     )
-    parser.add_argument("--compare-rounds", type=int, default=20)
+    parser.add_argument(
+        "--compare-rounds", type=int, default=10, help="timed rounds per loss for --compare"
+    )
+    parser.add_argument("--compare-steps", type=int, default=10, help="train steps per timed round")
     return parser
 
 

@@ -55,6 +55,7 @@ class LMOptions:
     loss: str = "jxent"
     label_smoothing: float = 0.0
     z_loss: float = 0.0
+    loss_chunk: int | None = None
     devices: int = 1
     chunk_steps: int = 50
     eval_stride: int = 32
@@ -63,13 +64,25 @@ class LMOptions:
     progress: bool = True
 
 
-def make_loss(name: str, label_smoothing: float = 0.0, z_loss: float = 0.0) -> Callable:
-    """``(features (N, D), w (D, V), bias (V,), labels (N,)) -> mean CE``: jxent's or optax's."""
+def make_loss(
+    name: str, label_smoothing: float = 0.0, z_loss: float = 0.0, chunk: int | None = None
+) -> Callable:
+    """``(features (N, D), w (D, V), bias (V,), labels (N,)) -> mean CE``: jxent's or optax's.
+
+    ``chunk``: tokens per block of jxent's fused loss (None: its own choice, which keeps a
+    whole batch of 2048 x 14,114 logits in one 116 MB block).
+    """
     if name == "jxent":
 
         def fused(features, w, bias, labels):
             return jxent.fused_linear_cross_entropy(
-                features, w, labels, bias=bias, label_smoothing=label_smoothing, z_loss=z_loss
+                features,
+                w,
+                labels,
+                bias=bias,
+                chunk_size=chunk,
+                label_smoothing=label_smoothing,
+                z_loss=z_loss,
             )
 
         return fused
@@ -358,7 +371,7 @@ def fit(
     )
     n_steps = steps_per_epoch(len(train_ids), options.batch_size, options.context)
     chunks = engine.chunk_bounds(n_steps, options.chunk_steps)
-    loss_fn = make_loss(options.loss, options.label_smoothing, options.z_loss)
+    loss_fn = make_loss(options.loss, options.label_smoothing, options.z_loss, options.loss_chunk)
 
     def build_step_functions() -> tuple[Callable, ...]:
         return (
