@@ -47,10 +47,10 @@ def main(which: str, run_dir: Path, resume: bool) -> None:
             plots=False,
         )
     else:
-        import brown_lm
+        import brown_train
         import test_brown_lm
 
-        result = brown_lm.train(
+        result = brown_train.train(
             test_brown_lm.TINY,
             run_dir,
             resume=resume,

@@ -22,12 +22,13 @@ from flax import nnx
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "experiments"))
 
 import brown_lm
+import brown_train
 import lm_engine
 import runfiles
 import signals
 from data import brown
 
-TINY = brown_lm.Config(
+TINY = brown_train.Config(
     epochs=2, batch_size=4, context=16, width=32, depth=1, heads=2, chunk_steps=17,
     learning_rate=1e-2, warmup_steps=5, dropout=0.1,
 )  # fmt: skip
@@ -58,8 +59,8 @@ def corpus() -> brown.Corpus:
     return small_corpus()
 
 
-def model_of(config: brown_lm.Config, vocab: int) -> nnx.Module:
-    return brown_lm.build_model(config, vocab)
+def model_of(config: brown_train.Config, vocab: int) -> nnx.Module:
+    return brown_train.build_model(config, vocab)
 
 
 @pytest.mark.parametrize("config", [TINY, TINY_NPLM], ids=["transformer", "nplm"])
@@ -99,7 +100,7 @@ def test_nplm_sees_exactly_the_previous_n_minus_1_words():
 def test_one_training_step_decreases_the_loss(config, loss):
     config = dataclasses.replace(config, loss=loss, dropout=0.0)
     graphdef, params = nnx.split(model_of(config, 50), nnx.Param)
-    optimizer = brown_lm.build_optimizer(dataclasses.replace(config, warmup_steps=0), 10)
+    optimizer = brown_train.build_optimizer(dataclasses.replace(config, warmup_steps=0), 10)
     loss_fn = lm_engine.make_loss(loss)
     step = jax.jit(lm_engine.make_train_step(graphdef, optimizer, loss_fn))
     windows = jax.random.randint(jax.random.key(1), (8, config.context + 1), 0, 50)
@@ -146,7 +147,7 @@ def test_perplexity_of_a_uniform_model_is_the_vocabulary_size(corpus):
 @pytest.fixture(scope="module")
 def reference(tmp_path_factory, corpus):
     run_dir = tmp_path_factory.mktemp("brown-reference")
-    return run_dir, brown_lm.train(TINY, run_dir, corpus=corpus, progress=False)
+    return run_dir, brown_train.train(TINY, run_dir, corpus=corpus, progress=False)
 
 
 def without_timings(records):
@@ -168,7 +169,7 @@ def test_smoke_run_learns_and_leaves_every_artefact(reference, corpus):
 
 
 def test_nplm_trains(tmp_path, corpus):
-    result = brown_lm.train(TINY_NPLM, tmp_path, corpus=corpus, progress=False, plots_too=False)
+    result = brown_train.train(TINY_NPLM, tmp_path, corpus=corpus, progress=False, plots_too=False)
     assert result.test_perplexity < corpus.vocab_size / 2
 
 
@@ -179,10 +180,10 @@ def test_resume_after_sigint_mid_epoch_matches_uninterrupted_run(tmp_path, corpu
 
     stop = signals.StopRequest()
     with stop.installed():
-        first = brown_lm.train(TINY, tmp_path, corpus=corpus, progress=False, stop=stop,
+        first = brown_train.train(TINY, tmp_path, corpus=corpus, progress=False, stop=stop,
                                on_chunk=interrupt, plots_too=False)  # fmt: skip
     assert first.interrupted and first.exit_code == signals.EXIT_INTERRUPTED
-    resumed = brown_lm.train(TINY, tmp_path, corpus=corpus, progress=False, resume=True)
+    resumed = brown_train.train(TINY, tmp_path, corpus=corpus, progress=False, resume=True)
     assert resumed.test_perplexity == reference[1].test_perplexity
     assert without_timings(runfiles.read_metrics(tmp_path / "metrics.jsonl")) == without_timings(
         reference[1].records
@@ -194,7 +195,7 @@ def test_resume_with_more_epochs_extends_a_finished_run(tmp_path, corpus, refere
     run_dir = tmp_path / "run"
     shutil.copytree(reference[0], run_dir)
     longer = dataclasses.replace(TINY, epochs=3)
-    result = brown_lm.train(
+    result = brown_train.train(
         longer, run_dir, corpus=corpus, progress=False, resume=True, plots_too=False
     )
     assert [r["epoch"] for r in result.records] == [1, 2, 3]
