@@ -22,11 +22,13 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-import common
+import devices  # noqa: F401  (puts a plain checkout's jxent on the path)
 import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
+import plots
+import runfiles
 from flax import nnx
 
 import jxent
@@ -107,7 +109,7 @@ def plot_decision_boundaries(
     models: dict[str, Any], points: np.ndarray, labels: np.ndarray, scores: dict, path: Path
 ) -> None:
     """One panel per recipe: predicted class over the plane, test points on top."""
-    plt = common._pyplot()
+    plt = plots.pyplot()
     lo, hi = points.min(0) - 1, points.max(0) + 1
     gx, gy = np.meshgrid(np.linspace(lo[0], hi[0], 300), np.linspace(lo[1], hi[1], 300))
     grid = np.stack([gx.ravel(), gy.ravel()], 1).astype(np.float32)
@@ -149,7 +151,7 @@ def run(out_dir: Path, seed: int = 0, n_per_cluster: int = 200, epochs: int = 10
         "n_test": len(test_y),
         "seed": seed,
     }
-    common.write_json_atomic(out_dir / "metrics.json", report)
+    runfiles.write_json_atomic(out_dir / "metrics.json", report)
     print(f"five clusters, {split} train / {len(test_y)} test points, {epochs} full-batch epochs:")
     for name, score in scores.items():
         print(f"  {name:40s} test accuracy {100 * score:5.1f}%")
@@ -168,7 +170,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--out-dir", default=None, help="default: runs/five_clusters/<timestamp>")
     args = parser.parse_args(argv)
     run(
-        common.new_run_dir(EXPERIMENT, args.out_dir),
+        runfiles.new_run_dir(EXPERIMENT, args.out_dir),
         seed=args.seed,
         n_per_cluster=args.points_per_cluster,
         epochs=args.epochs,

@@ -24,10 +24,16 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-import common
+import cli
+import engine
 import jax
+import losses
 import optax
+import runfiles
+from data import mnist
 from flax import nnx
+from plots import write_plots
+from signals import StopRequest
 
 EXPERIMENT = "mnist_lenet5"
 
@@ -58,7 +64,7 @@ class LeNet5(nnx.Module):
         self.conv2 = nnx.Conv(6, 16, (5, 5), padding="VALID", kernel_init=glorot, rngs=rngs)
         self.fc1 = nnx.Linear(16 * 4 * 4, 120, kernel_init=glorot, rngs=rngs)
         self.fc2 = nnx.Linear(120, 84, kernel_init=glorot, rngs=rngs)
-        self.fc3 = nnx.Linear(84, common.NUM_CLASSES, kernel_init=glorot, rngs=rngs)
+        self.fc3 = nnx.Linear(84, mnist.NUM_CLASSES, kernel_init=glorot, rngs=rngs)
 
     def __call__(self, x: jax.Array, *, dropout_key: jax.Array | None = None) -> jax.Array:
         """Logits for images ``(B, 28, 28)`` or ``(B, 784)``; LeNet-5 has no dropout."""
@@ -108,27 +114,32 @@ def train(
     run_dir: Path,
     *,
     resume: bool = False,
-    data: common.Dataset | None = None,
+    data: mnist.MNIST | None = None,
     progress: bool = True,
-    stop: common.StopRequest | None = None,
+    stop: StopRequest | None = None,
     on_chunk: Any = None,
     plots: bool = True,
-) -> common.FitResult:
+) -> engine.FitResult:
     """Trains, evaluates and writes every artefact of one run into ``run_dir``.
 
     ``data`` replaces the MNIST loader (tests); ``plots=False`` skips the PNGs (tests);
-    ``stop``/``on_chunk`` are the interruption flag and a per-chunk hook (see ``common.fit``).
+    ``stop``/``on_chunk`` are the interruption flag and a per-chunk hook (see ``engine.fit``).
     """
-    data = common.prepare_run(config, run_dir, resume=resume, data=data)
-    result = common.fit(
+    data = (
+        data
+        if data is not None
+        else mnist.load_dataset(config.data_dir, config.train_limit, config.test_limit)
+    )
+    runfiles.ensure_config(run_dir, config)
+    result = engine.fit(
         model=build_model(config),
         optimizer=build_optimizer(
-            config, common.steps_per_epoch(len(data.train_images), config.batch_size)
+            config, engine.steps_per_epoch(len(data.train_images), config.batch_size)
         ),
-        loss_fn=common.make_loss(config.loss),
-        eval_loss_fn=common.make_loss(config.loss),
+        loss_fn=losses.make_loss(config.loss),
+        eval_loss_fn=losses.make_loss(config.loss),
         data=data,
-        options=common.FitOptions(
+        options=engine.FitOptions(
             epochs=config.epochs,
             batch_size=config.batch_size,
             seed=config.seed,
@@ -143,11 +154,11 @@ def train(
         cache_key=(EXPERIMENT, config),
     )
     if plots and not result.interrupted and jax.process_index() == 0:
-        common.write_plots(run_dir, result, data, f"LeNet-5, {config.loss} loss")
+        write_plots(run_dir, result, data, f"LeNet-5, {config.loss} loss")
     return result
 
 
-def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
+def make_parser() -> argparse.ArgumentParser:
     defaults = Config()
     parser = argparse.ArgumentParser(
         description="Train the Keras tutorial's LeNet-5 on MNIST with jxent's cross-entropy.",
@@ -162,13 +173,13 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         default=defaults.schedule,
         help="learning-rate schedule; `constant` is the Keras tutorial's exact recipe",
     )
-    common.add_run_flags(parser, defaults, EXPERIMENT)
-    return parser.parse_args(argv)
+    cli.add_run_flags(parser, defaults, EXPERIMENT)
+    return parser
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Command-line entry point; returns the process exit status."""
-    return common.run_from_args(EXPERIMENT, Config, parse_args(argv), train)
+    return cli.run_from_args(EXPERIMENT, Config, make_parser(), argv, train)
 
 
 if __name__ == "__main__":

@@ -24,10 +24,17 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-import common
+import cli
+import devices
+import engine
 import jax
+import losses
 import optax
+import runfiles
+from data import mnist
 from flax import nnx
+from plots import write_plots
+from signals import StopRequest
 
 EXPERIMENT = "mnist_mlp"
 
@@ -63,7 +70,7 @@ class MLP(nnx.Module):
             [nnx.Linear(n_in, n_out, rngs=rngs) for n_in, n_out in itertools.pairwise(sizes)]
         )
         self.dropout = nnx.Dropout(dropout)
-        self.head = nnx.Linear(sizes[-1], common.NUM_CLASSES, rngs=rngs)
+        self.head = nnx.Linear(sizes[-1], mnist.NUM_CLASSES, rngs=rngs)
 
     def __call__(self, x: jax.Array, *, dropout_key: jax.Array | None = None) -> jax.Array:
         """Logits for images ``(B, 28, 28)`` or ``(B, 784)``; dropout iff a key is given."""
@@ -107,26 +114,31 @@ def train(
     run_dir: Path,
     *,
     resume: bool = False,
-    data: common.Dataset | None = None,
+    data: mnist.MNIST | None = None,
     progress: bool = True,
-    stop: common.StopRequest | None = None,
+    stop: StopRequest | None = None,
     on_chunk: Any = None,
     plots: bool = True,
-) -> common.FitResult:
+) -> engine.FitResult:
     """Trains, evaluates and writes every artefact of one run into ``run_dir``.
 
     ``data`` replaces the MNIST loader (tests); ``plots=False`` skips the PNGs (tests);
-    ``stop``/``on_chunk`` are the interruption flag and a per-chunk hook (see ``common.fit``).
+    ``stop``/``on_chunk`` are the interruption flag and a per-chunk hook (see ``engine.fit``).
     """
-    data = common.prepare_run(config, run_dir, resume=resume, data=data)
-    n_steps = common.steps_per_epoch(len(data.train_images), config.batch_size)
-    result = common.fit(
+    data = (
+        data
+        if data is not None
+        else mnist.load_dataset(config.data_dir, config.train_limit, config.test_limit)
+    )
+    runfiles.ensure_config(run_dir, config)
+    n_steps = engine.steps_per_epoch(len(data.train_images), config.batch_size)
+    result = engine.fit(
         model=build_model(config),
         optimizer=build_optimizer(config, n_steps),
-        loss_fn=common.make_loss(config.loss, config.label_smoothing),
-        eval_loss_fn=common.make_loss(config.loss),
+        loss_fn=losses.make_loss(config.loss, config.label_smoothing),
+        eval_loss_fn=losses.make_loss(config.loss),
         data=data,
-        options=common.FitOptions(
+        options=engine.FitOptions(
             epochs=config.epochs,
             batch_size=config.batch_size,
             seed=config.seed,
@@ -143,11 +155,11 @@ def train(
     )
     if plots and not result.interrupted and jax.process_index() == 0:
         title = f"MLP {'-'.join(map(str, (784, *config.hidden, 10)))}, {config.loss} loss"
-        common.write_plots(run_dir, result, data, title)
+        write_plots(run_dir, result, data, title)
     return result
 
 
-def compare_throughput(config: Config, data: common.Dataset, rounds: int) -> dict[str, Any]:
+def compare_throughput(config: Config, data: mnist.MNIST, rounds: int) -> dict[str, Any]:
     """Images/s of jxent's and optax's loss on the identical model, measured interleaved.
 
     Each round runs one epoch per loss, chunk by chunk, alternating the losses chunk by chunk in
@@ -155,21 +167,21 @@ def compare_throughput(config: Config, data: common.Dataset, rounds: int) -> dic
     """
     import jax.numpy as jnp
 
-    mesh = common.make_mesh(config.devices)
-    n_steps = common.steps_per_epoch(len(data.train_images), config.batch_size)
+    mesh = devices.make_mesh(config.devices)
+    n_steps = engine.steps_per_epoch(len(data.train_images), config.batch_size)
     images = jnp.asarray(data.train_images.reshape(len(data.train_images), -1))
     labels = jnp.asarray(data.train_labels)
     order = jax.random.permutation(jax.random.key(config.seed), len(images))
     order = order[: n_steps * config.batch_size].reshape(n_steps, config.batch_size)
-    chunks = common.chunk_bounds(n_steps, config.chunk_steps)
+    chunks = engine.chunk_bounds(n_steps, config.chunk_steps)
     optimizer = build_optimizer(config, n_steps)
     runners = {}
-    for loss in common.LOSSES:
+    for loss in losses.LOSSES:
         graphdef, params = nnx.split(build_model(config), nnx.Param)
-        step_fn = common.make_train_chunk(
+        step_fn = engine.make_train_chunk(
             graphdef,
             optimizer,
-            common.make_loss(loss, config.label_smoothing),
+            losses.make_loss(loss, config.label_smoothing),
             mesh,
             config.max_shift,
         )
@@ -179,10 +191,10 @@ def compare_throughput(config: Config, data: common.Dataset, rounds: int) -> dic
     key = jax.random.key(config.seed + 1)
     for round_index in range(rounds + 1):
         for chunk_index, (start, stop) in enumerate(chunks):
-            losses = list(runners)
+            order_of_losses = list(runners)
             if (round_index + chunk_index) % 2:
-                losses.reverse()
-            for loss in losses:
+                order_of_losses.reverse()
+            for loss in order_of_losses:
                 step_fn, params, opt_state = runners[loss]
                 t0 = time.perf_counter()
                 params, opt_state, chunk_loss = step_fn(
@@ -208,7 +220,7 @@ def compare_throughput(config: Config, data: common.Dataset, rounds: int) -> dic
     return summary
 
 
-def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
+def make_parser() -> argparse.ArgumentParser:
     defaults = Config()
     parser = argparse.ArgumentParser(
         description="Train a Flax NNX MLP on MNIST with jxent's cross-entropy.",
@@ -234,7 +246,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         default=defaults.max_shift,
         help="augment by random translations of up to this many pixels (0: off)",
     )
-    common.add_run_flags(parser, defaults, EXPERIMENT)
+    cli.add_run_flags(parser, defaults, EXPERIMENT)
     parser.add_argument(
         "--compare",
         action="store_true",
@@ -243,28 +255,29 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument(
         "--compare-rounds", type=int, default=10, help="interleaved epochs per loss for --compare"
     )
-    return parser.parse_args(argv)
+    return parser
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Command-line entry point; returns the process exit status."""
-    args = parse_args(argv)
+    parser = make_parser()
+    args = parser.parse_args(argv)
     if not args.compare:
-        return common.run_from_args(EXPERIMENT, Config, args, train)
-    config = common.config_from_args(Config, args)
-    run_dir = common.new_run_dir(EXPERIMENT, args.out_dir)
-    common.start_jax(args, config.devices)
-    stop = common.StopRequest()
+        return cli.run_from_args(EXPERIMENT, Config, parser, argv, train)
+    config = cli.config_from_args(Config, args)
+    run_dir = runfiles.new_run_dir(EXPERIMENT, args.out_dir)
+    cli.start_jax(args, config.devices)
+    stop = StopRequest()
     with stop.installed():
-        data = common.load_dataset(config.data_dir, config.train_limit, config.test_limit)
+        data = mnist.load_dataset(config.data_dir, config.train_limit, config.test_limit)
         accuracy = {}
-        for loss in common.LOSSES:
+        for loss in losses.LOSSES:
             loss_config = dataclasses.replace(config, loss=loss)
             t0 = time.perf_counter()
             result = train(
                 loss_config, run_dir / loss, data=data, progress=not args.no_progress, stop=stop
             )
-            common.print_summary(
+            cli.print_summary(
                 EXPERIMENT, loss_config, result, run_dir / loss, time.perf_counter() - t0
             )
             if result.interrupted:
@@ -273,7 +286,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"timing both losses, interleaved chunk by chunk, {args.compare_rounds} epochs each")
         throughput = compare_throughput(config, data, args.compare_rounds)
     report = {"test_accuracy": accuracy, "throughput": throughput}
-    common.write_json_atomic(run_dir / "compare.json", report)
+    runfiles.write_json_atomic(run_dir / "compare.json", report)
     print(
         f"\ncompare ({config.devices} device(s)):\n"
         + "\n".join(
@@ -281,7 +294,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             f"{throughput[loss]['median_images_per_second']:,.0f} images/s (median of "
             f"{throughput[loss]['chunks_timed']} chunks; "
             f"{throughput[loss]['images_per_second']:,.0f} overall)"
-            for loss in common.LOSSES
+            for loss in losses.LOSSES
         )
         + f"\n  jxent / optax throughput: {throughput['jxent_over_optax']:.3f}\n"
         f"written to {run_dir / 'compare.json'}"

@@ -19,11 +19,13 @@ import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "experiments"))
 
-import common
 import five_clusters
-import mnist_data
 import mnist_lenet5
 import mnist_mlp
+import runfiles
+import signals
+from data import mnist as mnist_data
+from engine import FitResult
 
 EXPERIMENTS = Path(__file__).resolve().parents[1] / "experiments"
 RUN_FILES = ("config.json", "metrics.jsonl", "curves.png", "confusion.png", "mistakes.png")
@@ -32,13 +34,13 @@ TINY = mnist_mlp.Config(
 )
 
 
-def small_data(n_train: int = 384, n_test: int = 200) -> common.Dataset:
+def small_data(n_train: int = 384, n_test: int = 200) -> mnist_data.MNIST:
     """The first images of real MNIST if it is cached (never downloaded here), else synthetic."""
     try:
         mnist = mnist_data.load_mnist(sources=[], log=lambda message: None)
     except mnist_data.MnistDataError:
-        return common.synthetic_dataset(n_train, n_test)
-    return common.Dataset(
+        return mnist_data.synthetic_dataset(n_train, n_test)
+    return mnist_data.MNIST(
         mnist.train_images[:n_train],
         mnist.train_labels[:n_train].astype(np.int32),
         mnist.test_images[:n_test],
@@ -48,12 +50,12 @@ def small_data(n_train: int = 384, n_test: int = 200) -> common.Dataset:
 
 
 @pytest.fixture(scope="module")
-def data() -> common.Dataset:
+def data() -> mnist_data.MNIST:
     return small_data()
 
 
 @pytest.fixture(scope="module")
-def reference(tmp_path_factory, data) -> tuple[Path, common.FitResult]:
+def reference(tmp_path_factory, data) -> tuple[Path, FitResult]:
     """One uninterrupted tiny run (with plots) that several tests compare against."""
     run_dir = tmp_path_factory.mktemp("reference")
     return run_dir, mnist_mlp.train(TINY, run_dir, data=data, progress=False)
@@ -98,18 +100,18 @@ def test_resume_after_signal_matches_uninterrupted_run_bit_for_bit(
         if (epoch, step) == interrupt_at:
             signal.raise_signal(signal.SIGINT)  # a real SIGINT, as Ctrl-C delivers it
 
-    stop = common.StopRequest()
+    stop = signals.StopRequest()
     with stop.installed():
         first = mnist_mlp.train(
             TINY, tmp_path, data=data, progress=False, stop=stop, on_chunk=interrupt, plots=False
         )
-    assert first.interrupted and first.exit_code == common.EXIT_INTERRUPTED
+    assert first.interrupted and first.exit_code == signals.EXIT_INTERRUPTED
     assert len(first.records) == interrupt_at[0] + (interrupt_at[1] == 12)
 
     resumed = mnist_mlp.train(TINY, tmp_path, data=data, progress=False, resume=True)
     assert not resumed.interrupted
     assert_trees_equal(resumed.params, reference[1].params)
-    assert without_timings(common.read_metrics(tmp_path / "metrics.jsonl")) == without_timings(
+    assert without_timings(runfiles.read_metrics(tmp_path / "metrics.jsonl")) == without_timings(
         reference[1].records
     )
     for name in RUN_FILES:
@@ -191,3 +193,30 @@ def test_mlp_command_line_help_exits_cleanly(capsys):
         mnist_mlp.main(["--help"])
     assert info.value.code == 0
     assert "--label-smoothing" in capsys.readouterr().out
+
+
+def test_resume_flags_must_match_the_saved_config_except_a_longer_epochs(tmp_path):
+    import cli
+
+    parser = mnist_mlp.make_parser()
+    run_dir = tmp_path / "run"
+
+    def start(*argv: str):
+        argv_list = list(argv)
+        return cli.start_or_resume(
+            "mnist_mlp", mnist_mlp.Config, parser, argv_list, parser.parse_args(argv_list)
+        )
+
+    config, _, resume = start("--out-dir", str(run_dir), "--hidden", "64", "--epochs", "2")
+    assert not resume and json.loads((run_dir / "config.json").read_text())["hidden"] == [64]
+    # Same values, or flags that were not given, are fine.
+    assert start("--resume", str(run_dir), "--hidden", "64")[0] == config
+    with pytest.raises(SystemExit, match=r"--hidden \(32,\) conflicts .*hidden = \(64,\)"):
+        start("--resume", str(run_dir), "--hidden", "32")
+    with pytest.raises(SystemExit, match=r"--learning-rate 0\.1 conflicts"):
+        start("--resume", str(run_dir), "--lr", "0.1")
+    with pytest.raises(SystemExit, match="--epochs may only grow"):
+        start("--resume", str(run_dir), "--epochs", "1")
+    extended, _, resume = start("--resume", str(run_dir), "--epochs", "5")
+    assert resume and extended == dataclasses.replace(config, epochs=5)
+    assert json.loads((run_dir / "config.json").read_text())["epochs"] == 5

@@ -1,4 +1,4 @@
-"""Tests of experiments/mnist_data.py on small synthetic IDX files (no network)."""
+"""Tests of experiments/data/mnist.py on small synthetic IDX files (no network)."""
 
 from __future__ import annotations
 
@@ -17,8 +17,8 @@ import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "experiments"))
 
-import mnist_data
-from mnist_data import FILENAMES, MnistDataError, load_mnist
+from data import mnist as mnist_data
+from data.mnist import FILENAMES, MnistDataError, load_mnist
 
 
 def idx_bytes(array: np.ndarray) -> bytes:

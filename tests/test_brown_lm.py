@@ -1,0 +1,211 @@
+"""Fast checks of the Brown language models: shapes, one step, perplexity, training, resume.
+
+Tiny models on a small synthetic corpus (a Markov chain over a few dozen words); no network.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import shutil
+import signal
+import sys
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "experiments"))
+
+import brown_lm
+import brown_train
+import lm_engine
+import runfiles
+import signals
+from data import brown
+
+TINY = brown_train.Config(
+    epochs=2, batch_size=4, context=16, width=32, depth=1, heads=2, chunk_steps=17,
+    learning_rate=1e-2, warmup_steps=5, dropout=0.1,
+)  # fmt: skip
+TINY_NPLM = dataclasses.replace(
+    TINY, model="nplm", hidden=16, embed_dim=8, eval_stride=None, dropout=None
+)
+
+
+def markov_text(n_words: int, seed: int = 0) -> bytes:
+    """Tagged text from a random Markov chain over 12 words, 2 successors each (ideal
+    perplexity 2, unigram about 12): learnable in a few dozen steps, not trivially."""
+    rng = np.random.default_rng(seed)
+    vocab = [f"w{i}" for i in range(12)]
+    successors = rng.integers(0, len(vocab), size=(len(vocab), 2))
+    word, out = 0, []
+    for _ in range(n_words):
+        out.append(f"{vocab[word]}/nn")
+        word = successors[word, rng.integers(0, 2)]
+    return " ".join(out).encode()
+
+
+def small_corpus() -> brown.Corpus:
+    return brown.make_corpus(markov_text(3000), train_words=2200, valid_words=400)
+
+
+@pytest.fixture(scope="module")
+def corpus() -> brown.Corpus:
+    return small_corpus()
+
+
+def model_of(config: brown_train.Config, vocab: int) -> nnx.Module:
+    return brown_train.build_model(config, vocab)
+
+
+@pytest.mark.parametrize("config", [TINY, TINY_NPLM], ids=["transformer", "nplm"])
+def test_features_and_output_layer_shapes(config):
+    model = model_of(config, 50)
+    features = nnx.jit(lambda m, x: m(x))(model, jnp.zeros((3, config.context), jnp.int32))
+    w, bias = model.output_layer()
+    width = config.width if config.model == "transformer" else 4 * 8 + 16
+    assert features.shape == (3, config.context, width)
+    assert w.shape == (width, 50) and bias.shape == (50,)
+
+
+def test_transformer_is_causal():
+    model = model_of(TINY, 50)
+    ids = jnp.arange(16)[None] % 50
+    changed = ids.at[0, 10].set(49)
+    call = nnx.jit(lambda m, x: m(x))
+    a, b = call(model, ids), call(model, changed)
+    np.testing.assert_allclose(a[:, :10], b[:, :10], rtol=1e-6)
+    assert not np.allclose(a[:, 10:], b[:, 10:])
+
+
+def test_nplm_sees_exactly_the_previous_n_minus_1_words():
+    model = model_of(TINY_NPLM, 50)
+    ids = jnp.arange(16)[None] + 1
+    call = nnx.jit(lambda m, x: m(x))
+    base = call(model, ids)
+    changed = call(model, ids.at[0, 5].set(40))
+    differs = np.abs(np.asarray(changed - base)).max(-1)[0] > 0
+    # Position t's context is words t-4 .. t-1: word 5 feeds positions 6..9.
+    assert np.flatnonzero(differs).tolist() == [6, 7, 8, 9]
+
+
+@pytest.mark.parametrize(
+    ("config", "loss"), [(TINY, "jxent"), (TINY_NPLM, "optax")], ids=["transformer", "nplm"]
+)
+def test_one_training_step_decreases_the_loss(config, loss):
+    config = dataclasses.replace(config, loss=loss, dropout=0.0)
+    graphdef, params = nnx.split(model_of(config, 50), nnx.Param)
+    optimizer = brown_train.build_optimizer(dataclasses.replace(config, warmup_steps=0), 10)
+    loss_fn = lm_engine.make_loss(loss)
+    step = jax.jit(lm_engine.make_train_step(graphdef, optimizer, loss_fn))
+    windows = jax.random.randint(jax.random.key(1), (8, config.context + 1), 0, 50)
+    params, opt_state, before = step(params, optimizer.init(params), windows, None)
+    _, _, after = step(params, opt_state, windows, None)
+    assert float(after) < float(before)
+
+
+def test_jxent_and_optax_losses_agree():
+    features = jax.random.normal(jax.random.key(0), (24, 8))
+    w = jax.random.normal(jax.random.key(1), (8, 30))
+    bias = jax.random.normal(jax.random.key(2), (30,))
+    labels = jax.random.randint(jax.random.key(3), (24,), 0, 30)
+    for smoothing, z in ((0.0, 0.0), (0.1, 1e-3)):
+        ours = jax.jit(lm_engine.make_loss("jxent", smoothing, z))(features, w, bias, labels)
+        theirs = jax.jit(lm_engine.make_loss("optax", smoothing, z))(features, w, bias, labels)
+        np.testing.assert_allclose(ours, theirs, rtol=1e-5)
+
+
+@pytest.mark.parametrize("stride", [1, 5, 16])
+def test_eval_windows_score_every_word_of_the_split_once(corpus, stride):
+    inputs, targets = lm_engine.eval_windows(corpus.ids, corpus.test, 16, stride)
+    scored = targets[targets >= 0]
+    np.testing.assert_array_equal(np.sort(scored), np.sort(corpus.ids[corpus.test]))
+    # Each target is the word after its input: inputs are targets shifted by one.
+    np.testing.assert_array_equal(
+        inputs[:, 1:], np.where(targets[:, :-1] >= 0, inputs[:, 1:], inputs[:, 1:])
+    )
+    assert (targets[:, : 16 - stride] == -1).all()
+
+
+def test_perplexity_of_a_uniform_model_is_the_vocabulary_size(corpus):
+    model = model_of(TINY_NPLM, corpus.vocab_size)
+    model.out_w[...] = jnp.zeros_like(model.out_w[...])  # every logit 0: uniform
+    graphdef, params = nnx.split(model, nnx.Param)
+    windows = lm_engine.pad_windows(
+        *lm_engine.eval_windows(corpus.ids, corpus.test, 16, 12), multiple=4
+    )
+    ce_sum, words = lm_engine.make_evaluate(graphdef, 4)(params, *windows)
+    assert int(words) == corpus.test.stop - corpus.test.start
+    np.testing.assert_allclose(lm_engine.perplexity(ce_sum, words), corpus.vocab_size, rtol=1e-5)
+
+
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory, corpus):
+    run_dir = tmp_path_factory.mktemp("brown-reference")
+    return run_dir, brown_train.train(TINY, run_dir, corpus=corpus, progress=False)
+
+
+def without_timings(records):
+    drop = ("words_per_second", "train_seconds")
+    return [{k: v for k, v in r.items() if k not in drop} for r in records]
+
+
+def test_smoke_run_learns_and_leaves_every_artefact(reference, corpus):
+    run_dir, result = reference
+    assert not result.interrupted and result.exit_code == 0
+    assert [r["epoch"] for r in result.records] == [1, 2]
+    assert result.records[-1]["valid_perplexity"] < corpus.vocab_size / 2
+    assert result.test_perplexity < corpus.vocab_size / 2
+    for name in ("config.json", "metrics.jsonl", "results.json", "curves.png"):
+        assert (run_dir / name).stat().st_size > 0, name
+    results = json.loads((run_dir / "results.json").read_text())
+    assert results["test_perplexity"] == pytest.approx(result.test_perplexity)
+    assert len(result.sample.split()) == 40
+
+
+def test_nplm_trains(tmp_path, corpus):
+    result = brown_train.train(TINY_NPLM, tmp_path, corpus=corpus, progress=False, plots_too=False)
+    assert result.test_perplexity < corpus.vocab_size / 2
+
+
+def test_resume_after_sigint_mid_epoch_matches_uninterrupted_run(tmp_path, corpus, reference):
+    def interrupt(epoch, step):
+        if (epoch, step) == (1, 17):
+            signal.raise_signal(signal.SIGINT)
+
+    stop = signals.StopRequest()
+    with stop.installed():
+        first = brown_train.train(TINY, tmp_path, corpus=corpus, progress=False, stop=stop,
+                               on_chunk=interrupt, plots_too=False)  # fmt: skip
+    assert first.interrupted and first.exit_code == signals.EXIT_INTERRUPTED
+    resumed = brown_train.train(TINY, tmp_path, corpus=corpus, progress=False, resume=True)
+    assert resumed.test_perplexity == reference[1].test_perplexity
+    assert without_timings(runfiles.read_metrics(tmp_path / "metrics.jsonl")) == without_timings(
+        reference[1].records
+    )
+    assert math.isfinite(resumed.test_perplexity)
+
+
+def test_resume_with_more_epochs_extends_a_finished_run(tmp_path, corpus, reference):
+    run_dir = tmp_path / "run"
+    shutil.copytree(reference[0], run_dir)
+    longer = dataclasses.replace(TINY, epochs=3)
+    result = brown_train.train(
+        longer, run_dir, corpus=corpus, progress=False, resume=True, plots_too=False
+    )
+    assert [r["epoch"] for r in result.records] == [1, 2, 3]
+    assert without_timings(result.records[:2]) == without_timings(reference[1].records)
+
+
+def test_command_line_help_and_a_conflicting_resume_flag(tmp_path, capsys):
+    with pytest.raises(SystemExit) as info:
+        brown_lm.main(["--help"])
+    assert info.value.code == 0 and "--model" in capsys.readouterr().out
+    runfiles.write_json_atomic(tmp_path / "config.json", dataclasses.asdict(TINY))
+    with pytest.raises(SystemExit, match="--width 64 conflicts"):
+        brown_lm.main(["--resume", str(tmp_path), "--width", "64"])
