@@ -171,3 +171,28 @@ def test_blocks_that_are_not_near_8192_match_float64(classes):
     p = np.exp(x64 - lse[:, None])
     p[np.arange(3), labels] -= 1
     np.testing.assert_allclose(grad, p / 3, atol=1e-8)
+
+
+def test_fused_loss_adds_dw_by_blocks_on_cpu_one_gemm_elsewhere():
+    """With D > T and V > 8192, CPU adds xᵀ dz into dw block by block (a loop inside the
+    chunk scan); CUDA and TPU use one GEMM per chunk (only the scan's loop)."""
+
+    def loss(x, w, y):
+        return jxent.fused_linear_cross_entropy(x, w, y, chunk_size=32)
+
+    step = jax.jit(jax.value_and_grad(loss, argnums=(0, 1)))
+    args = (
+        jax.ShapeDtypeStruct((64, 512), jnp.float32),
+        jax.ShapeDtypeStruct((512, 16384), jnp.float32),
+        jax.ShapeDtypeStruct((64,), jnp.int32),
+    )
+
+    def loops(platform):
+        return (
+            step.trace(*args)
+            .lower(lowering_platforms=(platform,))
+            .as_text()
+            .count("stablehlo.while")
+        )
+
+    assert loops("cpu") == loops("cuda") + 1 == loops("tpu") + 1
