@@ -525,6 +525,20 @@ def _as_array(value: ArrayLike, name: str) -> jax.Array:
         ) from None
 
 
+def _labels_need_traced_check(
+    inputs: ArrayLike, labels: ArrayLike, axis: c.Axis, ignore_index: int | None
+) -> bool:
+    """``check_labels=True`` outside ``jax.jit``: concrete labels are checked now (a
+    ``ValueError`` naming the first bad one); returns whether a traced (checkify) check is
+    still needed, i.e. whether the labels are traced."""
+    if isinstance(labels, jax.core.Tracer):
+        return True
+    shape = np.shape(inputs)
+    num_classes = c.ClassLayout(shape, c.canonical_axes(axis, len(shape))).num_classes
+    lb.check_in_range(jnp.asarray(labels), num_classes, ignore_index)
+    return False
+
+
 def _integer_labels(
     labels: ArrayLike, layout: c.ClassLayout, ignore_index: int | None
 ) -> jax.Array:
@@ -632,11 +646,7 @@ def softmax_cross_entropy_with_integer_labels(
       Szegedy et al., `Rethinking the Inception Architecture
       <https://arxiv.org/abs/1512.00567>`_, 2016 (label smoothing).
     """
-    if check_labels and not isinstance(labels, jax.core.Tracer):
-        prepared_shape = np.shape(logits)
-        layout = c.ClassLayout(prepared_shape, c.canonical_axes(axis, len(prepared_shape)))
-        lb.check_in_range(jnp.asarray(labels), layout.num_classes, ignore_index)
-        check_labels = False
+    check_labels = check_labels and _labels_need_traced_check(logits, labels, axis, ignore_index)
     return _integer_ce(
         logits,
         labels,
@@ -833,11 +843,7 @@ def nll_loss(
       >>> jxent.nll_loss(jnp.log(jnp.array([[0.25, 0.75]])), jnp.array([1]))
       Array([0.2877], dtype=float32)
     """
-    if check_labels and not isinstance(labels, jax.core.Tracer):
-        shape = np.shape(log_probs)
-        layout = c.ClassLayout(shape, c.canonical_axes(axis, len(shape)))
-        lb.check_in_range(jnp.asarray(labels), layout.num_classes, ignore_index)
-        check_labels = False
+    check_labels = check_labels and _labels_need_traced_check(log_probs, labels, axis, ignore_index)
     return _nll(
         log_probs,
         labels,
