@@ -97,10 +97,14 @@ class Checkpointer:
 
     def save(self, global_step: int, state: Any, position: Mapping[str, Any]) -> None:
         ocp = self._ocp
+        # The JSON is written in the background, after the caller has gone on appending to the
+        # records list it passed: snapshot it now, or an epoch's checkpoint would carry the next
+        # epoch's record too and a resume from it would repeat that record.
+        snapshot = json.loads(json.dumps(dict(position)))
         self.manager.save(
             global_step,
             args=ocp.args.Composite(
-                state=ocp.args.StandardSave(state), position=ocp.args.JsonSave(dict(position))
+                state=ocp.args.StandardSave(state), position=ocp.args.JsonSave(snapshot)
             ),
             force=True,  # the position, not orbax's save interval, decides what is saved
         )

@@ -116,3 +116,20 @@ def test_record_ahead_of_its_checkpoint_is_dropped_and_redone(reference):
     (run_dir / "metrics.jsonl").write_text(lines[0] + "\n")  # epoch 1's record only
     finish(launch(which, run_dir))
     assert_same_run(run_dir, reference_dir)
+
+
+def test_checkpoint_position_is_a_snapshot_taken_at_save(tmp_path):
+    """orbax writes the JSON in the background; a records list the caller appends to after
+    ``save`` once reached epoch 1's checkpoint with epoch 2's record in it, and a resume from
+    that checkpoint repeated the record (a CI failure of the random-kill test)."""
+    import jax.numpy as jnp
+
+    from experiments import runfiles
+
+    checkpointer = runfiles.Checkpointer(tmp_path)
+    records = [{"epoch": 1}]
+    checkpointer.save(1, {"w": jnp.arange(4.0)}, {"epoch": 1, "records": records})
+    records.append({"epoch": 2})  # the caller goes on while the save runs in the background
+    checkpointer.close()
+    _, position = runfiles.Checkpointer(tmp_path).restore({"w": jnp.zeros(4)})
+    assert position == {"epoch": 1, "records": [{"epoch": 1}]}
