@@ -24,8 +24,9 @@ class NPLM(nnx.Module):
     ``y = b + W x + U tanh(d + H x)``, where ``x`` concatenates the ``m``-dimensional feature
     vectors of the ``n - 1`` previous words. The direct connections ``W`` and the hidden-to-output
     weights ``U`` are one output matrix over the features ``[x, tanh(d + H x)]``, so the whole
-    output layer is a single linear map (``D = (n - 1) m + h``). Positions with fewer than
-    ``n - 1`` predecessors in the window see the unknown symbol (id 0) in their place.
+    output layer is a single linear map (``D = (n - 1) m + h``). Position ``t`` of the window
+    predicts word ``t + 1`` from words ``t - n + 2, ..., t``; positions with fewer than ``n - 1``
+    words in the window see the unknown symbol (id 0) in their place.
     """
 
     def __init__(
@@ -47,9 +48,10 @@ class NPLM(nnx.Module):
         self.out_b = nnx.Param(jnp.zeros((vocab_size,)))
 
     def __call__(self, ids: jax.Array, *, dropout_key: jax.Array | None = None) -> jax.Array:
-        padded = jnp.pad(ids, ((0, 0), (self.context, 0)))  # id 0: the unknown symbol
+        padded = jnp.pad(ids, ((0, 0), (self.context - 1, 0)))  # id 0: the unknown symbol
         steps = ids.shape[1]
-        # Word t's context: words t-1, ..., t-(n-1), oldest first.
+        # Position t predicts word t + 1 (as every model here does) from words t-(n-2), ..., t,
+        # oldest first.
         context = jnp.stack([padded[:, k : k + steps] for k in range(self.context)], axis=-1)
         x = self.embed(context).reshape(*ids.shape, -1)
         h = jnp.tanh(self.hidden(x))
