@@ -86,13 +86,34 @@ def _chunk_logits(
     x: jax.Array, w: jax.Array, bias: jax.Array | None, cfg: _Config
 ) -> tuple[jax.Array, jax.Array | None]:
     """float32 logits of one chunk, soft-capped, and ``tanh(z/s)`` for the cap's derivative."""
-    z = jnp.matmul(x, w, preferred_element_type=c.compute_dtype(x.dtype))
-    if bias is not None:
-        z = z + bias.astype(z.dtype)
+    dtype = c.compute_dtype(x.dtype)
+    if bias is None:
+        z = jnp.matmul(x, w, preferred_element_type=dtype)
+    elif x.dtype == w.dtype == bias.dtype:
+        z = c.on_cpu(
+            lambda: _matmul_with_bias_row(x, w, bias, dtype),
+            lambda: jnp.matmul(x, w, preferred_element_type=dtype) + bias.astype(dtype),
+        )
+    else:
+        z = jnp.matmul(x, w, preferred_element_type=dtype) + bias.astype(dtype)
     if cfg.logit_softcap is None:
         return z, None
     capped = jnp.tanh(z / cfg.logit_softcap)
     return cfg.logit_softcap * capped, capped
+
+
+def _matmul_with_bias_row(x: jax.Array, w: jax.Array, bias: jax.Array, dtype: Any) -> jax.Array:
+    """``[x, 1] @ [w; bias]``: the bias added by the GEMM itself (CPU).
+
+    XLA:CPU's reductions do not fuse a producer, so ``x @ w + bias`` is written to a second
+    ``[T, V]`` buffer for the log-normaliser while the gradient re-reads the product beside it:
+    two chunk-sized arrays live at once. With the bias as one more row of ``w`` (and a column
+    of ones in ``x``) the GEMM's output is the logits, and their gradient overwrites them.
+    """
+    ones = jnp.ones((*x.shape[:-1], 1), x.dtype)
+    x_1 = jnp.concatenate([x, ones], axis=-1)
+    w_b = jnp.concatenate([w, bias[None, :]], axis=0)
+    return jnp.matmul(x_1, w_b, preferred_element_type=dtype)
 
 
 def _target_logits(

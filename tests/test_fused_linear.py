@@ -328,6 +328,26 @@ def test_compiled_memory_is_far_below_unfused():
     assert fused < 2 * 512 * v * 4  # about one [chunk, V] block, never [N, V]
 
 
+def test_a_bias_costs_no_second_block():
+    """On CPU the bias rides in the GEMM ([x, 1] @ [w; b]); added after it, XLA:CPU kept the
+    product and the biased logits (two [chunk, V] arrays) alive at once."""
+    n, d, v = 2048, 64, 8192
+    x, w = jax.ShapeDtypeStruct((n, d), jnp.float32), jax.ShapeDtypeStruct((d, v), jnp.float32)
+    y, b = jax.ShapeDtypeStruct((n,), jnp.int32), jax.ShapeDtypeStruct((v,), jnp.float32)
+
+    def temp_bytes(fn, *spec):
+        jitted = jax.jit(jax.value_and_grad(fn, argnums=(0, 1)))
+        return jitted.lower(*spec).compile().memory_analysis().temp_size_in_bytes
+
+    block = n * v * 4
+    plain = temp_bytes(lambda x, w, y: fused_linear_cross_entropy(x, w, y, chunk_size=n), x, w, y)
+    biased = temp_bytes(
+        lambda x, w, y, b: fused_linear_cross_entropy(x, w, y, bias=b, chunk_size=n), x, w, y, b
+    )
+    assert plain < 1.5 * block
+    assert biased < plain + block / 4
+
+
 def _vocab_mesh():
     if len(jax.devices()) < 8:
         pytest.skip("needs 8 (host) devices: see tests/conftest.py")
