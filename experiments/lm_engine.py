@@ -215,15 +215,23 @@ def make_train_chunk(
     return jax.jit(train_chunk, donate_argnums=(0, 1))
 
 
-def make_evaluate(graphdef: Any, eval_batch: int) -> Callable:
-    """Jitted ``(params, inputs (K, T), targets (K, T)) -> (CE sum, words)`` with jxent, fp32."""
+def make_evaluate(graphdef: Any, eval_batch: int, scored: int) -> Callable:
+    """Jitted ``(params, inputs (K, T), targets (K, T)) -> (CE sum, words)`` with jxent, fp32.
+
+    Only the last ``scored`` positions of a window carry targets (``eval_windows``), so only
+    their features go through the output layer, the bulk of the cost: half of it at the
+    transformer's default stride.
+    """
 
     def evaluate(params, inputs, targets):
         def one_batch(batch):
             x, y = batch
-            features, w, bias = features_and_output(graphdef, params, x, None)
+            model = nnx.merge(graphdef, params)
+            features = model(x)[:, -scored:]
+            y = y[:, -scored:]
+            w, bias = model.output_layer()
             total = jxent.fused_linear_cross_entropy(
-                features.astype(jnp.float32),
+                features.reshape(-1, features.shape[-1]).astype(jnp.float32),
                 w.astype(jnp.float32),
                 y.reshape(-1),
                 bias=bias.astype(jnp.float32),
@@ -376,7 +384,7 @@ def fit(
     def build_step_functions() -> tuple[Callable, ...]:
         return (
             make_train_chunk(graphdef, optimizer, loss_fn, mesh, options.context),
-            make_evaluate(graphdef, options.eval_batch),
+            make_evaluate(graphdef, options.eval_batch, options.eval_stride),
             make_permute(len(train_ids), options.batch_size, options.context),
             make_generate(graphdef, options.context, options.sample_words),
         )

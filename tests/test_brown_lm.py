@@ -16,6 +16,7 @@ from pathlib import Path
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 import pytest
 from flax import nnx
 
@@ -128,9 +129,8 @@ def test_eval_windows_score_every_word_of_the_split_once(corpus, stride):
     scored = targets[targets >= 0]
     np.testing.assert_array_equal(np.sort(scored), np.sort(corpus.ids[corpus.test]))
     # Each target is the word after its input: inputs are targets shifted by one.
-    np.testing.assert_array_equal(
-        inputs[:, 1:], np.where(targets[:, :-1] >= 0, inputs[:, 1:], inputs[:, 1:])
-    )
+    shifted = targets[:, :-1] >= 0
+    np.testing.assert_array_equal(inputs[:, 1:][shifted], targets[:, :-1][shifted])
     assert (targets[:, : 16 - stride] == -1).all()
 
 
@@ -141,9 +141,26 @@ def test_perplexity_of_a_uniform_model_is_the_vocabulary_size(corpus):
     windows = lm_engine.pad_windows(
         *lm_engine.eval_windows(corpus.ids, corpus.test, 16, 12), multiple=4
     )
-    ce_sum, words = lm_engine.make_evaluate(graphdef, 4)(params, *windows)
+    ce_sum, words = lm_engine.make_evaluate(graphdef, 4, 12)(params, *windows)
     assert int(words) == corpus.test.stop - corpus.test.start
     np.testing.assert_allclose(lm_engine.perplexity(ce_sum, words), corpus.vocab_size, rtol=1e-5)
+
+
+def test_evaluation_equals_optax_on_every_position_of_the_windows(corpus):
+    """The output layer sees only the scored (last ``stride``) positions; the sum must equal
+    optax's over whole windows with the unscored targets masked."""
+    model = model_of(TINY, corpus.vocab_size)
+    # Far from uniform, so that features from the wrong positions would change the sum.
+    model.embed.embedding[...] = 100.0 * model.embed.embedding[...]
+    graphdef, params = nnx.split(model, nnx.Param)
+    inputs, targets = lm_engine.pad_windows(
+        *lm_engine.eval_windows(corpus.ids, corpus.test, TINY.context, 5), multiple=4
+    )
+    ce_sum, words = lm_engine.make_evaluate(graphdef, 4, 5)(params, inputs, targets)
+    logits = model(jnp.asarray(inputs)) @ model.output_layer()[0] + model.output_layer()[1]
+    per_word = optax.softmax_cross_entropy_with_integer_labels(logits, np.maximum(targets, 0))
+    np.testing.assert_allclose(ce_sum, np.sum(np.where(targets >= 0, per_word, 0.0)), rtol=1e-5)
+    assert int(words) == (targets >= 0).sum()
 
 
 @pytest.fixture(scope="module")
