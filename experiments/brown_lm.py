@@ -42,6 +42,8 @@ def make_parser() -> argparse.ArgumentParser:
     parser.add_argument("--model", choices=MODELS, default=defaults.model)
     for name, kind in (
         ("epochs", int),
+        ("batch_size", int),
+        ("context", int),
         ("learning_rate", float),
         ("weight_decay", float),
         ("dropout", float),
@@ -51,8 +53,6 @@ def make_parser() -> argparse.ArgumentParser:
             f"--{name.replace('_', '-')}", type=kind, default=None, help=f"default: {per_model}"
         )
     for name in (
-        "batch_size",
-        "context",
         "warmup_steps",
         "width",
         "depth",

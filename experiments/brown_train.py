@@ -34,8 +34,8 @@ class Config:
 
     model: str = "transformer"
     epochs: int | None = None
-    batch_size: int = 32
-    context: int = 64
+    batch_size: int | None = None
+    context: int | None = None
     learning_rate: float | None = None
     weight_decay: float | None = None
     warmup_steps: int = 200
@@ -64,19 +64,25 @@ class Config:
         # Fill every None with the model's default, so a saved config.json is explicit.
         if self.model not in MODELS:
             raise ValueError(f"model {self.model!r} is not one of {MODELS}")
-        defaults = dict(MODEL_DEFAULTS[self.model])
-        # The NPLM needs only order - 1 words of context: score windows nearly end to end.
-        defaults["eval_stride"] = (
-            self.context // 2 if self.model == "transformer" else self.context - self.order + 1
-        )
-        for name, value in defaults.items():
+        for name, value in MODEL_DEFAULTS[self.model].items():
             if getattr(self, name) is None:
                 object.__setattr__(self, name, value)
+        if self.eval_stride is None:
+            # The NPLM needs only order - 1 words of context: score windows nearly end to end.
+            assert self.context is not None
+            stride = (
+                self.context // 2 if self.model == "transformer" else self.context - self.order + 1
+            )
+            object.__setattr__(self, "eval_stride", stride)
 
 
 MODEL_DEFAULTS: dict[str, dict[str, Any]] = {
-    "transformer": dict(epochs=5, learning_rate=2e-3, weight_decay=0.1, dropout=0.25),
-    "nplm": dict(epochs=5, learning_rate=2e-3, weight_decay=0.0, dropout=0.0),
+    "transformer": dict(
+        epochs=6, batch_size=8, context=128, learning_rate=2e-3, weight_decay=0.1, dropout=0.1
+    ),
+    "nplm": dict(
+        epochs=5, batch_size=32, context=64, learning_rate=2e-3, weight_decay=0.0, dropout=0.0
+    ),
 }
 
 

@@ -27,13 +27,10 @@ from typing import Any
 import cli
 import engine
 import jax
-import losses
+import mnist_run
 import optax
-import runfiles
 from data import mnist
 from flax import nnx
-from plots import write_plots
-from signals import StopRequest
 
 EXPERIMENT = "mnist_lenet5"
 
@@ -109,53 +106,22 @@ def build_optimizer(config: Config, steps_per_epoch: int) -> optax.GradientTrans
     return optax.adam(learning_rate, eps=1e-7)
 
 
-def train(
-    config: Config,
-    run_dir: Path,
-    *,
-    resume: bool = False,
-    data: mnist.MNIST | None = None,
-    progress: bool = True,
-    stop: StopRequest | None = None,
-    on_chunk: Any = None,
-    plots: bool = True,
-) -> engine.FitResult:
+def train(config: Config, run_dir: Path, **kwargs: Any) -> engine.FitResult:
     """Trains, evaluates and writes every artefact of one run into ``run_dir``.
 
-    ``data`` replaces the MNIST loader (tests); ``plots=False`` skips the PNGs (tests);
-    ``stop``/``on_chunk`` are the interruption flag and a per-chunk hook (see ``engine.fit``).
+    ``kwargs``: ``resume``, ``data`` (replaces the MNIST loader), ``progress``, ``stop``,
+    ``on_chunk`` and ``plots`` (see ``mnist_run.train``).
     """
-    data = (
-        data
-        if data is not None
-        else mnist.load_dataset(config.data_dir, config.train_limit, config.test_limit)
+    title = f"LeNet-5, {config.loss} loss"
+    return mnist_run.train(
+        EXPERIMENT,
+        config,
+        run_dir,
+        build_model=build_model,
+        build_optimizer=build_optimizer,
+        title=title,
+        **kwargs,
     )
-    runfiles.ensure_config(run_dir, config)
-    result = engine.fit(
-        model=build_model(config),
-        optimizer=build_optimizer(
-            config, engine.steps_per_epoch(len(data.train_images), config.batch_size)
-        ),
-        loss_fn=losses.make_loss(config.loss),
-        eval_loss_fn=losses.make_loss(config.loss),
-        data=data,
-        options=engine.FitOptions(
-            epochs=config.epochs,
-            batch_size=config.batch_size,
-            seed=config.seed,
-            devices=config.devices,
-            chunk_steps=config.chunk_steps,
-            progress=progress,
-        ),
-        run_dir=run_dir,
-        resume=resume,
-        stop=stop,
-        on_chunk=on_chunk,
-        cache_key=(EXPERIMENT, config),
-    )
-    if plots and not result.interrupted and jax.process_index() == 0:
-        write_plots(run_dir, result, data, f"LeNet-5, {config.loss} loss")
-    return result
 
 
 def make_parser() -> argparse.ArgumentParser:
