@@ -78,7 +78,7 @@ class Config:
 
 MODEL_DEFAULTS: dict[str, dict[str, Any]] = {
     "transformer": dict(
-        epochs=6, batch_size=8, context=128, learning_rate=2e-3, weight_decay=0.1, dropout=0.1
+        epochs=5, batch_size=8, context=128, learning_rate=2e-3, weight_decay=0.1, dropout=0.1
     ),
     "nplm": dict(
         epochs=5, batch_size=32, context=64, learning_rate=2e-3, weight_decay=0.0, dropout=0.0
