@@ -228,3 +228,19 @@ def test_command_line_help_and_a_conflicting_resume_flag(tmp_path, capsys):
     runfiles.write_json_atomic(tmp_path / "config.json", dataclasses.asdict(TINY))
     with pytest.raises(SystemExit, match="--width 64 conflicts"):
         brown_lm.main(["--resume", str(tmp_path), "--width", "64"])
+
+
+def test_compare_measures_both_losses_steps_and_memory(corpus):
+    import brown_compare
+
+    timing = brown_compare.interleaved_step_times(TINY, corpus, rounds=2, steps=3)
+    assert set(timing["median_step_seconds"]) == {"jxent", "optax"}
+    assert all(t > 0 for t in timing["median_step_seconds"].values())
+    ratio = timing["median_step_seconds"]["jxent"] / timing["median_step_seconds"]["optax"]
+    assert timing["jxent_over_optax"] == ratio
+    memory = {
+        loss: brown_compare.compiled_step_memory(TINY, corpus, loss) for loss in ("jxent", "optax")
+    }
+    # Same model and optimizer state in and out; only the loss's temporaries differ.
+    assert memory["jxent"]["argument_bytes"] == memory["optax"]["argument_bytes"] > 0
+    assert all(m["temp_bytes"] > 0 for m in memory.values())
