@@ -89,13 +89,16 @@ def _chunk_logits(
     dtype = c.compute_dtype(x.dtype)
     if bias is None:
         z = jnp.matmul(x, w, preferred_element_type=dtype)
-    elif x.dtype == w.dtype == bias.dtype:
-        z = c.on_cpu(
-            lambda: _matmul_with_bias_row(x, w, bias, dtype),
-            lambda: jnp.matmul(x, w, preferred_element_type=dtype) + bias.astype(dtype),
-        )
     else:
-        z = jnp.matmul(x, w, preferred_element_type=dtype) + bias.astype(dtype)
+        b = bias
+
+        def bias_added() -> jax.Array:
+            return jnp.matmul(x, w, preferred_element_type=dtype) + b.astype(dtype)
+
+        if x.dtype == w.dtype == b.dtype:  # else the bias would be rounded to w's dtype
+            z = c.on_cpu(lambda: _matmul_with_bias_row(x, w, b, dtype), bias_added)
+        else:
+            z = bias_added()
     if cfg.logit_softcap is None:
         return z, None
     capped = jnp.tanh(z / cfg.logit_softcap)
