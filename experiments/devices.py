@@ -44,8 +44,11 @@ def set_cpu_device_count(devices: int) -> None:
         ) from None
 
 
-def make_mesh(devices: int) -> Any:
-    """A 1-D ``Mesh`` named ``data`` over the first ``devices`` devices."""
+def make_mesh(devices: int, batch_size: int | None = None) -> Any:
+    """A 1-D ``Mesh`` named ``data`` over the first ``devices`` devices.
+
+    ``batch_size``, if given, must split evenly over them.
+    """
 
     available = jax.devices()
     if devices < 1 or devices > len(available):
@@ -53,6 +56,8 @@ def make_mesh(devices: int) -> Any:
             f"--devices {devices}: expected 1..{len(available)} (JAX sees {available}); on CPU "
             "the count is set with jax_num_cpu_devices before JAX starts"
         )
+    if batch_size is not None and batch_size % devices:
+        raise ValueError(f"batch size {batch_size} must be divisible by --devices {devices}")
     return jax.sharding.Mesh(np.array(available[:devices]), ("data",))
 
 

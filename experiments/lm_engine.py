@@ -11,8 +11,8 @@
   computed with jxent in float32. Windows overlap (``stride < context``) so each scored word
   sees at least ``context - stride`` words of context; a window may reach back across the
   split's start, since the corpus is one text.
-* Files and kills: ``runfiles`` (atomic files, checkpoints that carry the metric records); the
-  best parameters by validation perplexity travel in every checkpoint.
+* Epochs, checkpoints, interrupts and resumes: the loop of ``loop`` (shared with the MNIST
+  engine); the best parameters by validation perplexity travel in every checkpoint.
 """
 
 from __future__ import annotations
@@ -20,24 +20,20 @@ from __future__ import annotations
 import dataclasses
 import math
 import resource
-import sys
-import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import devices
-import engine
 import jax
 import jax.numpy as jnp
+import loop
 import numpy as np
 import optax
-import runfiles
 from flax import nnx
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
-from signals import EXIT_INTERRUPTED, StopRequest
-from tqdm import tqdm
+from signals import StopRequest
 
 import jxent
 
@@ -286,10 +282,6 @@ def make_generate(graphdef: Any, context: int, n_words: int) -> Callable:
 # The loop.
 
 
-# Compiled step functions by cache key (see ``fit``).
-_STEP_FUNCTIONS: dict[Any, tuple[Callable, ...]] = {}
-
-
 @dataclasses.dataclass
 class LMResult:
     """What ``fit`` leaves: best params (host), per-epoch records, test perplexity, exit status."""
@@ -323,44 +315,18 @@ def fit(
     on_chunk: Callable[[int, int], None] | None = None,
     cache_key: Any = None,
 ) -> LMResult:
-    """Trains ``model`` on ``corpus.ids[corpus.train]``, checkpointing every epoch.
+    """Trains ``model`` on ``corpus.ids[corpus.train]``, checkpointing every epoch (see ``loop``).
 
     ``resume`` continues from the newest complete checkpoint under ``run_dir`` (from the start
     if there is none). ``on_chunk(epoch, step)`` is a test hook called after every chunk.
     ``cache_key``: a hashable value that fully determines ``optimizer`` (e.g. the experiment's
     frozen config); runs in one process with equal keys share compiled step functions.
     """
-    stop = stop if stop is not None else StopRequest()
-    mesh = devices.make_mesh(options.devices)
-    if options.batch_size % options.devices:
-        raise ValueError(
-            f"batch size {options.batch_size} must be divisible by --devices {options.devices}"
-        )
+    mesh = devices.make_mesh(options.devices, options.batch_size)
     replicated = NamedSharding(mesh, P())
     graphdef, params = nnx.split(model, nnx.Param)
-    opt_state = optimizer.init(params)
-    state = {"params": params, "opt_state": opt_state, "best_params": params}
+    state = {"params": params, "opt_state": optimizer.init(params), "best_params": params}
     state = devices.replicate(state, replicated)
-    main_process = jax.process_index() == 0
-    log = tqdm.write if main_process else (lambda message: None)
-
-    run_dir.mkdir(parents=True, exist_ok=True)
-    metrics_path = run_dir / runfiles.METRICS
-    checkpointer = runfiles.Checkpointer(run_dir / runfiles.CHECKPOINTS)
-    position: dict[str, Any] = {"epoch": 0, "step": 0, "loss_sum": 0.0, "records": []}
-    if resume:
-        abstract = jax.tree.map(
-            lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=replicated), state
-        )
-        restored = checkpointer.restore(abstract)
-        if restored is None:
-            log(f"no complete checkpoint under {run_dir}: starting from the beginning")
-        else:
-            state, position = restored
-            log(f"resumed from {run_dir} at epoch {position['epoch'] + 1}, step {position['step']}")
-    records: list[dict[str, Any]] = list(position["records"])
-    if main_process:  # drop any record a kill left ahead of the checkpoint
-        runfiles.write_metrics(metrics_path, records)
 
     train_ids = corpus.ids[corpus.train]
     tokens, valid, test = devices.replicate(
@@ -378,7 +344,6 @@ def fit(
         replicated,
     )
     n_steps = steps_per_epoch(len(train_ids), options.batch_size, options.context)
-    chunks = engine.chunk_bounds(n_steps, options.chunk_steps)
     loss_fn = make_loss(options.loss, options.label_smoothing, options.z_loss, options.loss_chunk)
 
     def build_step_functions() -> tuple[Callable, ...]:
@@ -389,101 +354,72 @@ def fit(
             make_generate(graphdef, options.context, options.sample_words),
         )
 
-    if cache_key is None:
-        train_chunk, evaluate, permute, generate = build_step_functions()
-    else:
-        # Same config, graph and data size: reuse the compiled functions (tests run many).
-        key = (cache_key, graphdef, options, len(train_ids))
-        if key not in _STEP_FUNCTIONS:
-            _STEP_FUNCTIONS[key] = build_step_functions()
-        train_chunk, evaluate, permute, generate = _STEP_FUNCTIONS[key]
+    # Same config, graph and data size: reuse the compiled functions (tests run many).
+    train_chunk, evaluate, permute, generate = loop.compiled_once(
+        None if cache_key is None else (cache_key, graphdef, options, len(train_ids)),
+        build_step_functions,
+    )
 
-    params, opt_state, best_params = state["params"], state["opt_state"], state["best_params"]
-    best_valid = min((r["valid_perplexity"] for r in records), default=math.inf)
-    start_epoch, start_step = int(position["epoch"]), int(position["step"])
-    interrupted = False
-    for epoch in range(start_epoch, options.epochs):
-        key = engine.epoch_key(options.seed, epoch)
-        dropout_root = jax.random.fold_in(key, 1)
-        order = permute(key)
-        first_step = start_step if epoch == start_epoch else 0
-        loss_sum = float(position["loss_sum"]) if epoch == start_epoch else 0.0
-        loss_steps, trained_steps = first_step, 0
-        bar = tqdm(
-            total=n_steps,
-            initial=first_step,
-            desc=f"epoch {epoch + 1}/{options.epochs}",
-            unit="step",
-            leave=False,
-            disable=not (options.progress and main_process),
-            dynamic_ncols=True,
+    def run_chunk(state, order, dropout_root, start):
+        params, opt_state, loss_sum = train_chunk(
+            state["params"], state["opt_state"], tokens, order, dropout_root, jnp.int32(start)
         )
-        t0 = time.perf_counter()
-        for start, stop_step in chunks:
-            if stop_step <= first_step:
-                continue
-            params, opt_state, chunk_loss = train_chunk(
-                params, opt_state, tokens, order[start:stop_step], dropout_root, jnp.int32(start)
-            )
-            loss_sum += float(chunk_loss)
-            loss_steps += stop_step - start
-            trained_steps += stop_step - start
-            bar.update(stop_step - start)
-            bar.set_postfix(ppl=f"{math.exp(loss_sum / loss_steps):.1f}", refresh=False)
-            if on_chunk is not None:
-                on_chunk(epoch, stop_step)
-            if stop and stop_step < n_steps:
-                interrupted = True
-                state = {"params": params, "opt_state": opt_state, "best_params": best_params}
-                mid = {"epoch": epoch, "step": stop_step, "loss_sum": loss_sum, "records": records}
-                checkpointer.save(epoch * n_steps + stop_step, state, mid)
-                break
-        train_seconds = time.perf_counter() - t0
-        bar.close()
-        if interrupted:
-            break
-        valid_ppl = perplexity(*evaluate(params, *valid))
+        return {**state, "params": params, "opt_state": opt_state}, loss_sum
+
+    def end_epoch(state, stats: loop.EpochStats):
+        valid_ppl = perplexity(*evaluate(state["params"], *valid))
+        best_valid = min((r["valid_perplexity"] for r in stats.earlier), default=math.inf)
         if valid_ppl < best_valid:
             best_valid = valid_ppl
-            best_params = jax.tree.map(jnp.copy, params)  # params' buffers get donated
-        record = {
-            "epoch": epoch + 1,
-            "train_loss": loss_sum / max(loss_steps, 1),
-            "train_perplexity": math.exp(loss_sum / max(loss_steps, 1)),
+            # A copy: the next chunk donates the params' buffers.
+            state = {**state, "best_params": jax.tree.map(jnp.copy, state["params"])}
+        words = stats.trained_steps * options.batch_size * options.context
+        return state, {
+            "epoch": stats.epoch,
+            "train_loss": stats.train_loss,
+            "train_perplexity": math.exp(stats.train_loss),
             "valid_perplexity": valid_ppl,
             "best_valid_perplexity": best_valid,
-            "words_per_second": trained_steps
-            * options.batch_size
-            * options.context
-            / train_seconds,
-            "train_seconds": train_seconds,
+            "words_per_second": words / stats.train_seconds,
+            "train_seconds": stats.train_seconds,
         }
-        records.append(record)
-        state = {"params": params, "opt_state": opt_state, "best_params": best_params}
-        end = {"epoch": epoch + 1, "step": 0, "loss_sum": 0.0, "records": records}
-        checkpointer.save((epoch + 1) * n_steps, state, end)
-        if main_process:
-            runfiles.write_metrics(metrics_path, records)
-        log(
-            f"epoch {epoch + 1:3d}/{options.epochs}  train ppl {record['train_perplexity']:8.2f}  "
-            f"valid ppl {valid_ppl:8.2f}  {record['words_per_second']:,.0f} words/s"
+
+    def describe(record: dict[str, Any]) -> str:
+        return (
+            f"epoch {record['epoch']:3d}/{options.epochs}  train ppl "
+            f"{record['train_perplexity']:8.2f}  valid ppl {record['valid_perplexity']:8.2f}  "
+            f"{record['words_per_second']:,.0f} words/s"
         )
-        if stop:
-            interrupted = epoch + 1 < options.epochs
-            break
-    checkpointer.close()
-    if interrupted:
-        print(
-            f"interrupted by {stop.signal_name}: checkpoint saved under "
-            f"{run_dir / runfiles.CHECKPOINTS}; continue with --resume {run_dir}",
-            file=sys.stderr,
+
+    outcome = loop.run(
+        state,
+        hooks=loop.Hooks(
+            order=permute,
+            run_chunk=run_chunk,
+            end_epoch=end_epoch,
+            describe=describe,
+            show_loss=lambda mean: {"ppl": f"{math.exp(mean):.1f}"},
+        ),
+        epochs=options.epochs,
+        chunks=loop.chunk_bounds(n_steps, options.chunk_steps),
+        seed=options.seed,
+        run_dir=run_dir,
+        sharding=replicated,
+        resume=resume,
+        progress=options.progress,
+        stop=stop,
+        on_chunk=on_chunk,
+    )
+    best_params = outcome.state["best_params"]
+    if outcome.interrupted:
+        return LMResult(
+            jax.device_get(best_params), outcome.records, None, None, True, outcome.exit_code
         )
-        return LMResult(jax.device_get(best_params), records, None, None, True, EXIT_INTERRUPTED)
     test_ppl = perplexity(*evaluate(best_params, *test))
     sample = None
     if options.sample_words:
         prompt = jnp.asarray(corpus.ids[corpus.test][: options.context])
         words = generate(best_params, prompt, jax.random.key(options.seed))
         sample = " ".join(corpus.words(np.asarray(words)))
-        log(f"sample (after the first {options.context} test words): {sample}")
-    return LMResult(jax.device_get(best_params), records, test_ppl, sample, False, 0)
+        loop.log(f"sample (after the first {options.context} test words): {sample}")
+    return LMResult(jax.device_get(best_params), outcome.records, test_ppl, sample, False, 0)

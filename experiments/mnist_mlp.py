@@ -28,6 +28,7 @@ import cli
 import devices
 import engine
 import jax
+import loop
 import losses
 import mnist_run
 import optax
@@ -141,7 +142,7 @@ def compare_throughput(config: Config, data: mnist.MNIST, rounds: int) -> dict[s
     labels = jnp.asarray(data.train_labels)
     order = jax.random.permutation(jax.random.key(config.seed), len(images))
     order = order[: n_steps * config.batch_size].reshape(n_steps, config.batch_size)
-    chunks = engine.chunk_bounds(n_steps, config.chunk_steps)
+    chunks = loop.chunk_bounds(n_steps, config.chunk_steps)
     optimizer = build_optimizer(config, n_steps)
     runners = {}
     for loss in losses.LOSSES:

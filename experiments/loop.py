@@ -1,0 +1,230 @@
+"""The epoch loop both training engines run: chunks, progress, interrupts, checkpoints, records.
+
+An engine says how a chunk of steps runs and what an epoch's record holds (``Hooks``); this loop
+does the rest, the same way for every experiment:
+
+* Resume: from the newest complete checkpoint (the state, and the position: epoch, step, the
+  epoch's loss so far, the records), else from the start. ``metrics.jsonl`` is rewritten from
+  the checkpoint's records, which drops any record a kill left ahead of it (see ``runfiles``).
+* An epoch: a fresh order of examples from ``epoch_key(seed, epoch)``, its steps in jitted
+  chunks (dropout keys derive from ``fold_in(epoch_key, 1)`` and the step), a tqdm bar, then the
+  engine's record, a checkpoint, ``metrics.jsonl`` and a log line.
+* Interrupts: checked between chunks; the state and the mid-epoch position are checkpointed, so
+  that a resume replays exactly the chunks an uninterrupted run would have run.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import jax
+import runfiles
+from signals import EXIT_INTERRUPTED, StopRequest
+from tqdm import tqdm
+
+
+def epoch_key(seed: int, epoch: int) -> Any:
+    """Key for one epoch; its children (order, per-step dropout) depend on nothing else."""
+    return jax.random.fold_in(jax.random.key(seed), epoch)
+
+
+def chunk_bounds(n_steps: int, chunk_steps: int) -> list[tuple[int, int]]:
+    """``[(start, stop), ...]`` covering ``range(n_steps)`` in chunks of at most ``chunk_steps``.
+
+    Prefers equal chunks (a divisor of ``n_steps`` no smaller than half of ``chunk_steps``),
+    because every distinct chunk length is one more compilation of the scan.
+    """
+    size = largest_divisor_at_most(n_steps, chunk_steps)
+    if 2 * size < chunk_steps:
+        size = chunk_steps
+    return [(s, min(s + size, n_steps)) for s in range(0, n_steps, size)]
+
+
+def largest_divisor_at_most(n: int, limit: int) -> int:
+    return max(d for d in range(1, min(n, limit) + 1) if n % d == 0)
+
+
+@dataclasses.dataclass(frozen=True)
+class EpochStats:
+    """What the loop measured of one epoch's training, handed to ``Hooks.end_epoch``."""
+
+    epoch: int  # counted from 1
+    train_loss: float  # mean over the epoch's steps (a resumed epoch's included)
+    trained_steps: int  # steps run in this process (fewer than the epoch's after a resume)
+    train_seconds: float
+    earlier: tuple[dict[str, Any], ...]  # the records of the epochs before this one
+
+
+@dataclasses.dataclass(frozen=True)
+class Hooks:
+    """What differs between engines.
+
+    ``order(epoch_key) -> (steps, batch)`` example indices of an epoch;
+    ``run_chunk(state, order[start:stop], dropout_root, start) -> (state, loss_sum)`` (it may
+    donate ``state``); ``end_epoch(state, stats) -> (state, record)`` evaluates and builds the
+    epoch's ``metrics.jsonl`` record; ``describe(record)`` is its log line; ``show_loss(mean)``
+    is the progress bar's postfix.
+    """
+
+    order: Callable[[Any], Any]
+    run_chunk: Callable[[Any, Any, Any, int], tuple[Any, Any]]
+    end_epoch: Callable[[Any, EpochStats], tuple[Any, dict[str, Any]]]
+    describe: Callable[[dict[str, Any]], str]
+    show_loss: Callable[[float], dict[str, str]]
+
+
+@dataclasses.dataclass
+class Outcome:
+    """The state after the loop, every epoch's record, and whether an interrupt stopped it."""
+
+    state: Any
+    records: list[dict[str, Any]]
+    interrupted: bool
+
+    @property
+    def exit_code(self) -> int:
+        return EXIT_INTERRUPTED if self.interrupted else 0
+
+
+# Step functions by key (see ``compiled_once``): tests run many tiny trainings in one process.
+_COMPILED: dict[Any, Any] = {}
+
+
+def compiled_once(key: Any, build: Callable[[], Any]) -> Any:
+    """``build()``, or what it returned for an equal ``key`` earlier in this process.
+
+    ``key`` must determine everything ``build`` closes over (config, graph, data sizes);
+    ``None`` builds afresh.
+    """
+    if key is None:
+        return build()
+    if key not in _COMPILED:
+        _COMPILED[key] = build()
+    return _COMPILED[key]
+
+
+def log(message: str) -> None:
+    """Prints above the progress bars, on the main process only (multi-host)."""
+    if jax.process_index() == 0:
+        tqdm.write(message)
+
+
+def run(
+    state: Any,
+    *,
+    hooks: Hooks,
+    epochs: int,
+    chunks: list[tuple[int, int]],
+    seed: int,
+    run_dir: Path,
+    sharding: Any,
+    resume: bool = False,
+    progress: bool = True,
+    stop: StopRequest | None = None,
+    on_chunk: Callable[[int, int], None] | None = None,
+) -> Outcome:
+    """Trains ``state`` (a pytree of device arrays with ``sharding``) for ``epochs`` epochs.
+
+    ``resume`` continues from the newest complete checkpoint under ``run_dir``; ``stop`` is the
+    interruption flag, checked between chunks; ``on_chunk(epoch, step)`` is a test hook called
+    after every chunk.
+    """
+    stop = stop if stop is not None else StopRequest()
+    main_process = jax.process_index() == 0
+    n_steps = chunks[-1][1]
+    run_dir.mkdir(parents=True, exist_ok=True)
+    checkpointer = runfiles.Checkpointer(run_dir / runfiles.CHECKPOINTS)
+    position: dict[str, Any] = {"epoch": 0, "step": 0, "loss_sum": 0.0, "records": []}
+    if resume:
+        state, position = _restore(checkpointer, state, sharding, run_dir, position)
+    records: list[dict[str, Any]] = list(position["records"])
+    if main_process:
+        runfiles.write_metrics(run_dir / runfiles.METRICS, records)
+
+    start_epoch, start_step = int(position["epoch"]), int(position["step"])
+    interrupted = False
+    for epoch in range(start_epoch, epochs):
+        key = epoch_key(seed, epoch)
+        dropout_root = jax.random.fold_in(key, 1)  # disjoint from the order's fold_in(key, 0)
+        order = hooks.order(key)
+        first_step = start_step if epoch == start_epoch else 0
+        # A mid-epoch resume carries the epoch's loss so far, so its record matches a clean run.
+        loss_sum = float(position["loss_sum"]) if epoch == start_epoch else 0.0
+        loss_steps, trained_steps = first_step, 0
+        bar = tqdm(
+            total=n_steps,
+            initial=first_step,
+            desc=f"epoch {epoch + 1}/{epochs}",
+            unit="step",
+            leave=False,
+            disable=not (progress and main_process),
+            dynamic_ncols=True,
+        )
+        t0 = time.perf_counter()
+        for start, stop_step in chunks:
+            if stop_step <= first_step:
+                continue
+            state, chunk_loss = hooks.run_chunk(state, order[start:stop_step], dropout_root, start)
+            loss_sum += float(chunk_loss)  # one host sync per chunk: cheap, keeps timing honest
+            loss_steps += stop_step - start
+            trained_steps += stop_step - start
+            bar.update(stop_step - start)
+            bar.set_postfix(hooks.show_loss(loss_sum / loss_steps), refresh=False)
+            if on_chunk is not None:
+                on_chunk(epoch, stop_step)
+            if stop and stop_step < n_steps:
+                interrupted = True
+                mid = {"epoch": epoch, "step": stop_step, "loss_sum": loss_sum, "records": records}
+                checkpointer.save(epoch * n_steps + stop_step, state, mid)
+                break
+        train_seconds = time.perf_counter() - t0
+        bar.close()
+        if interrupted:
+            break
+        stats = EpochStats(
+            epoch + 1, loss_sum / max(loss_steps, 1), trained_steps, train_seconds, tuple(records)
+        )
+        state, record = hooks.end_epoch(state, stats)
+        records.append(record)
+        # The checkpoint carries the records; metrics.jsonl may run ahead of a checkpoint that is
+        # still being written, never behind it (a resume rewrites it from the checkpoint).
+        end = {"epoch": epoch + 1, "step": 0, "loss_sum": 0.0, "records": records}
+        checkpointer.save((epoch + 1) * n_steps, state, end)
+        if main_process:
+            runfiles.write_metrics(run_dir / runfiles.METRICS, records)
+        log(hooks.describe(record))
+        if stop:
+            interrupted = epoch + 1 < epochs
+            break
+    checkpointer.close()
+    if interrupted:
+        print(
+            f"interrupted by {stop.signal_name}: checkpoint saved under "
+            f"{run_dir / runfiles.CHECKPOINTS}; continue with --resume {run_dir}",
+            file=sys.stderr,
+        )
+    return Outcome(state, records, interrupted)
+
+
+def _restore(
+    checkpointer: runfiles.Checkpointer,
+    state: Any,
+    sharding: Any,
+    run_dir: Path,
+    start: dict[str, Any],
+) -> tuple[Any, dict[str, Any]]:
+    abstract = jax.tree.map(
+        lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=sharding), state
+    )
+    restored = checkpointer.restore(abstract)
+    if restored is None:
+        log(f"no complete checkpoint under {run_dir}: starting from the beginning")
+        return state, start
+    state, position = restored
+    log(f"resumed from {run_dir} at epoch {position['epoch'] + 1}, step {position['step']}")
+    return state, {**start, **position}
