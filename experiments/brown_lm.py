@@ -5,6 +5,7 @@
     python experiments/brown_lm.py --loss optax       # same model, optax on materialised logits
     python experiments/brown_lm.py --compare          # both losses: perplexity, time, memory
     python experiments/brown_lm.py --resume runs/brown_lm/<timestamp> [--epochs N]
+    python experiments/brown_lm.py --ensemble RUN_DIR RUN_DIR   # a mixture of finished runs
 
 The corpus is split and numbered as in the paper (``data/brown.py``). The output softmax over
 the 14,114-word vocabulary goes through ``jxent.fused_linear_cross_entropy``. Leaves
@@ -21,6 +22,7 @@ import time
 from collections.abc import Sequence
 
 import brown_compare
+import brown_ensemble
 import cli
 import devices
 import lm_engine
@@ -105,6 +107,14 @@ def make_parser() -> argparse.ArgumentParser:
         "--compare-rounds", type=int, default=10, help="timed rounds per loss for --compare"
     )
     parser.add_argument("--compare-steps", type=int, default=10, help="train steps per timed round")
+    parser.add_argument(
+        "--ensemble",
+        nargs="+",
+        metavar="RUN_DIR",
+        default=None,
+        help="print the validation and test perplexity of the mixture (mean probability) of "
+        "these finished runs; with --out-dir, also write ensemble.json there",
+    )
     return parser
 
 
@@ -113,6 +123,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = make_parser()
     args = parser.parse_args(argv)
     devices.set_cpu_device_count(args.devices)
+    if args.ensemble:
+        try:
+            return brown_ensemble.main(args.ensemble, args.data_dir, args.out_dir)
+        except ValueError as err:
+            parser.error(str(err))
     if args.compare:
         config = cli.config_from_args(Config, args)
         return brown_compare.compare(config, args, runfiles.new_run_dir(EXPERIMENT, args.out_dir))

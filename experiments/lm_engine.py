@@ -211,13 +211,15 @@ def make_train_chunk(
     return jax.jit(train_chunk, donate_argnums=(0, 1))
 
 
-def make_evaluate(graphdef: Any, eval_batch: int, scored: int) -> Callable:
+def make_evaluate(graphdef: Any, eval_batch: int, scored: int, per_word: bool = False) -> Callable:
     """Jitted ``(params, inputs (K, T), targets (K, T)) -> (CE sum, words)`` with jxent, fp32.
 
     Only the last ``scored`` positions of a window carry targets (``eval_windows``), so only
     their features go through the output layer, the bulk of the cost: half of it at the
-    transformer's default stride.
+    transformer's default stride. ``per_word``: the CE of each of those positions instead,
+    ``(K * scored,)`` in window order (0 where the target is -1), and the word count.
     """
+    reduction = "none" if per_word else "sum"
 
     def evaluate(params, inputs, targets):
         def one_batch(batch):
@@ -226,23 +228,23 @@ def make_evaluate(graphdef: Any, eval_batch: int, scored: int) -> Callable:
             features = model(x)[:, -scored:]
             y = y[:, -scored:]
             w, bias = model.output_layer()
-            total = jxent.fused_linear_cross_entropy(
+            losses = jxent.fused_linear_cross_entropy(
                 features.reshape(-1, features.shape[-1]).astype(jnp.float32),
                 w.astype(jnp.float32),
                 y.reshape(-1),
                 bias=bias.astype(jnp.float32),
                 ignore_index=-1,
-                reduction="sum",
+                reduction=reduction,
             )
-            return total, (y >= 0).sum()
+            return losses, (y >= 0).sum()
 
         k, t = inputs.shape
         batched = (
             inputs.reshape(k // eval_batch, eval_batch, t),
             targets.reshape(-1, eval_batch, t),
         )
-        totals, counts = jax.lax.map(one_batch, batched)
-        return totals.sum(), counts.sum()
+        losses, counts = jax.lax.map(one_batch, batched)
+        return (losses.reshape(-1) if per_word else losses.sum()), counts.sum()
 
     return jax.jit(evaluate)
 

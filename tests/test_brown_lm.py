@@ -22,6 +22,7 @@ from flax import nnx
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "experiments"))
 
+import brown_ensemble
 import brown_lm
 import brown_train
 import lm_engine
@@ -187,9 +188,48 @@ def test_smoke_run_learns_and_leaves_every_artefact(reference, corpus):
     assert len(result.sample.split()) == 40
 
 
-def test_nplm_trains(tmp_path, corpus):
-    result = brown_train.train(TINY_NPLM, tmp_path, corpus=corpus, progress=False, plots_too=False)
-    assert result.test_perplexity < corpus.vocab_size / 2
+@pytest.fixture(scope="module")
+def nplm_run(tmp_path_factory, corpus):
+    run_dir = tmp_path_factory.mktemp("brown-nplm")
+    return run_dir, brown_train.train(
+        TINY_NPLM, run_dir, corpus=corpus, progress=False, plots_too=False
+    )
+
+
+def test_nplm_trains(nplm_run, corpus):
+    assert nplm_run[1].test_perplexity < corpus.vocab_size / 2
+
+
+def test_mixture_perplexity_equals_float64_numpy():
+    losses = np.random.default_rng(0).gamma(2.0, 2.0, size=(3, 500))
+    expected = np.exp(-np.mean(np.log(np.mean(np.exp(-losses), axis=0))))
+    assert brown_ensemble.mixture_perplexity(losses) == pytest.approx(expected, rel=1e-5)
+
+
+def test_ensemble_of_a_run_with_itself_is_that_run(reference, corpus):
+    run_dir, result = reference
+    report = brown_ensemble.ensemble([run_dir, run_dir], corpus)
+    best_valid = min(r["valid_perplexity"] for r in result.records)
+    for split, expected in (("test", result.test_perplexity), ("valid", best_valid)):
+        assert report[split]["runs"] == pytest.approx([expected, expected], rel=1e-5)
+        assert report[split]["mixture"] == pytest.approx(expected, rel=1e-5)
+
+
+def test_ensemble_of_two_models_beats_the_geometric_mean_of_their_perplexities(
+    reference, nplm_run, corpus
+):
+    # A transformer and an NPLM: different contexts and strides, the same words in order.
+    report = brown_ensemble.ensemble([reference[0], nplm_run[0]], corpus)
+    runs = report["test"]["runs"]
+    assert runs == pytest.approx([reference[1].test_perplexity, nplm_run[1].test_perplexity])
+    assert report["test"]["mixture"] < math.sqrt(runs[0] * runs[1])
+
+
+def test_ensemble_names_a_directory_that_is_not_a_run(tmp_path, capsys):
+    with pytest.raises(SystemExit) as info:
+        brown_lm.main(["--ensemble", str(tmp_path)])
+    assert info.value.code == 2
+    assert f"--ensemble {tmp_path}: no config.json there" in capsys.readouterr().err
 
 
 def test_resume_after_sigint_mid_epoch_matches_uninterrupted_run(tmp_path, corpus, reference):
