@@ -15,9 +15,9 @@ from pathlib import Path
 from typing import Any
 
 import devices
-import jax
 import jax.numpy as jnp
 import lm_engine
+import loop
 import numpy as np
 import runfiles
 from brown_train import Config, build_model, build_optimizer
@@ -47,16 +47,11 @@ def load_best_params(run_dir: Path, corpus: brown.Corpus) -> tuple[Config, Any, 
     config = Config(**json.loads((run_dir / runfiles.CONFIG).read_text()))
     graphdef, params = nnx.split(build_model(config, corpus.vocab_size), nnx.Param)
     n_steps = lm_engine.steps_per_epoch(corpus.train.stop, config.batch_size, config.context)
-    state = {
-        "params": params,
-        "opt_state": build_optimizer(config, n_steps).init(params),
-        "best_params": params,
-    }
+    state = lm_engine.initial_state(params, build_optimizer(config, n_steps))
     replicated = NamedSharding(devices.make_mesh(1), P())
-    abstract = jax.tree.map(
-        lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=replicated), state
-    )
-    restored = runfiles.Checkpointer(run_dir / runfiles.CHECKPOINTS).restore(abstract)
+    checkpointer = runfiles.Checkpointer(run_dir / runfiles.CHECKPOINTS)
+    restored = checkpointer.restore(loop.abstract_like(state, replicated))
+    checkpointer.close()
     if restored is None:
         raise ValueError(f"--ensemble {run_dir}: no complete checkpoint; expected a trained run")
     return config, graphdef, restored[0]["best_params"]

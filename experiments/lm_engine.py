@@ -284,6 +284,11 @@ def make_generate(graphdef: Any, context: int, n_words: int) -> Callable:
 # The loop.
 
 
+def initial_state(params: Any, optimizer: Any) -> dict[str, Any]:
+    """What ``fit`` trains and checkpoints: params, optimizer state, best params so far."""
+    return {"params": params, "opt_state": optimizer.init(params), "best_params": params}
+
+
 @dataclasses.dataclass
 class LMResult:
     """What ``fit`` leaves: best params (host), per-epoch records, test perplexity, exit status."""
@@ -327,8 +332,7 @@ def fit(
     mesh = devices.make_mesh(options.devices, options.batch_size)
     replicated = NamedSharding(mesh, P())
     graphdef, params = nnx.split(model, nnx.Param)
-    state = {"params": params, "opt_state": optimizer.init(params), "best_params": params}
-    state = devices.replicate(state, replicated)
+    state = devices.replicate(initial_state(params, optimizer), replicated)
 
     train_ids = corpus.ids[corpus.train]
     tokens, valid, test = devices.replicate(

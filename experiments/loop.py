@@ -211,6 +211,11 @@ def run(
     return Outcome(state, records, interrupted)
 
 
+def abstract_like(state: Any, sharding: Any) -> Any:
+    """``state``'s shapes and dtypes placed on ``sharding``: what a checkpoint restores into."""
+    return jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=sharding), state)
+
+
 def _restore(
     checkpointer: runfiles.Checkpointer,
     state: Any,
@@ -218,10 +223,7 @@ def _restore(
     run_dir: Path,
     start: dict[str, Any],
 ) -> tuple[Any, dict[str, Any]]:
-    abstract = jax.tree.map(
-        lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=sharding), state
-    )
-    restored = checkpointer.restore(abstract)
+    restored = checkpointer.restore(abstract_like(state, sharding))
     if restored is None:
         log(f"no complete checkpoint under {run_dir}: starting from the beginning")
         return state, start
