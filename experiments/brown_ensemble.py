@@ -57,20 +57,23 @@ def load_best_params(run_dir: Path, corpus: brown.Corpus) -> tuple[Config, Any, 
     return config, graphdef, restored[0]["best_params"]
 
 
-def word_losses(run_dir: Path, corpus: brown.Corpus, split: str) -> np.ndarray:
-    """The cross-entropy of every word of ``split`` under the run's best parameters, in order."""
+def word_losses(run_dir: Path, corpus: brown.Corpus) -> dict[str, np.ndarray]:
+    """The cross-entropy of every word of each split (``SPLITS``) under the run's best
+    parameters, in order."""
     config, graphdef, params = load_best_params(run_dir, corpus)
-    assert config.eval_stride is not None
-    inputs, targets = lm_engine.pad_windows(
-        *lm_engine.eval_windows(
-            corpus.ids, getattr(corpus, split), config.context, config.eval_stride
-        ),
-        multiple=64,
-    )
-    evaluate = lm_engine.make_evaluate(graphdef, 64, config.eval_stride, per_word=True)
-    losses, _ = evaluate(params, inputs, targets)
-    scored = targets[:, -config.eval_stride :].reshape(-1) >= 0
-    return np.asarray(losses)[scored]
+    stride = config.eval_stride
+    assert stride is not None
+    evaluate = lm_engine.make_evaluate(graphdef, 64, stride, per_word=True)
+    losses = {}
+    for split in SPLITS:
+        inputs, targets = lm_engine.pad_windows(
+            *lm_engine.eval_windows(corpus.ids, getattr(corpus, split), config.context, stride),
+            multiple=64,
+        )
+        per_position, _ = evaluate(params, inputs, targets)
+        scored = targets[:, -stride:].reshape(-1) >= 0
+        losses[split] = np.asarray(per_position)[scored]
+    return losses
 
 
 def mixture_perplexity(losses: Any) -> float:
@@ -82,8 +85,9 @@ def mixture_perplexity(losses: Any) -> float:
 def ensemble(run_dirs: list[Path], corpus: brown.Corpus) -> dict[str, Any]:
     """Each run's perplexity and the mixture's, on the validation and test words."""
     report: dict[str, Any] = {"runs": [str(d) for d in run_dirs]}
+    per_run = [word_losses(d, corpus) for d in run_dirs]  # one restore and compile per run
     for split in SPLITS:
-        losses = np.stack([word_losses(d, corpus, split) for d in run_dirs])
+        losses = np.stack([run[split] for run in per_run])
         report[split] = {
             "runs": [math.exp(float(np.mean(run))) for run in losses],
             "mixture": mixture_perplexity(losses),

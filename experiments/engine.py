@@ -240,17 +240,14 @@ def fit(
         nonlocal predictions
         test_loss_sum, correct, predictions = evaluate(state["params"], test_images, test_labels)
         return state, {
-            "epoch": stats.epoch,
-            "train_loss": stats.train_loss,
             "test_loss": float(test_loss_sum) / len(data.test_images),
             "test_accuracy": int(correct) / len(data.test_images),
             "images_per_second": stats.trained_steps * options.batch_size / stats.train_seconds,
-            "train_seconds": stats.train_seconds,
         }
 
     def describe(record: dict[str, Any]) -> str:
         return (
-            f"epoch {record['epoch']:3d}/{options.epochs}  train loss {record['train_loss']:.4f}  "
+            f"train loss {record['train_loss']:.4f}  "
             f"test loss {record['test_loss']:.4f}  test acc {100 * record['test_accuracy']:.2f}%  "
             f"{record['images_per_second']:,.0f} img/s"
         )
@@ -264,13 +261,11 @@ def fit(
             describe=describe,
             show_loss=lambda mean: {"loss": f"{mean:.4f}"},
         ),
-        epochs=options.epochs,
-        chunks=loop.chunk_bounds(n_steps, options.chunk_steps),
-        seed=options.seed,
+        schedule=options,
+        n_steps=n_steps,
         run_dir=run_dir,
         sharding=replicated,
         resume=resume,
-        progress=options.progress,
         stop=stop,
         on_chunk=on_chunk,
     )

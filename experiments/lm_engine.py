@@ -381,19 +381,16 @@ def fit(
             state = {**state, "best_params": jax.tree.map(jnp.copy, state["params"])}
         words = stats.trained_steps * options.batch_size * options.context
         return state, {
-            "epoch": stats.epoch,
-            "train_loss": stats.train_loss,
             "train_perplexity": math.exp(stats.train_loss),
             "valid_perplexity": valid_ppl,
             "best_valid_perplexity": best_valid,
             "words_per_second": words / stats.train_seconds,
-            "train_seconds": stats.train_seconds,
         }
 
     def describe(record: dict[str, Any]) -> str:
         return (
-            f"epoch {record['epoch']:3d}/{options.epochs}  train ppl "
-            f"{record['train_perplexity']:8.2f}  valid ppl {record['valid_perplexity']:8.2f}  "
+            f"train ppl {record['train_perplexity']:8.2f}  "
+            f"valid ppl {record['valid_perplexity']:8.2f}  "
             f"{record['words_per_second']:,.0f} words/s"
         )
 
@@ -406,13 +403,11 @@ def fit(
             describe=describe,
             show_loss=lambda mean: {"ppl": f"{math.exp(mean):.1f}"},
         ),
-        epochs=options.epochs,
-        chunks=loop.chunk_bounds(n_steps, options.chunk_steps),
-        seed=options.seed,
+        schedule=options,
+        n_steps=n_steps,
         run_dir=run_dir,
         sharding=replicated,
         resume=resume,
-        progress=options.progress,
         stop=stop,
         on_chunk=on_chunk,
     )

@@ -20,7 +20,7 @@ import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import jax
 import runfiles
@@ -53,11 +53,23 @@ def largest_divisor_at_most(n: int, limit: int) -> int:
 class EpochStats:
     """What the loop measured of one epoch's training, handed to ``Hooks.end_epoch``."""
 
-    epoch: int  # counted from 1
     train_loss: float  # mean over the epoch's steps (a resumed epoch's included)
     trained_steps: int  # steps run in this process (fewer than the epoch's after a resume)
     train_seconds: float
     earlier: tuple[dict[str, Any], ...]  # the records of the epochs before this one
+
+
+class Schedule(Protocol):
+    """The fields of an engine's options that the loop reads."""
+
+    @property
+    def epochs(self) -> int: ...
+    @property
+    def seed(self) -> int: ...
+    @property
+    def chunk_steps(self) -> int: ...  # steps per jitted scan: progress and interrupt granularity
+    @property
+    def progress(self) -> bool: ...
 
 
 @dataclasses.dataclass(frozen=True)
@@ -66,9 +78,10 @@ class Hooks:
 
     ``order(epoch_key) -> (steps, batch)`` example indices of an epoch;
     ``run_chunk(state, order[start:stop], dropout_root, start) -> (state, loss_sum)`` (it may
-    donate ``state``); ``end_epoch(state, stats) -> (state, record)`` evaluates and builds the
-    epoch's ``metrics.jsonl`` record; ``describe(record)`` is its log line; ``show_loss(mean)``
-    is the progress bar's postfix.
+    donate ``state``); ``end_epoch(state, stats) -> (state, metrics)`` evaluates and returns the
+    engine's fields of the epoch's ``metrics.jsonl`` record (the loop adds ``epoch``,
+    ``train_loss`` and ``train_seconds``); ``describe(record)`` is the log line after
+    ``epoch N/E``; ``show_loss(mean)`` is the progress bar's postfix.
     """
 
     order: Callable[[Any], Any]
@@ -118,17 +131,16 @@ def run(
     state: Any,
     *,
     hooks: Hooks,
-    epochs: int,
-    chunks: list[tuple[int, int]],
-    seed: int,
+    schedule: Schedule,
+    n_steps: int,
     run_dir: Path,
     sharding: Any,
     resume: bool = False,
-    progress: bool = True,
     stop: StopRequest | None = None,
     on_chunk: Callable[[int, int], None] | None = None,
 ) -> Outcome:
-    """Trains ``state`` (a pytree of device arrays with ``sharding``) for ``epochs`` epochs.
+    """Trains ``state`` (a pytree of device arrays with ``sharding``) for ``schedule.epochs``
+    epochs of ``n_steps`` steps.
 
     ``resume`` continues from the newest complete checkpoint under ``run_dir``; ``stop`` is the
     interruption flag, checked between chunks; ``on_chunk(epoch, step)`` is a test hook called
@@ -136,7 +148,8 @@ def run(
     """
     stop = stop if stop is not None else StopRequest()
     main_process = jax.process_index() == 0
-    n_steps = chunks[-1][1]
+    epochs = schedule.epochs
+    chunks = chunk_bounds(n_steps, schedule.chunk_steps)
     run_dir.mkdir(parents=True, exist_ok=True)
     checkpointer = runfiles.Checkpointer(run_dir / runfiles.CHECKPOINTS)
     position: dict[str, Any] = {"epoch": 0, "step": 0, "loss_sum": 0.0, "records": []}
@@ -149,7 +162,7 @@ def run(
     start_epoch, start_step = int(position["epoch"]), int(position["step"])
     interrupted = False
     for epoch in range(start_epoch, epochs):
-        key = epoch_key(seed, epoch)
+        key = epoch_key(schedule.seed, epoch)
         dropout_root = jax.random.fold_in(key, 1)  # disjoint from the order's fold_in(key, 0)
         order = hooks.order(key)
         first_step = start_step if epoch == start_epoch else 0
@@ -162,7 +175,7 @@ def run(
             desc=f"epoch {epoch + 1}/{epochs}",
             unit="step",
             leave=False,
-            disable=not (progress and main_process),
+            disable=not (schedule.progress and main_process),
             dynamic_ncols=True,
         )
         t0 = time.perf_counter()
@@ -186,10 +199,11 @@ def run(
         bar.close()
         if interrupted:
             break
-        stats = EpochStats(
-            epoch + 1, loss_sum / max(loss_steps, 1), trained_steps, train_seconds, tuple(records)
-        )
-        state, record = hooks.end_epoch(state, stats)
+        train_loss = loss_sum / max(loss_steps, 1)
+        stats = EpochStats(train_loss, trained_steps, train_seconds, tuple(records))
+        state, metrics = hooks.end_epoch(state, stats)
+        record = {"epoch": epoch + 1, "train_loss": train_loss, **metrics}
+        record["train_seconds"] = train_seconds
         records.append(record)
         # The checkpoint carries the records; metrics.jsonl may run ahead of a checkpoint that is
         # still being written, never behind it (a resume rewrites it from the checkpoint).
@@ -197,7 +211,7 @@ def run(
         checkpointer.save((epoch + 1) * n_steps, state, end)
         if main_process:
             runfiles.write_metrics(run_dir / runfiles.METRICS, records)
-        log(hooks.describe(record))
+        log(f"epoch {epoch + 1:3d}/{epochs}  {hooks.describe(record)}")
         if stop:
             interrupted = epoch + 1 < epochs
             break
