@@ -1,0 +1,44 @@
+"""Sphinx configuration: MyST markdown pages and an API reference read from jxent's docstrings.
+
+Built by ``make docs`` (warnings are errors); the pages' code blocks are run by the test suite
+(tests/test_readme.py and pytest's doctest collection of docs/**/*.md).
+"""
+
+import jxent
+
+project = "jxent"
+author = "The jxent authors"
+copyright = "the jxent authors, Apache-2.0"
+release = version = jxent.__version__
+
+extensions = [
+    "myst_parser",
+    "sphinx.ext.autodoc",
+    "sphinx.ext.autosummary",
+    "sphinx.ext.napoleon",
+    "sphinx.ext.mathjax",
+]
+source_suffix = {".md": "markdown", ".rst": "restructuredtext"}
+root_doc = "index"
+exclude_patterns = ["_build"]
+
+# MyST: $...$ math in pages, ::: fences, and anchors for headings down to ### so that pages
+# can link to each other's sections (e.g. benchmarks.md#per-backend-code-paths).
+myst_enable_extensions = ["dollarmath", "colon_fence"]
+myst_heading_anchors = 3
+
+# The docstrings are Google style (Args:, Returns:, Example:).
+napoleon_google_docstring = True
+napoleon_numpy_docstring = True
+# Signatures as help() shows them, with the annotations' own spelling of ArrayLike.
+autodoc_typehints = "signature"
+autodoc_type_aliases = {"ArrayLike": "ArrayLike"}
+autodoc_preserve_defaults = True
+autosummary_generate = False
+
+html_theme = "sphinx_book_theme"
+html_title = f"jxent {release}"
+html_theme_options = {
+    "show_toc_level": 2,
+    "navigation_with_keys": False,
+}
