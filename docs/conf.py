@@ -4,6 +4,8 @@ Built by ``make docs`` (warnings are errors); the pages' code blocks are run by 
 (tests/test_readme.py and pytest's doctest collection of docs/**/*.md).
 """
 
+import re
+
 import jxent
 
 project = "jxent"
@@ -38,7 +40,23 @@ autosummary_generate = False
 
 html_theme = "sphinx_book_theme"
 html_title = f"jxent {release}"
+html_static_path = ["_static"]
+html_css_files = ["custom.css"]
 html_theme_options = {
     "show_toc_level": 2,
     "navigation_with_keys": False,
 }
+
+
+def _show_aliases_as_written(app, what, name, obj, options, signature, return_annotation):
+    """``autodoc_type_aliases`` keeps ``ArrayLike`` unexpanded but, inside a union, Sphinx 9
+    prints it as ``TypeAliasForwardRef('ArrayLike')``; show it as the source and help() do."""
+
+    def plain(text):
+        return text and re.sub(r"TypeAliasForwardRef\('([^']*)'\)", r"\1", text)
+
+    return plain(signature), plain(return_annotation)
+
+
+def setup(app):
+    app.connect("autodoc-process-signature", _show_aliases_as_written)
