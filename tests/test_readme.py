@@ -63,8 +63,9 @@ def test_pages_found():
         assert {"docs/index.md", "docs/api.md", "benchmarks/README.md"} <= names
 
 
-def test_readme_has_script_blocks():
-    assert len(SCRIPTS) >= (5 if DOCS.is_dir() else 1)
+@pytest.mark.skipif(not DOCS.is_dir(), reason="the sdist carries no docs/")
+def test_pages_have_script_blocks():
+    assert len(SCRIPTS) >= 5
 
 
 @pytest.mark.parametrize("page", PAGES, ids=lambda p: str(p.relative_to(ROOT)))
