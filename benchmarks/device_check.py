@@ -439,7 +439,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p.add_argument("--test-workers", type=int, default=6, help="pytest-xdist workers for the tests")
     p.add_argument("--skip-tests", action="store_true", help="benchmarks only")
     p.add_argument("--allow-cpu", action="store_true", help="full shapes on a CPU backend")
-    p.add_argument("--ops", default=",".join(cases.OPS), help=f"comma list from: {_OPS_HELP}")
+    p.add_argument("--ops", default=",".join(cases.ops_in("device")), help=f"comma list from: {_OPS_HELP}")
     p.add_argument("--dtypes", default=",".join(DTYPES), help="comma list for the 2-D cases")
     p.add_argument(
         "--candidates",
