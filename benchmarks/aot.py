@@ -474,7 +474,9 @@ COLUMNS = (
 
 def _row(r: AotRecord) -> list[str]:
     loops = "" if not r.loops else f"loops {r.loops}; "
-    note = loops + (r.note.replace(" loop body counted once (bytes, kernels)", "") if loops else r.note)
+    note = loops + (
+        r.note.replace(" loop body counted once (bytes, kernels)", "") if loops else r.note
+    )
     if r.copies_first_input:
         note = (note + "; copies the donated input").strip("; ")
     return [
@@ -567,8 +569,10 @@ def write_plot(records: Sequence[AotRecord], path: str, date: str) -> None:
                 xs, ys = [], []
                 for g, key in enumerate(groups):
                     for r in mine:
-                        is_role = r.candidate == "jxent" if role == "jxent" else (
-                            r.candidate == r.reference
+                        is_role = (
+                            r.candidate == "jxent"
+                            if role == "jxent"
+                            else (r.candidate == r.reference)
                         )
                         value = getattr(r, metric)
                         if (r.op, tuple(r.shape), r.dtype) == key and is_role and value is not None:

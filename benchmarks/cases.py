@@ -362,7 +362,7 @@ def _normaliser(
         op_args=1,
         # Read x (and the cotangent g when it is logits-sized), write the gradient.
         float64=float64,
-        traffic=logits_passes(1, 2 if row_output else 3),
+        traffic=logits_passes(1 if row_output else 2, 2 if row_output else 3),
         targets=(*_parity("fwd+bwd", not_long_rows), *((_ACCURACY,) if accuracy_target else ())),
         device_targets=_time_parity("fwd+bwd"),
     )
