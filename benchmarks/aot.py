@@ -508,6 +508,36 @@ def markdown_table(records: Sequence[AotRecord]) -> str:
     return "\n".join(lines)
 
 
+def _ms(seconds: float | None) -> str:
+    return _num(None if seconds is None else 1e3 * seconds, ".3f")
+
+
+def _pair(mine: Any, ref: Any, fmt: Any) -> str:
+    return f"{fmt(mine)} / {fmt(ref)}"
+
+
+def summary_table(records: Sequence[AotRecord], mode: str = "fwd+bwd") -> str:
+    """One line per (target, op, shape, dtype): jxent / reference side by side."""
+    refs = {_key(r)[:5]: r for r in records if r.candidate == r.reference}
+    lines = [
+        "| target | op | shape | dtype | temp MiB | bytes / floor | kernels | TPU model ms |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    for r in records:
+        ref = refs.get(_key(r)[:5])
+        if r.mode != mode or r.candidate != "jxent" or ref is None:
+            continue
+        loops = " (loop once)" if r.loops else ""
+        lines.append(
+            f"| {r.target} | {r.op} | {shape_label(r.shape)} | {r.dtype} | "
+            f"{_pair(r.temp_bytes, ref.temp_bytes, _mib)} | "
+            f"{_pair(r.floor_ratio, ref.floor_ratio, _num)}{loops} | "
+            f"{_pair(r.kernels, ref.kernels, lambda v: _num(v, 'd'))} | "
+            f"{_pair(r.optimal_seconds, ref.optimal_seconds, _ms)} |"
+        )
+    return "\n".join(lines)
+
+
 def versions() -> dict[str, str | None]:
     out: dict[str, str | None] = {}
     for package in PLUGIN_PACKAGES:
@@ -539,6 +569,12 @@ built for the target, read from the compiled executable; nothing ran on an accel
 - A `while` loop (scan, fori_loop) body is counted **once** by cost analysis and in kernels;
   such rows list the loops' trip counts. No autotuning happens without a device: GEMM tiles
   are defaults, so the fused loss's numbers are indicative.
+
+## `value_and_grad`: jxent / reference
+
+{summary_table(records)}
+
+## Every record
 
 {markdown_table(records)}
 """
@@ -634,6 +670,11 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p.add_argument("--out", default=os.path.join(_REPO_ROOT, "docs", "bench"))
     p.add_argument("--no-plot", action="store_true")
     p.add_argument(
+        "--render-only",
+        action="store_true",
+        help="rewrite aot.md and aot.png from the aot.json in --out; compile nothing",
+    )
+    p.add_argument(
         "--merge",
         action="store_true",
         help="keep the records of an existing aot.json in --out that this run does not redo",
@@ -705,6 +746,18 @@ def _order(r: AotRecord) -> tuple[Any, ...]:
     )
 
 
+def render(json_path: str, no_plot: bool) -> int:
+    with open(json_path) as f:
+        result = json.load(f)
+    records = [AotRecord(**r) for r in result["records"]]
+    out = os.path.dirname(json_path)
+    write_markdown(result, records, os.path.join(out, "aot.md"))
+    if not no_plot:
+        write_plot(records, os.path.join(out, "aot.png"), result["date"])
+    print(f"wrote {out}/aot.md and aot.png from {json_path}")
+    return 0
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     args = parse_args(argv)
@@ -716,6 +769,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         )
         return 2
     os.makedirs(args.out, exist_ok=True)
+    if args.render_only:
+        return render(os.path.join(args.out, "aot.json"), args.no_plot)
     env = environment([sys.argv[0], *argv])
     pkgs = versions()
     print(f"compiled, not run; {pkgs}; on {env['cpu_model']}", flush=True)
