@@ -512,6 +512,16 @@ def _ms(seconds: float | None) -> str:
     return _num(None if seconds is None else 1e3 * seconds, ".3f")
 
 
+def _failure(mine: AotRecord, ref: AotRecord) -> str:
+    """Why a side has no numbers: XLA's reason, e.g. the temporaries exceed the HBM."""
+    notes = []
+    for who, r in (("jxent", mine), (ref.candidate, ref)):
+        if r.note.startswith("compile failed"):
+            reason = r.note.split(": ", 2)[-1]
+            notes.append(f"{who}: {reason[:140]}")
+    return "; ".join(notes)
+
+
 def _pair(mine: Any, ref: Any, fmt: Any) -> str:
     return f"{fmt(mine)} / {fmt(ref)}"
 
@@ -520,8 +530,8 @@ def summary_table(records: Sequence[AotRecord], mode: str = "fwd+bwd") -> str:
     """One line per (target, op, shape, dtype): jxent / reference side by side."""
     refs = {_key(r)[:5]: r for r in records if r.candidate == r.reference}
     lines = [
-        "| target | op | shape | dtype | temp MiB | bytes / floor | kernels | TPU model ms |",
-        "|---|---|---|---|---|---|---|---|",
+        "| target | op | shape | dtype | temp MiB | bytes / floor | kernels | TPU ms | note |",
+        "|---|---|---|---|---|---|---|---|---|",
     ]
     for r in records:
         ref = refs.get(_key(r)[:5])
@@ -533,7 +543,7 @@ def summary_table(records: Sequence[AotRecord], mode: str = "fwd+bwd") -> str:
             f"{_pair(r.temp_bytes, ref.temp_bytes, _mib)} | "
             f"{_pair(r.floor_ratio, ref.floor_ratio, _num)}{loops} | "
             f"{_pair(r.kernels, ref.kernels, lambda v: _num(v, 'd'))} | "
-            f"{_pair(r.optimal_seconds, ref.optimal_seconds, _ms)} |"
+            f"{_pair(r.optimal_seconds, ref.optimal_seconds, _ms)} | {_failure(r, ref)} |"
         )
     return "\n".join(lines)
 
@@ -626,7 +636,10 @@ def write_plot(records: Sequence[AotRecord], path: str, date: str) -> None:
             ax.set_ylabel(ylabel)
             ax.grid(True, axis="y", alpha=0.3)
             ax.legend(fontsize=7)
-    fig.suptitle(f"jxent fwd+bwd, compiled, not run ({date}); lower is better")
+    fig.suptitle(
+        f"jxent fwd+bwd, compiled, not run ({date}); lower is better; "
+        "cost analysis counts a loop body once"
+    )
     fig.tight_layout()
     fig.savefig(path, dpi=90)
     plt.close(fig)
