@@ -5,12 +5,23 @@
 #   make device-check - the accelerator check (benchmarks/device_check.py, <= 8 min on one H100)
 #   make docs  - the documentation site (Sphinx + MyST, warnings are errors) into docs/_build/html
 #   make docs-check - screenshots of the built site in headless Chromium (docs/_build/screenshots)
+#   make aot   - compile every case for CPU, H100 and TPU v5e without a device (benchmarks/aot.py)
 PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: run test lint package-check docs docs-check bench device-check clean
+.PHONY: run test test-aot lint package-check docs docs-check bench device-check aot clean
+
+# The deviceless accelerator compiles get their own venv (.venv-aot, requirements-aot.lock):
+# the CUDA and TPU compiler plugins stay out of .venv and out of jxent's dependencies.
+AOT_VENV := .venv-aot
+AOT_BIN := $(AOT_VENV)/bin
+AOT_STAMP := $(AOT_VENV)/.installed
+# Compile for accelerators on this machine: no GPU probe, no TPU metadata-server queries, no
+# libtpu one-process lock (nothing runs on a TPU; a test run may compile beside `make aot`).
+AOT_ENV := JAX_PLATFORMS=cpu TPU_SKIP_MDS_QUERY=1 TPU_WORKER_HOSTNAMES=localhost \
+	ALLOW_MULTIPLE_LIBTPU_LOAD=1
 
 $(STAMP): requirements.lock pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -18,6 +29,13 @@ $(STAMP): requirements.lock pyproject.toml
 	$(BIN)/pip install --quiet -r requirements.lock
 	$(BIN)/pip install --quiet --no-deps -e .
 	touch $(STAMP)
+
+$(AOT_STAMP): requirements-aot.lock pyproject.toml
+	$(PYTHON) -m venv $(AOT_VENV)
+	$(AOT_BIN)/pip install --quiet --upgrade pip
+	$(AOT_BIN)/pip install --quiet -r requirements-aot.lock
+	$(AOT_BIN)/pip install --quiet --no-deps -e .
+	touch $(AOT_STAMP)
 
 run: $(STAMP)
 	$(BIN)/python experiments/mnist_mlp.py $(ARGS)
@@ -39,8 +57,12 @@ docs: $(STAMP)
 docs-check: docs
 	$(BIN)/python tools/check_docs.py
 
-test: lint package-check docs
-	$(BIN)/python -m pytest -n 2 $(ARGS)
+test: lint package-check docs test-aot
+	$(BIN)/python -m pytest -n 2 -m "not aot" $(ARGS)
+
+# tests/test_aot.py: compiled-for-H100 / TPU v5e properties, in .venv-aot (a minute or two).
+test-aot: $(AOT_STAMP)
+	$(AOT_ENV) $(AOT_BIN)/python -m pytest -m aot tests/test_aot.py $(AOT_ARGS)
 
 bench: $(STAMP)
 	$(BIN)/python benchmarks/run.py $(ARGS)
@@ -48,5 +70,9 @@ bench: $(STAMP)
 device-check: $(STAMP)
 	$(BIN)/python benchmarks/device_check.py $(ARGS)
 
+# docs/bench/aot.{json,md,png}; ARGS="--quick" or filters (see benchmarks/aot.py --help).
+aot: $(AOT_STAMP)
+	$(AOT_ENV) $(AOT_BIN)/python benchmarks/aot.py $(ARGS)
+
 clean:
-	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache .hypothesis docs/_build
+	rm -rf $(VENV) $(AOT_VENV) .pytest_cache .mypy_cache .ruff_cache .hypothesis docs/_build

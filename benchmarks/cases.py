@@ -12,7 +12,11 @@ A case is everything the harnesses need to know about one op, in one entry of ``
 * ``float64``: a NumPy float64 reference of the op's output, for the accuracy column;
 * ``traffic``: the fewest bytes a pass must move through memory (for achieved bandwidth);
 * ``targets`` / ``device_targets``: what the CPU suite and the accelerator check require of
-  jxent, each with a descriptive name.
+  jxent, each with a descriptive name;
+* ``floor``: the fewest bytes for the compiled-for-accelerators report (``aot.py``) when it
+  differs from ``traffic`` (the fused loss, whose traffic is not logits-sized);
+* ``suites``: which harnesses run the case (``cpu`` = run.py, ``device`` = device_check.py,
+  ``aot`` = aot.py); the binary CE, KL and NLL are compiled by ``aot.py`` only so far.
 
 Adding an op is adding one ``Case`` to ``CASES``.
 """
@@ -181,6 +185,27 @@ def logits_and_probabilities(shape: Shape, dtype: Any, seed: int = 0) -> tuple[A
     return _logits(k1, shape, dtype), targets
 
 
+def logits_and_binary_labels(shape: Shape, dtype: Any, seed: int = 0) -> tuple[Array, ...]:
+    k1, k2, _ = _keys(seed)
+    labels = jax.random.bernoulli(k2, 0.1, shape).astype(dtype)
+    return _logits(k1, shape, dtype), labels
+
+
+def log_probabilities_and_probabilities(
+    shape: Shape, dtype: Any, seed: int = 0
+) -> tuple[Array, ...]:
+    k1, k2, _ = _keys(seed)
+    log_p = jax.nn.log_softmax(_logits(k1, shape, jnp.float32)).astype(dtype)
+    targets = jax.nn.softmax(jax.random.normal(k2, shape, jnp.float32)).astype(dtype)
+    return log_p, targets
+
+
+def log_probabilities_and_labels(shape: Shape, dtype: Any, seed: int = 0) -> tuple[Array, ...]:
+    k1, k2, _ = _keys(seed)
+    log_p = jax.nn.log_softmax(_logits(k1, shape, jnp.float32)).astype(dtype)
+    return log_p, jax.random.randint(k2, shape[:1], 0, shape[1], jnp.int32)
+
+
 def features_weights_labels(shape: Shape, dtype: Any, seed: int = 0) -> tuple[Array, ...]:
     n, d, v = shape
     k1, k2, k3 = _keys(seed)
@@ -261,6 +286,22 @@ def logits_passes(loss_only: int, with_gradient: int) -> Callable[[Shape, int, s
     return traffic
 
 
+def label_gather_traffic(shape: Shape, itemsize: int, mode: str) -> int:
+    """NLL of integer labels: the loss reads one value and one int32 label per row; with the
+    gradient (one-hot, logits-sized) written once more."""
+    n, c = shape
+    per_row = n * (itemsize + 4)
+    return per_row if mode == "fwd" else per_row + n * c * itemsize
+
+
+def fused_traffic(shape: Shape, itemsize: int, mode: str) -> int:
+    """Fused linear CE at (N, D, V): read x [N, D], w [D, V] and the labels once; with the
+    gradient, write dx and dw once more. The [N, V] logits need never reach memory."""
+    n, d, v = shape
+    inputs = (n * d + d * v) * itemsize + n * 4
+    return inputs if mode == "fwd" else inputs + (n * d + d * v) * itemsize
+
+
 # --------------------------------------------------------------------------------------------
 # The registry
 # --------------------------------------------------------------------------------------------
@@ -282,6 +323,13 @@ class Case:
     traffic: Callable[[Shape, int, str], int] | None = None
     targets: tuple[Target, ...] = ()
     device_targets: tuple[Target, ...] = ()
+    floor: Callable[[Shape, int, str], int] | None = None
+    suites: tuple[str, ...] = ("cpu", "device", "aot")
+
+    def floor_bytes(self, shape: Shape, itemsize: int, mode: str) -> int | None:
+        """The fewest bytes a pass of ``mode`` must move (``floor``, else ``traffic``)."""
+        fn = self.floor or self.traffic
+        return None if fn is None else fn(shape, itemsize, "fwd" if mode == "fwd" else mode)
 
     def losses(self, names: Sequence[str] | None = None) -> dict[str, LossFn]:
         """{candidate: scalar loss}, restricted to ``names`` (and the reference) if given."""
@@ -314,7 +362,7 @@ def _normaliser(
         op_args=1,
         # Read x (and the cotangent g when it is logits-sized), write the gradient.
         float64=float64,
-        traffic=logits_passes(1, 2 if row_output else 3),
+        traffic=logits_passes(1 if row_output else 2, 2 if row_output else 3),
         targets=(*_parity("fwd+bwd", not_long_rows), *((_ACCURACY,) if accuracy_target else ())),
         device_targets=_time_parity("fwd+bwd"),
     )
@@ -348,6 +396,38 @@ def _fused_candidates() -> dict[str, Callable[..., Array]]:
         return jnp.mean(optax.softmax_cross_entropy_with_integer_labels(x @ w, labels))
 
     return {"jxent": jxent.fused_linear_cross_entropy, "optax-unfused": unfused}
+
+
+def _binary_ce_candidates() -> dict[str, Callable[..., Array]]:
+    return {
+        "jxent": jxent.sigmoid_binary_cross_entropy,
+        "optax": optax.sigmoid_binary_cross_entropy,
+    }
+
+
+def _kl_candidates() -> dict[str, Callable[..., Array]]:
+    return {"jxent": jxent.kl_divergence, "optax": optax.kl_divergence}
+
+
+def _nll_candidates() -> dict[str, Callable[..., Array]]:
+    # optax has no NLL of log-probabilities; the reference is the plain gather.
+    def gather(log_probs: Array, labels: Array) -> Array:
+        return -jnp.take_along_axis(log_probs, labels[:, None], axis=-1)[:, 0]
+
+    return {"jxent": jxent.nll_loss, "gather": gather}
+
+
+def binary_ce64(x: np.ndarray, labels: np.ndarray) -> np.ndarray:
+    return np.maximum(x, 0) - x * labels + np.log1p(np.exp(-np.abs(x)))
+
+
+def kl64(log_p: np.ndarray, targets: np.ndarray) -> np.ndarray:
+    safe = np.where(targets > 0, targets, 1.0)
+    return np.sum(np.where(targets > 0, targets * (np.log(safe) - log_p), 0.0), axis=-1)
+
+
+def nll64(log_p: np.ndarray, labels: np.ndarray) -> np.ndarray:
+    return -np.take_along_axis(log_p, labels.astype(np.int64)[:, None], axis=-1)[:, 0]
 
 
 CASES: tuple[Case, ...] = (
@@ -408,6 +488,7 @@ CASES: tuple[Case, ...] = (
         op_args=3,
         shape_rank=3,
         argnums=(0, 1),
+        floor=fused_traffic,
         targets=(
             Target("fused-memory", MEMORY_ONLY, "temp_ratio", 1 / 16, "temp jxent/unfused"),
             Target("fused-time", "fwd+bwd", "time_ratio", 1.0, "time jxent/unfused"),
@@ -417,10 +498,55 @@ CASES: tuple[Case, ...] = (
             Target("fused-time", "fwd+bwd", "time_ratio", 1.0, "time jxent/unfused"),
         ),
     ),
+    # Compiled for accelerators only so far (aot.py): no CPU or device targets yet.
+    Case(
+        op="bce",
+        summary="mean(sigmoid binary CE(logits, {0, 1} labels of the logits' shape))",
+        candidates=_binary_ce_candidates,
+        reference="optax",
+        inputs=logits_and_binary_labels,
+        objective=mean_objective,
+        op_args=2,
+        modes=MODES,
+        float64=binary_ce64,
+        traffic=logits_passes(2, 3),  # read logits and labels, write the gradient
+        suites=("aot",),
+    ),
+    Case(
+        op="kl",
+        summary="mean(KL(targets || exp(log_predictions)))",
+        candidates=_kl_candidates,
+        reference="optax",
+        inputs=log_probabilities_and_probabilities,
+        objective=mean_objective,
+        op_args=2,
+        modes=MODES,
+        float64=kl64,
+        traffic=logits_passes(2, 3),  # read both distributions, write the gradient
+        suites=("aot",),
+    ),
+    Case(
+        op="nll",
+        summary="mean(NLL(log-probabilities, integer labels))",
+        candidates=_nll_candidates,
+        reference="gather",
+        inputs=log_probabilities_and_labels,
+        objective=mean_objective,
+        op_args=2,
+        modes=MODES,
+        float64=nll64,
+        traffic=label_gather_traffic,
+        suites=("aot",),
+    ),
 )
 
 BY_OP: dict[str, Case] = {case.op: case for case in CASES}
 OPS: tuple[str, ...] = tuple(BY_OP)
+
+
+def ops_in(suite: str) -> tuple[str, ...]:
+    """The ops a harness runs by default (``cpu``, ``device`` or ``aot``)."""
+    return tuple(c.op for c in CASES if suite in c.suites)
 
 
 def case(op: str) -> Case:

@@ -16,7 +16,10 @@ One run, meant to finish in under 8 minutes on one H100 (``--budget-s`` caps it)
    bytes), and each case's achieved bytes/s, counting only the traffic it cannot avoid (the
    cases' ``traffic``: for the integer CE, read the logits once and, with the gradient, write
    it once), as a fraction of it;
-4. ``results.json`` and ``results.png`` in ``--out``.
+4. beside each measured record, what ``benchmarks/aot.py`` compiled for this kind of device
+   without one (``docs/bench/aot.json``: temp memory and bytes accessed, and those bytes over
+   the measured time), so that the first run on a device checks the model;
+5. ``results.json`` and ``results.png`` in ``--out``.
 
 Without an accelerator it stops at once (exit 2) unless ``--smoke`` or ``--allow-cpu``. It
 exits 1 when a numerics test fails (a timeout is reported, not failed), else 0; performance
@@ -330,7 +333,103 @@ def measure_all(plan: Plan, start: float) -> dict[str, Any]:
 
 
 # --------------------------------------------------------------------------------------------
-# (d) Output
+# (d) The compiled prediction (benchmarks/aot.py), beside the measurement
+# --------------------------------------------------------------------------------------------
+
+AOT_JSON = os.path.join(_REPO_ROOT, "docs", "bench", "aot.json")
+PredictionKey = tuple[str, tuple[int, ...], str, str, str]
+
+
+def aot_target_for(platform: str, device_kind: str) -> str | None:
+    """The aot.py target compiled for this kind of device, if any.
+
+    Hopper GPUs (H100, H200: the same sm_90 compiler target; the H200 has more and faster
+    memory, which changes neither temp nor bytes) map to ``h100``; a TPU v5 lite to ``v5e``.
+    """
+    kind = device_kind.lower()
+    if platform in ("gpu", "cuda") and ("h100" in kind or "h200" in kind):
+        return "h100"
+    if platform == "tpu" and ("v5 lite" in kind or "v5e" in kind):
+        return "v5e"
+    return None
+
+
+def load_predictions(path: str, target: str) -> dict[PredictionKey, dict[str, Any]]:
+    """{(op, shape, dtype, mode, candidate): aot record} of ``target`` in an aot.json."""
+    with open(path) as f:
+        result = json.load(f)
+    return {
+        (r["op"], tuple(r["shape"]), r["dtype"], r["mode"], r["candidate"]): r
+        for r in result["records"]
+        if r["target"] == target and r.get("temp_bytes") is not None
+    }
+
+
+def add_predictions(
+    records: Sequence[Record], predictions: dict[PredictionKey, dict[str, Any]]
+) -> int:
+    """Fills each record's compiled prediction; returns how many had one."""
+    found = 0
+    for rec in records:
+        pred = predictions.get((rec.op, tuple(rec.shape), rec.dtype, rec.mode, rec.candidate))
+        if pred is None:
+            continue
+        rec.predicted_temp_bytes = pred["temp_bytes"]
+        rec.predicted_bytes_accessed = pred.get("bytes_accessed")
+        found += 1
+    return found
+
+
+def format_predictions(records: Sequence[Record], target: str) -> str:
+    """One line per record with a prediction: measured against compiled-for-``target``.
+
+    The bytes the compiled module accesses, over the measured time, give the rate the device
+    would have sustained if the cost model's byte count is right.
+    """
+    lines = []
+    for r in records:
+        if r.predicted_temp_bytes is None:
+            continue
+        measured_temp = "-" if r.temp_bytes is None else f"{r.temp_bytes / 2**20:,.1f}"
+        line = (
+            f"{r.op} {'x'.join(map(str, r.shape))} {r.dtype} {r.mode} {r.candidate}: "
+            f"temp {measured_temp} MiB measured, {r.predicted_temp_bytes / 2**20:,.1f} MiB "
+            f"compiled for {target}"
+        )
+        if r.predicted_bytes_accessed is not None:
+            line += f"; {r.predicted_bytes_accessed / 1e9:.3f} GB accessed (compiled)"
+            if r.median_ms:
+                rate = r.predicted_bytes_accessed / (r.median_ms / 1e3)
+                line += f" in {r.median_ms:.3f} ms measured = {rate / 1e9:,.0f} GB/s"
+        lines.append(line)
+    return "\n".join(lines)
+
+
+def predict(
+    records: Sequence[Record], env: dict[str, Any], path: str, target: str | None = None
+) -> dict[str, Any]:
+    """Adds the compiled predictions to ``records``; never raises (a missing file is noted).
+
+    ``target`` defaults to the one compiled for this kind of device (``aot_target_for``).
+    """
+    target = target or aot_target_for(env["platform"], env["device_kind"])
+    summary: dict[str, Any] = {"aot_json": path, "target": target, "records_with_prediction": 0}
+    if target is None:
+        summary["note"] = f"no aot.py target for {env['device_kind']!r} ({env['platform']})"
+    elif not os.path.exists(path):
+        summary["note"] = f"{path} not found (make aot writes it)"
+    else:
+        try:
+            summary["records_with_prediction"] = add_predictions(
+                records, load_predictions(path, target)
+            )
+        except (OSError, ValueError, KeyError) as e:
+            summary["note"] = f"could not read {path}: {short_error(e)}"
+    return summary
+
+
+# --------------------------------------------------------------------------------------------
+# (e) Output
 # --------------------------------------------------------------------------------------------
 
 
@@ -439,7 +538,9 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p.add_argument("--test-workers", type=int, default=6, help="pytest-xdist workers for the tests")
     p.add_argument("--skip-tests", action="store_true", help="benchmarks only")
     p.add_argument("--allow-cpu", action="store_true", help="full shapes on a CPU backend")
-    p.add_argument("--ops", default=",".join(cases.OPS), help=f"comma list from: {_OPS_HELP}")
+    p.add_argument(
+        "--ops", default=",".join(cases.ops_in("device")), help=f"comma list from: {_OPS_HELP}"
+    )
     p.add_argument("--dtypes", default=",".join(DTYPES), help="comma list for the 2-D cases")
     p.add_argument(
         "--candidates",
@@ -448,6 +549,14 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     )
     p.add_argument("--repeats", type=int, default=None, help="timed samples (default 5)")
     p.add_argument("--min-sample-ms", type=float, default=None, help="default 20 (smoke 0)")
+    p.add_argument(
+        "--aot-json", default=AOT_JSON, help="compiled predictions (make aot) to print beside"
+    )
+    p.add_argument(
+        "--aot-target",
+        default=None,
+        help="aot.py target to compare with (default: from the device kind: h100 or v5e)",
+    )
     args = p.parse_args(argv)
     args.ops = [o for o in args.ops.split(",") if o]
     unknown = set(args.ops) - set(cases.OPS)
@@ -526,6 +635,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     measured = measure_all(plan, start)
     records: list[Record] = measured["records"]
     chosen = [cases.case(op) for op in args.ops]
+    prediction = predict(records, env, args.aot_json, args.aot_target)
     result = {
         "environment": env,
         "smoke": args.smoke,
@@ -536,6 +646,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         "records": [dataclasses.asdict(r) for r in records],
         "skipped": measured["skipped"],
         "targets": evaluate_targets(records, chosen, device=True),
+        "prediction": prediction,
     }
     print()
     print(format_table(records, bandwidth=True))
@@ -544,6 +655,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"{target['status']}: [{target['target']}] {target['detail']}")
     for skip in result["skipped"]:
         print(f"SKIPPED: {skip['op']} {skip['shape']} {skip['dtype']}: {skip['reason']}")
+    print()
+    print(f"compiled prediction ({prediction['aot_json']}, target {prediction['target']}):")
+    print(format_predictions(records, prediction["target"]) or f"  none: {prediction.get('note')}")
     png_path = os.path.join(args.out, "results.png")
     write_plot(records, png_path)
     result["seconds"] = round(time.monotonic() - start, 1)

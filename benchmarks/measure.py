@@ -67,6 +67,10 @@ class Record:
     traffic_bytes: int | None = None
     bytes_per_s: float | None = None
     bandwidth_fraction: float | None = None
+    # The accelerator check: what benchmarks/aot.py compiled for this device's kind without
+    # one (docs/bench/aot.json), beside the measured numbers.
+    predicted_temp_bytes: int | None = None
+    predicted_bytes_accessed: float | None = None
     note: str = ""
 
 

@@ -165,7 +165,9 @@ _OPS_HELP = "; ".join(f"{c.op} = {c.summary}" for c in cases.CASES)
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     donatable = [c.op for c in cases.CASES if "donated" in c.modes]
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--ops", default=",".join(cases.OPS), help=f"comma list from: {_OPS_HELP}")
+    p.add_argument(
+        "--ops", default=",".join(cases.ops_in("cpu")), help=f"comma list from: {_OPS_HELP}"
+    )
     p.add_argument("--shapes", default=None, help="comma list of NxC, e.g. 128x10,4096x1000")
     p.add_argument("--modes", default="fwd+bwd,fwd,donated", help="fwd+bwd, fwd, donated")
     p.add_argument("--donate-ops", default=",".join(donatable), help="ops timed donated")

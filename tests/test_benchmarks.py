@@ -175,3 +175,60 @@ tests/test_a.py::TestB::test_y FAILED                                [100%]
     assert device_check._tests_failed({**ran, "failed": 1})
     assert device_check._tests_failed({**ran, "timed_out": False})
     assert not device_check._tests_failed({**ran, "ok": True, "timed_out": False})
+
+
+def test_device_check_prints_the_compiled_prediction_beside_a_measurement(device_check, tmp_path):
+    from benchmarks.measure import Record
+
+    aot_json = tmp_path / "aot.json"
+    compiled = {"op": "ce_int", "shape": [8192, 32000], "dtype": "bfloat16", "mode": "fwd+bwd"}
+    aot_json.write_text(
+        json.dumps(
+            {
+                "label": "compiled, not run",
+                "records": [
+                    {
+                        **compiled,
+                        "target": "h100",
+                        "candidate": "jxent",
+                        "temp_bytes": 3 * 2**20,
+                        "bytes_accessed": 2.0e9,
+                    },
+                    {
+                        **compiled,
+                        "target": "v5e",
+                        "candidate": "jxent",
+                        "temp_bytes": 0,
+                        "bytes_accessed": 1.0e9,
+                    },
+                ],
+            }
+        )
+    )
+    # A fake measurement on an H200: 2 GB in 1 ms is 2,000 GB/s.
+    measured = Record(
+        "ce_int",
+        [8192, 32000],
+        "fwd+bwd",
+        "jxent",
+        "optax",
+        dtype="bfloat16",
+        median_ms=1.0,
+        temp_bytes=2**20,
+    )
+    other = Record(
+        "ce_int", [4096, 256000], "fwd+bwd", "jxent", "optax", dtype="bfloat16", median_ms=1.0
+    )
+    env = {"platform": "gpu", "device_kind": "NVIDIA H200"}
+    summary = device_check.predict([measured, other], env, str(aot_json))
+    assert summary["target"] == "h100" and summary["records_with_prediction"] == 1
+    assert measured.predicted_temp_bytes == 3 * 2**20 and other.predicted_temp_bytes is None
+    text = device_check.format_predictions([measured, other], summary["target"])
+    assert text == (
+        "ce_int 8192x32000 bfloat16 fwd+bwd jxent: temp 1.0 MiB measured, 3.0 MiB compiled "
+        "for h100; 2.000 GB accessed (compiled) in 1.000 ms measured = 2,000 GB/s"
+    )
+    assert device_check.aot_target_for("tpu", "TPU v5 lite") == "v5e"
+    assert device_check.aot_target_for("cpu", "cpu") is None
+    missing = device_check.predict([measured], env, str(tmp_path / "absent.json"))
+    assert missing["records_with_prediction"] == 0 and "not found" in missing["note"]
