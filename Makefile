@@ -24,14 +24,14 @@ AOT_ENV := JAX_PLATFORMS=cpu TPU_SKIP_MDS_QUERY=1 TPU_WORKER_HOSTNAMES=localhost
 	ALLOW_MULTIPLE_LIBTPU_LOAD=1
 
 $(STAMP): requirements.lock pyproject.toml
-	$(PYTHON) -m venv $(VENV)
+	$(PYTHON) -m venv --clear $(VENV)
 	$(BIN)/pip install --quiet --upgrade pip
 	$(BIN)/pip install --quiet -r requirements.lock
 	$(BIN)/pip install --quiet --no-deps -e .
 	touch $(STAMP)
 
 $(AOT_STAMP): requirements-aot.lock pyproject.toml
-	$(PYTHON) -m venv $(AOT_VENV)
+	$(PYTHON) -m venv --clear $(AOT_VENV)
 	$(AOT_BIN)/pip install --quiet --upgrade pip
 	$(AOT_BIN)/pip install --quiet -r requirements-aot.lock
 	$(AOT_BIN)/pip install --quiet --no-deps -e .
