@@ -152,12 +152,25 @@ def start_or_resume_everywhere(
     start_jax(args, 0)
 
     def decide() -> dict[str, Any]:
+        if not args.resume:
+            check_job_devices(args.devices)  # before config.json is written
         config, run_dir, resume = start_or_resume(experiment, config_cls, parser, argv, args)
+        check_job_devices(config.devices)
         return {"config": dataclasses.asdict(config), "run_dir": str(run_dir), "resume": resume}
 
     decision = devices.decided_by_process_0(decide)
     config = config_cls(**_tuples(decision["config"]))
     return config, Path(decision["run_dir"]), bool(decision["resume"])
+
+
+def check_job_devices(count: int) -> None:
+    """A multi-process job trains on all of its devices: a process without devices in the
+    mesh could take no part in it."""
+    if count != jax.device_count():
+        raise SystemExit(
+            f"--devices {count}: a job of {jax.process_count()} processes trains on all of its "
+            f"{jax.device_count()} devices; pass --devices {jax.device_count()}"
+        )
 
 
 def new_run_dir_everywhere(experiment: str, args: argparse.Namespace) -> Path:

@@ -5,11 +5,14 @@
 Runs ``mnist_mlp.main(FLAGS)`` or ``brown_lm.main(FLAGS)`` unchanged, except that the data
 loaders return the small data the other tests use (no download, no cache needed), every
 training chunk prints ``chunk EPOCH STEP`` (so a test can time a kill), and at the end process
-0 saves the final parameters as ``RUN_DIR/final_params.npz``.
+0 saves the final parameters as ``RUN_DIR/final_params.npz``. ``$JXENT_TEST_JAX_CACHE``, if set,
+is a persistent compilation cache shared by the test's processes (each would compile the same
+programs again).
 """
 
 from __future__ import annotations
 
+import os
 import sys
 from pathlib import Path
 from typing import Any
@@ -20,6 +23,8 @@ import numpy as np
 TESTS = Path(__file__).resolve().parent
 sys.path.insert(0, str(TESTS.parent / "experiments"))
 sys.path.insert(0, str(TESTS))
+
+import kill_driver  # noqa: E402  (after the path set-up above)
 
 
 def report_chunk(epoch: int, step: int) -> None:
@@ -40,6 +45,9 @@ def save_params(train: Any) -> Any:
 
 
 def main(which: str, argv: list[str]) -> int:
+    cache = os.environ.get("JXENT_TEST_JAX_CACHE")
+    if cache:
+        kill_driver.enable_compilation_cache(Path(cache))
     if which == "mnist":
         import mnist_mlp
         import test_experiments

@@ -53,6 +53,15 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+@pytest.fixture(scope="module", autouse=True)
+def compilation_cache(tmp_path_factory):
+    """One persistent compilation cache for the module's processes: most compile the same."""
+    cache = tmp_path_factory.mktemp("jax-cache")
+    os.environ["JXENT_TEST_JAX_CACHE"] = str(cache)
+    yield cache
+    del os.environ["JXENT_TEST_JAX_CACHE"]
+
+
 def launch(which: str, cwd: Path, *flags: str) -> subprocess.Popen:
     env = {**os.environ, "JAX_PLATFORMS": "cpu", "PYTHONUNBUFFERED": "1"}
     env.pop("XLA_FLAGS", None)  # one CPU device per process unless --devices asks for more
