@@ -14,6 +14,7 @@ from __future__ import annotations
 import json
 import os
 import shlex
+import shutil
 import signal
 import socket
 import subprocess
@@ -30,14 +31,15 @@ STAGGER_S = 2.0
 HEARTBEAT_S = 8
 JOIN_S = 60
 
-# The tests' tiny configs (test_experiments.TINY, test_brown_lm.TINY) as command-line flags.
+# The tests' tiny configs (test_experiments.TINY, test_brown_lm.TINY_NPLM) as command-line
+# flags. Brown: the NPLM, one epoch; the transformer's compilations alone took 3 times as long.
 FLAGS = {
     "mnist": shlex.split(
         "--epochs 2 --batch-size 32 --hidden 32 --chunk-steps 4 --learning-rate 3e-3 "
         "--max-shift 1 --train-limit 384 --test-limit 200 --no-progress"
     ),
     "brown": shlex.split(
-        "--epochs 2 --batch-size 4 --context 16 --width 32 --depth 1 --heads 2 "
+        "--model nplm --epochs 1 --batch-size 4 --context 16 --hidden 16 --embed-dim 8 "
         "--chunk-steps 17 --learning-rate 1e-2 --warmup-steps 5 --dropout 0.1 --no-progress"
     ),
 }
@@ -123,7 +125,7 @@ def final_params(run_dir: Path) -> list[np.ndarray]:
 
 def assert_same_run(run_dir: Path, reference: Path) -> None:
     records = records_without_timings(run_dir)
-    assert len(records) == 2
+    assert len(records) == json.loads((reference / "config.json").read_text())["epochs"]
     assert records == records_without_timings(reference)
     for ours, theirs in zip(final_params(run_dir), final_params(reference), strict=True):
         np.testing.assert_array_equal(ours, theirs)
@@ -192,6 +194,19 @@ def test_a_killed_process_stops_the_other_in_bounded_time_and_resume_completes(r
     for process in launch_job(which, cwd, f"--resume={run_dir}"):
         finish(process)
     assert_same_run(run_dir, reference_dir)
+
+
+def test_an_error_in_process_0s_decision_stops_every_process(reference):
+    which, reference_dir = reference
+    if which == "brown":
+        pytest.skip("the decision is the same code for every script")
+    run_dir = reference_dir.parent / "conflict"
+    run_dir.mkdir()
+    shutil.copy(reference_dir / "config.json", run_dir)
+    for process in launch_job(which, run_dir, f"--resume={run_dir}", "--hidden=64"):
+        _, err = process.communicate(timeout=300)
+        assert process.returncode != 0
+        assert "--hidden (64,) conflicts with the run's saved config" in err, err[-3000:]
 
 
 def test_a_process_that_never_joins_stops_the_other_at_the_join_timeout(tmp_path):
