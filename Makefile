@@ -1,14 +1,16 @@
 # Two entry points for a fresh machine; each does all its own set-up.
 #   make run   - train the MNIST MLP showcase (experiments/mnist_mlp.py)
-#   make test  - lint, format check, type check, package check and the whole test suite
+#   make test  - lint, format check, type check, package check, the docs build and the whole test suite
 #   make bench - the CPU benchmark suite (benchmarks/run.py)
 #   make device-check - the accelerator check (benchmarks/device_check.py, <= 8 min on one H100)
+#   make docs  - the documentation site (Sphinx + MyST, warnings are errors) into docs/_build/html
+#   make docs-check - screenshots of the built site in headless Chromium (docs/_build/screenshots)
 PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: run test lint package-check bench device-check clean
+.PHONY: run test lint package-check docs docs-check bench device-check clean
 
 $(STAMP): requirements.lock pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -30,7 +32,14 @@ lint: $(STAMP)
 package-check: $(STAMP)
 	$(BIN)/python tools/check_package.py
 
-test: lint package-check
+docs: $(STAMP)
+	$(BIN)/sphinx-build -W --keep-going -q -b html docs docs/_build/html
+
+# Needs Chromium (Debian: apt-get install chromium); see tools/check_docs.py.
+docs-check: docs
+	$(BIN)/python tools/check_docs.py
+
+test: lint package-check docs
 	$(BIN)/python -m pytest -n 2 $(ARGS)
 
 bench: $(STAMP)
@@ -40,4 +49,4 @@ device-check: $(STAMP)
 	$(BIN)/python benchmarks/device_check.py $(ARGS)
 
 clean:
-	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache .hypothesis
+	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache .hypothesis docs/_build
