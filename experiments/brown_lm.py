@@ -20,6 +20,7 @@ import argparse
 import sys
 import time
 from collections.abc import Sequence
+from pathlib import Path
 
 import brown_compare
 import brown_ensemble
@@ -39,7 +40,7 @@ def make_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         description="Train a language model on the Brown corpus with jxent's fused "
         "linear + cross-entropy output layer.",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        formatter_class=cli.HelpFormatter,
     )
     parser.add_argument("--model", choices=MODELS, default=defaults.model)
     for name, kind in (
@@ -115,6 +116,7 @@ def make_parser() -> argparse.ArgumentParser:
         help="print the validation and test perplexity of the mixture (mean probability) of "
         "these finished runs; with --out-dir, also write ensemble.json there",
     )
+    cli.add_multi_process_flags(parser)
     return parser
 
 
@@ -122,6 +124,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     """Command-line entry point; returns the process exit status."""
     parser = make_parser()
     args = parser.parse_args(argv)
+    if args.distributed and (args.ensemble or args.compare):
+        parser.error("--distributed trains one run; --ensemble and --compare run in one process")
+    if args.distributed:
+        config, run_dir, resume = cli.start_or_resume_everywhere(
+            EXPERIMENT, Config, parser, argv, args
+        )
+        return train_and_report(args, config, run_dir, resume)
     devices.set_cpu_device_count(args.devices)
     if args.ensemble:
         try:
@@ -132,11 +141,20 @@ def main(argv: Sequence[str] | None = None) -> int:
         config = cli.config_from_args(Config, args)
         return brown_compare.compare(config, args, runfiles.new_run_dir(EXPERIMENT, args.out_dir))
     config, run_dir, resume = cli.start_or_resume(EXPERIMENT, Config, parser, argv, args)
+    return train_and_report(args, config, run_dir, resume)
+
+
+def train_and_report(args: argparse.Namespace, config: Config, run_dir: Path, resume: bool) -> int:
+    """Trains (or resumes) the run and prints its summary; returns the exit status."""
     t0 = time.perf_counter()
     stop = StopRequest()
-    with stop.installed():
-        result = train(config, run_dir, resume=resume, progress=not args.no_progress, stop=stop)
-    if not result.interrupted:
+    try:
+        with stop.installed():
+            result = train(config, run_dir, resume=resume, progress=not args.no_progress, stop=stop)
+    except Exception as err:
+        cli.explain_failure(args, run_dir)(err)
+        raise
+    if not result.interrupted and cli.main_process():
         best = min(result.records, key=lambda r: r["valid_perplexity"])
         print(
             f"\n{EXPERIMENT}: test perplexity {result.test_perplexity:.2f} (best valid "

@@ -175,8 +175,7 @@ def train(
     if corpus is None:
         corpus = brown.load_brown(config.data_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
-    if not (run_dir / runfiles.CONFIG).exists():
-        runfiles.write_json_atomic(run_dir / runfiles.CONFIG, dataclasses.asdict(config))
+    runfiles.ensure_config(run_dir, config)
     options = lm_options(config, progress)
     n_steps = lm_engine.steps_per_epoch(corpus.train.stop, config.batch_size, config.context)
     t0 = time.perf_counter()

@@ -1,9 +1,14 @@
-"""Command-line plumbing the experiments share: configs from flags, and ``--resume``.
+"""Command-line plumbing the experiments share: configs from flags, ``--resume``, multi-process.
 
 ``--resume RUN_DIR`` continues a run with the config saved in ``RUN_DIR/config.json``. Flags
 given beside it must agree with that config, except ``--epochs``, which may grow to extend a
 run (its learning-rate schedule is then planned over the new total), and the flags that only
 affect how the run is displayed or where it runs. A flag that disagrees is an error naming it.
+
+Multi-process jobs (``--distributed``): the processes join first; then process 0 alone decides
+the run directory and the config (a fresh timestamp, ``--out-dir`` or ``--resume``), writes
+``config.json``, and sends its decision to every other process, so that all of them train the
+same config into the same directory (see docs/multi_process.md).
 """
 
 from __future__ import annotations
@@ -13,17 +18,35 @@ import copy
 import dataclasses
 import json
 import statistics
+import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
 import devices
+import jax
 import runfiles
 from signals import StopRequest
 
 # Flags that may differ on resume: they change nothing a run computes.
 RESUME_FREE = frozenset({"data_dir"})
+
+# Multi-process bounds (seconds). Joining: jax's own default. A dead process: the others stop
+# within this long of its last heartbeat; jax's default is 100 s, which only delays the error.
+DEFAULT_JOIN_TIMEOUT = 300
+DEFAULT_HEARTBEAT_TIMEOUT = 30
+
+
+class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """Shows each flag's default after its help, unless the help already states it or there is
+    nothing to state (``None``, or ``False`` for a switch)."""
+
+    def _get_help_string(self, action: argparse.Action) -> str | None:
+        text = action.help or ""
+        if "default" in text or action.default is None or action.default is False:
+            return action.help
+        return super()._get_help_string(action)
 
 
 def config_from_args(config_cls: type, args: argparse.Namespace) -> Any:
@@ -109,6 +132,56 @@ def start_or_resume(
     return config, run_dir, bool(args.resume)
 
 
+def start_or_resume_everywhere(
+    experiment: str,
+    config_cls: type,
+    parser: argparse.ArgumentParser,
+    argv: Sequence[str] | None,
+    args: argparse.Namespace,
+) -> tuple[Any, Path, bool]:
+    """``start_or_resume`` after JAX has started: on process 0 alone, shared with every process.
+
+    One process: the config (which holds the device count) decides how JAX starts, so it comes
+    first. Several: they join first, then process 0 decides the run directory (its clock names
+    a fresh one) and writes ``config.json``; the others take its decision, flags ignored.
+    """
+    if not args.distributed:
+        config, run_dir, resume = start_or_resume(experiment, config_cls, parser, argv, args)
+        start_jax(args, config.devices)
+        return config, run_dir, resume
+    start_jax(args, 0)
+
+    def decide() -> dict[str, Any]:
+        if not args.resume:
+            check_job_devices(args.devices)  # before config.json is written
+        config, run_dir, resume = start_or_resume(experiment, config_cls, parser, argv, args)
+        check_job_devices(config.devices)
+        return {"config": dataclasses.asdict(config), "run_dir": str(run_dir), "resume": resume}
+
+    decision = devices.decided_by_process_0(decide)
+    config = config_cls(**_tuples(decision["config"]))
+    return config, Path(decision["run_dir"]), bool(decision["resume"])
+
+
+def check_job_devices(count: int) -> None:
+    """A multi-process job trains on all of its devices: a process without devices in the
+    mesh could take no part in it."""
+    if count != jax.device_count():
+        raise SystemExit(
+            f"--devices {count}: a job of {jax.process_count()} processes trains on all of its "
+            f"{jax.device_count()} devices; pass --devices {jax.device_count()}"
+        )
+
+
+def new_run_dir_everywhere(experiment: str, args: argparse.Namespace) -> Path:
+    """``runfiles.new_run_dir`` decided by process 0 (JAX must have started): one directory."""
+    if not args.distributed:
+        return runfiles.new_run_dir(experiment, args.out_dir)
+    return Path(
+        devices.decided_by_process_0(lambda: str(runfiles.new_run_dir(experiment, args.out_dir)))
+    )
+
+
 def add_run_flags(parser: argparse.ArgumentParser, defaults: Any, experiment: str) -> None:
     """Flags every MNIST experiment has: seed, loss, devices, data/out dirs, resume, limits."""
     parser.add_argument("--seed", type=int, default=defaults.seed)
@@ -142,23 +215,79 @@ def add_run_flags(parser: argparse.ArgumentParser, defaults: Any, experiment: st
     )
     parser.add_argument("--test-limit", type=int, default=None, help="use the first N test images")
     parser.add_argument("--no-progress", action="store_true", help="hide the progress bars")
+    add_multi_process_flags(parser)
+
+
+def add_multi_process_flags(parser: argparse.ArgumentParser) -> None:
+    """``--distributed`` and its companions (see docs/multi_process.md)."""
     multi_host = parser.add_argument_group(
-        "multi-host", "run the same command on every host; --devices counts all hosts' devices"
+        "multi-process",
+        "run the same command in every process (one per host, or several on one machine); "
+        "--devices counts all processes' devices; process 0 picks the run directory and "
+        "writes the run's files",
     )
     multi_host.add_argument(
         "--distributed", action="store_true", help="call jax.distributed.initialize() first"
     )
-    multi_host.add_argument("--coordinator", default=None, help="HOST:PORT of process 0")
+    multi_host.add_argument(
+        "--coordinator", default=None, help="HOST:PORT where process 0 serves the job"
+    )
     multi_host.add_argument("--num-processes", type=int, default=None)
-    multi_host.add_argument("--process-id", type=int, default=None)
+    multi_host.add_argument("--process-id", type=int, default=None, help="0 .. num-processes-1")
+    multi_host.add_argument(
+        "--join-timeout",
+        type=int,
+        metavar="SECONDS",
+        default=DEFAULT_JOIN_TIMEOUT,
+        help="how long the processes wait for each other to start (and, at the end, to finish)",
+    )
+    multi_host.add_argument(
+        "--heartbeat-timeout",
+        type=int,
+        metavar="SECONDS",
+        default=DEFAULT_HEARTBEAT_TIMEOUT,
+        help="a process silent this long counts as dead, and every other process then stops "
+        "with an error",
+    )
 
 
 def start_jax(args: argparse.Namespace, device_count: int) -> None:
-    """Multi-host initialisation or the CPU device count, before JAX's first operation."""
+    """Multi-process initialisation or the CPU device count, before JAX's first operation."""
     if args.distributed:
-        devices.initialize_distributed(args.coordinator, args.num_processes, args.process_id)
+        devices.initialize_distributed(
+            args.coordinator,
+            args.num_processes,
+            args.process_id,
+            join_timeout=args.join_timeout,
+            heartbeat_timeout=args.heartbeat_timeout,
+        )
     else:
         devices.set_cpu_device_count(device_count)
+
+
+def explain_failure(args: argparse.Namespace, run_dir: Path) -> Callable[[BaseException], None]:
+    """A handler that tells, on stderr, what a failed multi-process job means and how to go on.
+
+    A process that dies breaks the collectives of the others (gloo reports it at once), or
+    falls silent: jax then terminates every other process ``--heartbeat-timeout`` seconds later.
+    """
+
+    def explain(err: BaseException) -> None:
+        if not args.distributed:
+            return
+        message = str(err).strip().splitlines()[0] if str(err).strip() else ""
+        print(
+            f"\nprocess {jax.process_index()} of {jax.process_count()} (coordinator "
+            f"{args.coordinator}): the job failed: {type(err).__name__}: {message}\n"
+            "Most likely another process died or was killed (see its log); every process "
+            f"stops within --heartbeat-timeout {args.heartbeat_timeout} s of such a death. "
+            f"Continue the job by starting all {jax.process_count()} processes again with "
+            f"--resume {run_dir}",
+            file=sys.stderr,
+            flush=True,
+        )
+
+    return explain
 
 
 def print_summary(experiment: str, config: Any, result: Any, run_dir: Path, wall: float) -> None:
@@ -191,10 +320,19 @@ def run_from_args(
     """
     t_start = time.perf_counter()
     args = parser.parse_args(argv)
-    config, run_dir, resume = start_or_resume(experiment, config_cls, parser, argv, args)
-    start_jax(args, config.devices)
+    config, run_dir, resume = start_or_resume_everywhere(experiment, config_cls, parser, argv, args)
     stop = StopRequest()
-    with stop.installed():
-        result = train(config, run_dir, resume=resume, progress=not args.no_progress, stop=stop)
-    print_summary(experiment, config, result, run_dir, time.perf_counter() - t_start)
+    try:
+        with stop.installed():
+            result = train(config, run_dir, resume=resume, progress=not args.no_progress, stop=stop)
+    except Exception as err:
+        explain_failure(args, run_dir)(err)
+        raise
+    if main_process():
+        print_summary(experiment, config, result, run_dir, time.perf_counter() - t_start)
     return result.exit_code
+
+
+def main_process() -> bool:
+    """Whether this is process 0 (the only one that prints summaries and writes run files)."""
+    return jax.process_index() == 0

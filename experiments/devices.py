@@ -2,7 +2,11 @@
 
 from __future__ import annotations
 
+import json
+import os
 import sys
+import threading
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -16,18 +20,108 @@ if str(REPO_ROOT) not in sys.path:
 
 
 def initialize_distributed(
-    coordinator: str | None, num_processes: int | None, process_id: int | None
+    coordinator: str | None,
+    num_processes: int | None,
+    process_id: int | None,
+    *,
+    join_timeout: int = 300,
+    heartbeat_timeout: int = 100,
 ) -> None:
-    """Joins a multi-host JAX job (``jax.distributed.initialize``); ``None`` = auto-detect.
+    """Joins a multi-process JAX job (``jax.distributed.initialize``); ``None`` = auto-detect.
 
-    On SLURM, Open MPI, Kubernetes and Cloud TPU every argument can be left ``None``.
+    On SLURM, Open MPI, Kubernetes and Cloud TPU every argument can be left ``None``. Every
+    process waits at most ``join_timeout`` seconds for all to join (and, at exit, for all to
+    finish); a process silent for ``heartbeat_timeout`` seconds counts as dead, and jax then
+    terminates the others with an error naming it.
     """
-
+    for flag, value in (
+        ("--join-timeout", join_timeout),
+        ("--heartbeat-timeout", heartbeat_timeout),
+    ):
+        if value < 1:
+            raise SystemExit(f"{flag} {value}: expected a whole number of seconds >= 1")
     # Only the CPU backend reads this: cross-process CPU collectives (a CPU-only test cluster).
     jax.config.update("jax_cpu_collectives_implementation", "gloo")
-    jax.distributed.initialize(
-        coordinator_address=coordinator, num_processes=num_processes, process_id=process_id
+    where = f"process {process_id} of {num_processes} (--coordinator {coordinator})"
+    # jax gives up on a missing process by aborting in C++ with a message about a dead task;
+    # this watchdog says first what went wrong. jax's own bound, a little later, is the backstop.
+    joined = threading.Event()
+    watchdog = threading.Thread(
+        target=_exit_unless_joined,
+        args=(joined, join_timeout, where, num_processes),
+        daemon=True,
     )
+    watchdog.start()
+    try:
+        jax.distributed.initialize(
+            coordinator_address=coordinator,
+            num_processes=num_processes,
+            process_id=process_id,
+            initialization_timeout=join_timeout + JOIN_BACKSTOP_S,
+            heartbeat_timeout_seconds=heartbeat_timeout,
+            shutdown_timeout_seconds=join_timeout,
+        )
+    except Exception as err:  # e.g. a malformed address; jax raises several types
+        raise SystemExit(f"--distributed: {where} could not join the job: {err}") from None
+    finally:
+        joined.set()
+    print(
+        f"process {jax.process_index()} of {jax.process_count()} joined the job at "
+        f"{coordinator} ({jax.local_device_count()} of the job's {jax.device_count()} devices "
+        "here)",
+        file=sys.stderr,
+        flush=True,
+    )
+
+
+# Seconds jax's own join bound runs past ``--join-timeout`` (see ``initialize_distributed``).
+JOIN_BACKSTOP_S = 10
+EXIT_NOT_JOINED = 3
+
+
+def _exit_unless_joined(
+    joined: threading.Event, join_timeout: int, where: str, num_processes: int | None
+) -> None:
+    # jax.distributed.initialize releases the GIL while it waits, so this thread gets to run.
+    if joined.wait(join_timeout):
+        return
+    last = (num_processes or 1) - 1
+    print(
+        f"\n--distributed: {where}: not all processes joined the job within --join-timeout "
+        f"{join_timeout} s. Start the same command in every process, --process-id 0 to {last}, "
+        "all within that time; process 0 must run on the coordinator's host, with the port "
+        "free there and reachable from the other hosts.",
+        file=sys.stderr,
+        flush=True,
+    )
+    os._exit(EXIT_NOT_JOINED)  # the main thread is blocked inside jax; nothing else can stop it
+
+
+def decided_by_process_0(decide: Callable[[], Any]) -> Any:
+    """``decide()`` run on process 0 alone; every process returns its (JSON-able) result.
+
+    So that all processes of a job use one run directory, named from one clock. An error on
+    process 0 (e.g. a ``--resume`` flag that conflicts) is raised on every process, so none
+    waits for a decision that never comes.
+    """
+    from jax.experimental import multihost_utils
+
+    payload = b""
+    if jax.process_index() == 0:
+        try:
+            payload = json.dumps({"value": decide()}).encode()
+        except SystemExit as exit_:
+            payload = json.dumps({"error": str(exit_.code)}).encode()
+        except Exception as err:
+            payload = json.dumps({"error": f"process 0: {type(err).__name__}: {err}"}).encode()
+    # Two broadcasts: the length, then the bytes (every process must pass the same shape).
+    length = int(multihost_utils.broadcast_one_to_all(np.int32(len(payload))))
+    buffer = np.frombuffer(payload, np.uint8) if payload else np.zeros(length, np.uint8)
+    received = np.asarray(multihost_utils.broadcast_one_to_all(buffer), np.uint8)
+    decision = json.loads(received.tobytes().decode())
+    if "error" in decision:
+        raise SystemExit(decision["error"])
+    return decision["value"]
 
 
 def set_cpu_device_count(devices: int) -> None:

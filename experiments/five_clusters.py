@@ -22,6 +22,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+import cli
 import devices  # noqa: F401  (puts a plain checkout's jxent on the path)
 import jax
 import jax.numpy as jnp
@@ -162,7 +163,7 @@ def run(out_dir: Path, seed: int = 0, n_per_cluster: int = 200, epochs: int = 10
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         description="Five-cluster toy: the tutorial's recipe versus Adam, with jxent's loss.",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        formatter_class=cli.HelpFormatter,
     )
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--points-per-cluster", type=int, default=200)

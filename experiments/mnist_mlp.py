@@ -193,7 +193,7 @@ def make_parser() -> argparse.ArgumentParser:
     defaults = Config()
     parser = argparse.ArgumentParser(
         description="Train a Flax NNX MLP on MNIST with jxent's cross-entropy.",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        formatter_class=cli.HelpFormatter,
     )
     parser.add_argument("--epochs", type=int, default=defaults.epochs)
     parser.add_argument("--batch-size", type=int, default=defaults.batch_size)
@@ -234,8 +234,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     if not args.compare:
         return cli.run_from_args(EXPERIMENT, Config, parser, argv, train)
     config = cli.config_from_args(Config, args)
-    run_dir = runfiles.new_run_dir(EXPERIMENT, args.out_dir)
     cli.start_jax(args, config.devices)
+    run_dir = cli.new_run_dir_everywhere(EXPERIMENT, args)
     stop = StopRequest()
     with stop.installed():
         data = mnist.load_dataset(config.data_dir, config.train_limit, config.test_limit)
@@ -255,6 +255,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"timing both losses, interleaved chunk by chunk, {args.compare_rounds} epochs each")
         throughput = compare_throughput(config, data, args.compare_rounds)
     report = {"test_accuracy": accuracy, "throughput": throughput}
+    if not cli.main_process():
+        return 0
     runfiles.write_json_atomic(run_dir / "compare.json", report)
     print(
         f"\ncompare ({config.devices} device(s)):\n"
