@@ -62,6 +62,7 @@ class _Config(NamedTuple):
     axis_name: Hashable | None
     batch_axes: tuple[Hashable, ...] = ()  # mesh axes the rows are sharded over (explicit mode)
     kernel: str = "auto"  # "chunked" / "blocked" force a kernel (tests); "auto": per platform
+    vocab_block: int = 0  # classes per block of the blocked kernel; 0: from _VOCAB_BLOCK_BYTES
 
 
 def default_chunk_size(num_rows: Any, num_local_classes: Any) -> int:
@@ -515,14 +516,17 @@ class _Block(NamedTuple):
     class_weights: jax.Array | None
 
 
-def vocab_block_size(num_rows: Any, num_local_classes: Any) -> Any:
+def vocab_block_size(num_rows: Any, num_local_classes: Any, requested: int = 0) -> Any:
     """Classes per block of the vocabulary-blocked kernel (GPU, TPU).
 
     The most multiples of 128 classes (TPU's lane width) whose float32 ``[N, block]`` logits
     fit ``_VOCAB_BLOCK_BYTES``, at least 128, at most ``V``. With ``N`` symbolic
     (``jax.export``), ``_SYMBOLIC_VOCAB_BLOCK`` classes; with ``V`` symbolic, ``min(V, ·)``.
+    ``requested`` (> 0) replaces the budget's choice (tests use small blocks).
     """
-    if isinstance(num_rows, int):
+    if requested:
+        block = requested
+    elif isinstance(num_rows, int):
         block = _VOCAB_BLOCK_BYTES // (4 * max(num_rows, 1)) // 128 * 128
         block = max(_MIN_VOCAB_BLOCK, block)
     else:
@@ -585,7 +589,7 @@ def _blocked_statistics(
 ) -> tuple[jax.Array, jax.Array | None]:
     """Per-row log-normalisers over all classes (and ``Σ_c w_c z_c`` for label smoothing),
     merged block by block: an online logsumexp, then one across the vocabulary's devices."""
-    size = vocab_block_size(x.shape[0], w.shape[1])
+    size = vocab_block_size(x.shape[0], w.shape[1], cfg.vocab_block)
     dtype = c.compute_dtype(x.dtype)
     smoothing = bool(cfg.label_smoothing)
 
@@ -673,7 +677,7 @@ def _blocked_bwd(cfg: _Config, saved: tuple[Any, ...], g: jax.Array) -> tuple[An
     if cfg.reduction == "mean":
         g = g * _mean_scale(rows, cfg)
     scale = _row_scale(rows, g)
-    size = vocab_block_size(x.shape[0], w.shape[1])
+    size = vocab_block_size(x.shape[0], w.shape[1], cfg.vocab_block)
 
     def add_block(i: Any, carry: tuple[Any, ...]) -> tuple[Any, ...]:
         dx, dw, db = carry
@@ -900,6 +904,7 @@ def fused_linear_cross_entropy(
     "reduction",
     "axis_name",
     "kernel",
+    "vocab_block",
 )
 def _fused_linear_cross_entropy(
     x: ArrayLike,
@@ -916,6 +921,7 @@ def _fused_linear_cross_entropy(
     reduction: c.Reduction = "mean",
     axis_name: Hashable | None = None,
     kernel: str = "auto",
+    vocab_block: int = 0,
 ) -> jax.Array:
     c.check_reduction(reduction)
     if kernel not in _KERNELS:
@@ -950,6 +956,7 @@ def _fused_linear_cross_entropy(
         reduction,
         axis_name,
         kernel=kernel,
+        vocab_block=vocab_block,
     )
     plan = sh.matmul_plan(x, w)
     if plan is None:
