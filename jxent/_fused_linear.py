@@ -1,15 +1,23 @@
 """Fused linear + softmax cross-entropy that never materialises the ``[N, V]`` logits.
 
-The tokens are processed in chunks of ``T`` rows inside a ``lax.scan``: each step forms the
-chunk's logits ``x_c @ w`` (``[T, V]``, float32), reduces them to per-row statistics and, when
-the loss is a scalar (``reduction="sum"``/``"mean"``), immediately turns them into the chunk's
-share of every gradient (``dx_c = dz_c @ wᵀ``, ``dw += x_cᵀ @ dz_c``, ``db += Σ dz_c``). The
-gradients are therefore computed during the forward pass (as Liger-Kernel does) and the
-backward pass only scales them by the incoming cotangent: three matmuls in all, the same as the
-unfused computation, with a ``[T, V]`` working set instead of ``[N, V]``.
+Two kernels; ``lax.platform_dependent`` picks one per platform inside one jitted function.
 
-With ``reduction="none"`` the cotangent differs per example, so the backward pass re-forms each
-chunk's logits from ``x``, ``w`` and the saved per-row log-normalisers (four matmuls in all).
+CPU, the chunked kernel: the tokens are processed in chunks of ``T`` rows inside a
+``lax.scan``: each step forms the chunk's logits ``x_c @ w`` (``[T, V]``, float32), reduces them
+to per-row statistics and, when the loss is a scalar (``reduction="sum"``/``"mean"``),
+immediately turns them into the chunk's share of every gradient (``dx_c = dz_c @ wᵀ``,
+``dw += x_cᵀ @ dz_c``, ``db += Σ dz_c``). The gradients are therefore computed during the
+forward pass (as Liger-Kernel does) and the backward pass only scales them by the incoming
+cotangent: three matmuls in all, the same as the unfused computation, with a ``[T, V]``
+working set instead of ``[N, V]``. With ``reduction="none"`` the cotangent differs per
+example, so the backward pass re-forms each chunk's logits from ``x``, ``w`` and the saved
+per-row log-normalisers (four matmuls in all). The price is a float32 ``[D, V]`` accumulator
+for ``dw``: on the CPU, where ``w``'s gradient is float32 anyway, it is the gradient itself.
+
+GPU and TPU, the vocabulary-blocked kernel (see "vocabulary blocks" below): the loops run over
+blocks of classes covering all tokens, the forward pass saves one log-normaliser per row,
+and the backward pass writes each block's ``dw`` once, in ``w``'s dtype, while the ``[N, D]``
+input gradient accumulates in float32: no buffer the size of ``w`` beyond its gradient.
 """
 
 from __future__ import annotations
@@ -811,11 +819,16 @@ def fused_linear_cross_entropy(
     (PyTorch's ``cross_entropy`` semantics for ``weight``, ``ignore_index``,
     ``label_smoothing`` and ``reduction``, plus PaLM's z-loss) in value and in the gradients
     for ``x``, ``w`` and ``bias``, but never holds the ``[N, V]`` logits or their gradient:
-    the ``N`` tokens are processed in chunks of ``chunk_size`` rows in a ``lax.scan``. For
-    ``reduction="mean"``/``"sum"`` the gradients are formed chunk by chunk during the forward
-    pass (three matmuls in all, like the unfused computation); ``reduction="none"`` re-forms
-    each chunk's logits in the backward pass (four matmuls). Calling it without
-    differentiating does no gradient work.
+    on the CPU the ``N`` tokens are processed in chunks of ``chunk_size`` rows in a
+    ``lax.scan``. For ``reduction="mean"``/``"sum"`` the gradients are formed chunk by chunk
+    during the forward pass (three matmuls in all, like the unfused computation);
+    ``reduction="none"`` re-forms each chunk's logits in the backward pass (four matmuls).
+    On GPU and TPU the loops run over blocks of the vocabulary instead, each covering all
+    tokens (``[N, block]`` float32 logits within 32 MiB, at least 128 classes): the forward
+    pass merges the blocks' log-normalisers, the backward pass re-forms each block's logits
+    and writes its slice of ``w``'s gradient once, in ``w``'s dtype (four matmuls), so that
+    no float32 copy of ``w`` is held. Calling it without differentiating does no gradient
+    work.
 
     Ignored examples give loss 0 and no weight in the mean; a mean over zero total weight is
     0 with zero gradient (PyTorch: NaN) when no label is invalid. A label outside ``[0, V)``
@@ -833,7 +846,8 @@ def fused_linear_cross_entropy(
         ``[D, V / devices]`` slice).
       labels: integer class ids of shape ``x.shape[:-1]``; global ids under ``axis_name``.
       bias: optional ``[V]`` bias (sharded like ``w`` under ``axis_name``).
-      chunk_size: tokens per chunk; ``None`` chooses one from the shapes (see above).
+      chunk_size: tokens per chunk of the CPU kernel; ``None`` chooses one from the shapes
+        (see above). The GPU / TPU kernel does not chunk the tokens and ignores it.
       class_weights: optional ``[V]`` per-class weights (PyTorch's ``weight``; sharded like
         ``w`` under ``axis_name``). Treated as constants: they get no gradient.
       ignore_index: a label value whose examples give loss 0 and no weight in the mean.
