@@ -31,6 +31,7 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 from jax._src import core as jax_core
+from jax.sharding import AxisType
 from jax.sharding import PartitionSpec as P
 from jax.typing import ArrayLike
 
@@ -608,9 +609,8 @@ def _blocked_statistics(
         masked = jnp.where(block.fresh, z, jnp.asarray(-jnp.inf, z.dtype))
         lse = jnp.logaddexp(lse, c.stable_logsumexp(masked)[:, 0])
         if smoothing:
-            spread = block.fresh if block.class_weights is None else (
-                jnp.where(block.fresh, block.class_weights.astype(dtype)[None, :], 0.0)
-            )
+            weights = 1.0 if block.class_weights is None else block.class_weights.astype(dtype)
+            spread = jnp.where(block.fresh, weights, 0.0)
             weighted = weighted + jnp.sum(z * spread, axis=1)
         return lse, weighted
 
@@ -1013,7 +1013,7 @@ def _local_loss(
         cfg = options._replace(num_rows=num_rows)
         return _blocked_impl(flat_x, w, bias, flat_labels, weights, cfg)
 
-    if options.kernel == "chunked":
+    if options.kernel == "chunked" or (options.kernel == "auto" and _gspmd_sharded(x, w)):
         loss = chunked()
     elif options.kernel == "blocked":
         loss = blocked()
@@ -1022,6 +1022,20 @@ def _local_loss(
     if options.reduction == "none":
         return loss.reshape(batch_shape)
     return loss
+
+
+def _gspmd_sharded(*arrays: jax.Array) -> bool:
+    """Whether the arrays (or the context) live on a mesh of ``Auto`` axes over several
+    devices, which GSPMD partitions by propagation. There the chunked kernel runs on every
+    platform: its ``[T, V]`` dots split along the vocabulary like ``w``, whereas the blocked
+    kernel's dynamic slices of the vocabulary would make GSPMD gather ``w``. (Explicit meshes
+    and ``shard_map`` give each device its own slice of ``w`` and run the blocked kernel.)"""
+    meshes = [jax.typeof(a).sharding.mesh for a in arrays]
+    meshes.append(jax.sharding.get_abstract_mesh())
+    return any(
+        AxisType.Auto in getattr(mesh, "axis_types", ()) and getattr(mesh, "size", 1) > 1
+        for mesh in meshes
+    )
 
 
 def _chunked_loss(

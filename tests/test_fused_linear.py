@@ -133,9 +133,7 @@ def test_value_and_grads_match_unfused_float64(kernel, option, reduction):
     objective = _objective(reduction, COTANGENT)
 
     def loss(x, w, b):
-        out = _fused(kernel)(
-            x, w, Y, bias=b, chunk_size=8, reduction=reduction, **kwargs
-        )
+        out = _fused(kernel)(x, w, Y, bias=b, chunk_size=8, reduction=reduction, **kwargs)
         return objective(out), out
 
     argnums = (0, 1, 2) if bias is not None else (0, 1)
@@ -251,9 +249,7 @@ def test_bfloat16_inputs_accumulate_in_float32(kernel):
 
 def test_jit_and_float64(kernel, x64):
     x, w = np.asarray(X, np.float64), np.asarray(W, np.float64)
-    value, dx = jax.jit(
-        jax.value_and_grad(lambda x: _fused(kernel)(x, w, Y, z_loss=0.1))
-    )(x)
+    value, dx = jax.jit(jax.value_and_grad(lambda x: _fused(kernel)(x, w, Y, z_loss=0.1)))(x)
     assert value.dtype == jnp.float64 and dx.dtype == jnp.float64
     want_value, want_dx, _, _ = reference(x, w, Y, z_loss=0.1, reduction="mean")
     _assert_close(value, want_value, rtol=1e-12)
@@ -390,9 +386,7 @@ def test_vocab_parallel_equals_single_device(kernel, reduction):
     objective = _objective(reduction, cot)
 
     def local(x, w, b, cw, y):
-        out = _fused(kernel)(
-            x, w, y, bias=b, class_weights=cw, axis_name="vocab", **options
-        )
+        out = _fused(kernel)(x, w, y, bias=b, class_weights=cw, axis_name="vocab", **options)
         return objective(out)
 
     sharded = jax.shard_map(
