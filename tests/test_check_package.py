@@ -36,11 +36,8 @@ def make_archive(path: Path, *members: tarfile.TarInfo) -> Path:
 
 def entry(name: str, kind: bytes = tarfile.REGTYPE, linkname: str = "") -> tarfile.TarInfo:
     info = tarfile.TarInfo(name)
-    info.type, info.linkname, info.mode = (
-        kind,
-        linkname,
-        0o755 if kind == tarfile.DIRTYPE else 0o644,
-    )
+    info.type, info.linkname = kind, linkname
+    info.mode = 0o755 if kind == tarfile.DIRTYPE else 0o644
     return info
 
 
