@@ -142,11 +142,11 @@ def check_every_test_file_is_placed() -> None:
 
 
 def input_hash(env: Env) -> str:
-    """What the environment was built from: the interpreter, the pip arguments, the files
-    they name and pyproject.toml (the editable install's metadata)."""
+    """What the environment was built from: the interpreter and the pip arguments, with the
+    files they name. Not pyproject.toml: jxent is installed editable without dependencies, so
+    its changes need no rebuild (``rm -r .compat/<name>`` forces one)."""
     digest = hashlib.sha256(f"{env.python}\n{env.requirements}".encode())
-    files = [a for a in env.requirements if (ROOT / a).is_file()] + ["pyproject.toml"]
-    for name in files:
+    for name in (a for a in env.requirements if (ROOT / a).is_file()):
         digest.update((ROOT / name).read_bytes())
     return digest.hexdigest()
 
@@ -191,7 +191,7 @@ def children_cpu_seconds() -> float:
     return usage.ru_utime + usage.ru_stime
 
 
-def run_tests(env: Env, workers: int, pytest_args: list[str]) -> Result:
+def run_tests(env: Env, workers: int, files: list[str], pytest_args: list[str]) -> Result:
     result = Result(env)
     try:
         ensure_env(env)
@@ -208,8 +208,7 @@ def run_tests(env: Env, workers: int, pytest_args: list[str]) -> Result:
         "-q",
         f"--junitxml={report}",
         *(["-n", str(workers)] if workers > 1 else []),
-        *(f"tests/{name}" for name in LIBRARY_TESTS),
-        "jxent",  # the docstring examples (--doctest-modules in pyproject.toml)
+        *files,
         *pytest_args,
     ]
     print(f"[{env.name}] python {result.python}, jax {result.jax}: running", flush=True)
@@ -260,6 +259,9 @@ def parse_args() -> tuple[argparse.Namespace, list[str]]:
     parser.add_argument("--ci", action="store_true", help=f"only {', '.join(CI_ENVS)}")
     parser.add_argument("--env", action="append", choices=sorted(ENVS), help="repeatable")
     parser.add_argument("--workers", type=int, default=1, help="pytest-xdist workers")
+    parser.add_argument(
+        "--only", action="append", choices=[*LIBRARY_TESTS, "jxent"], help="a subset, repeatable"
+    )
     return parser.parse_known_args()
 
 
@@ -267,7 +269,9 @@ def main() -> None:
     args, pytest_args = parse_args()
     check_every_test_file_is_placed()
     names = args.env or (CI_ENVS if args.ci else tuple(ENVS))
-    results = [run_tests(ENVS[name], args.workers, pytest_args) for name in names]
+    # "jxent": the docstring examples (--doctest-modules in pyproject.toml).
+    files = [f if f == "jxent" else f"tests/{f}" for f in args.only or [*LIBRARY_TESTS, "jxent"]]
+    results = [run_tests(ENVS[name], args.workers, files, pytest_args) for name in names]
     print_table(results)
     passed, failed = sum(r.passed for r in results), sum(r.failed for r in results)
     print(f"compat: {passed} passed, {failed} failed")
