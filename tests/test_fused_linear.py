@@ -11,6 +11,7 @@ import functools
 
 import jax
 import jax.numpy as jnp
+import jaxlib
 import numpy as np
 import pytest
 import reference as ref
@@ -319,6 +320,13 @@ def test_default_chunk_size_rule():
     assert default_chunk_size(100_000, 10**7) == 8  # at least 8 rows
 
 
+# How many [chunk, V] logits blocks XLA:CPU keeps alive in the chunked kernel: one from jaxlib
+# 0.10.2 (the lock); two in every older release measured (0.8.2, the floor, to 0.10.1: 136.6 MB
+# against 2181 MB unfused at the shape below). Values and gradients are the same; only this
+# compiled-memory bound depends on the compiler (docs/compatibility.md).
+CPU_BLOCKS_KEPT = 1 if jaxlib.version.__version_info__ >= (0, 10, 2) else 2
+
+
 def test_compiled_memory_is_far_below_unfused():
     """No [N, V] array in the compiled program (compiled only, nothing is run)."""
     n, d, v = 8192, 64, 32768
@@ -338,8 +346,10 @@ def test_compiled_memory_is_far_below_unfused():
         return jitted.lower(*spec).compile().memory_analysis().temp_size_in_bytes
 
     fused = temp_bytes(lambda x, w, y: fused_linear_cross_entropy(x, w, y, chunk_size=512))
-    assert fused * 16 <= temp_bytes(unfused)
-    assert fused < 2 * 512 * v * 4  # about one [chunk, V] block, never [N, V]
+    block = 512 * v * 4
+    assert fused < (CPU_BLOCKS_KEPT + 1) * block  # one (or two) [chunk, V] blocks, never [N, V]
+    if CPU_BLOCKS_KEPT == 1:
+        assert fused * 16 <= temp_bytes(unfused)
 
 
 def test_a_bias_costs_no_second_block():
@@ -358,7 +368,7 @@ def test_a_bias_costs_no_second_block():
     biased = temp_bytes(
         lambda x, w, y, b: fused_linear_cross_entropy(x, w, y, bias=b, chunk_size=n), x, w, y, b
     )
-    assert plain < 1.5 * block
+    assert plain < (CPU_BLOCKS_KEPT + 0.5) * block
     assert biased < plain + block / 4
 
 
