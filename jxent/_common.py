@@ -33,6 +33,11 @@ LONG_ROW = 32768
 BLOCK = 8192
 MIN_BLOCK = 64
 
+# XLA:GPU (jaxlib 0.10.2, H100 target) reduces rows of up to 16384 elements in one
+# kernel and splits longer ones into two kernels with [rows, 128]-sized partials.
+GPU_ROW = 16384
+MIN_GPU_BLOCK = 1024
+
 
 # ----------------------------------------------------------------------------- validation
 
@@ -295,7 +300,19 @@ def on_cpu(cpu: Any, default: Any) -> Any:
     scatters) go in ``cpu``; ``default`` keeps the plain max / exp / sum "normalisation
     diamond" that XLA's GPU and TPU emitters fuse into one kernel.
     """
-    return lax.platform_dependent(cpu=cpu, default=default)
+    return platform_dependent(cpu=cpu, default=default)
+
+
+# Tests set this to "cuda" or "tpu" to run that platform's code path on the CPU (see
+# tests/test_accelerator_paths.py); None means: let the lowering platform choose.
+simulated_platform: str | None = None
+
+
+def platform_dependent(**branches: Any) -> Any:
+    """:func:`jax.lax.platform_dependent`, or the branch for :data:`simulated_platform`."""
+    if simulated_platform is not None:
+        return branches.get(simulated_platform, branches["default"])()
+    return lax.platform_dependent(**branches)
 
 
 def class_reduce(
@@ -430,6 +447,30 @@ def exponentials(
 ) -> tuple[jax.Array, Normaliser, jax.Array]:
     """``e = exp(x - shift)`` (0 where masked), the :class:`Normaliser` and ``1 / Σ e``.
 
+    On GPU and TPU the normaliser comes from one pass over ``x`` (see
+    :func:`online_normaliser`) and ``e`` is only a formula: the callers save the logits
+    there (see :func:`exponentials_residual`), so XLA drops it. On CPU, see
+    :func:`_two_pass_exponentials`.
+    """
+
+    def accelerator() -> tuple[jax.Array, Normaliser, jax.Array]:
+        norm, inverse, _ = online_normaliser(x, where, axis_name)
+        return jnp.exp(mask(x, where, -jnp.inf) - norm.shift), norm, inverse
+
+    return on_cpu(
+        lambda: _two_pass_exponentials(x, where, axis_name, read_first=read_first), accelerator
+    )
+
+
+def _two_pass_exponentials(
+    x: jax.Array,
+    where: jax.Array | None = None,
+    axis_name: Hashable | None = None,
+    *,
+    read_first: jax.Array | None = None,
+) -> tuple[jax.Array, Normaliser, jax.Array]:
+    """The CPU form of :func:`exponentials`: a max pass, then a sum of exponentials.
+
     ``read_first`` (see :func:`row_shift`) orders a gather from ``x`` before the passes
     that may overwrite ``x``'s buffer.
 
@@ -454,6 +495,113 @@ def exponentials(
     if axis_name is not None:
         total = lax.psum(total, axis_name)
     return e, Normaliser(shift, jnp.log(total)), safe_reciprocal(total)
+
+
+def _online_combine(
+    a: tuple[jax.Array, ...], b: tuple[jax.Array, ...]
+) -> tuple[jax.Array, ...]:
+    """Merges two partial ``(max m, Σ exp(x - m), *sums)`` of the same row.
+
+    The smaller partial is rescaled to the larger max with one exponential,
+    ``exp(min - max) ≤ 1``; equal maxima (including two ``±inf``, whose difference would
+    be NaN) are merged unscaled. A NaN max stays NaN (``maximum`` propagates it).
+    """
+    (m1, s1, *rest1), (m2, s2, *rest2) = a, b
+    top = jnp.maximum(m1, m2)
+    gap = jnp.where(m1 == m2, jnp.zeros_like(m1), jnp.minimum(m1, m2) - top)
+    scale = jnp.exp(gap)
+    total = jnp.where(m1 >= m2, s1 + s2 * scale, s1 * scale + s2)
+    return (top, total, *(r1 + r2 for r1, r2 in zip(rest1, rest2, strict=True)))
+
+
+def _online_reduce(operands: Sequence[jax.Array]) -> list[jax.Array]:
+    """:func:`_online_combine` over the last axis of ``(x, ones, *sums)``.
+
+    On GPU a long row (> :data:`GPU_ROW`) is first reduced in blocks of a divisor of its
+    length, then the ``[..., C // b]`` partials: XLA:GPU splits a longer row reduction in
+    two kernels itself, but with ``[..., 128]`` partial arrays per output that together
+    outlive a buffer XLA can reuse (8 MiB of temporaries at 8192 x 32000; the blocks'
+    partials are 200 KiB). On TPU the row stays whole: its tiled layout would turn the
+    block reshape into a copy, and XLA:TPU reduces long rows in one kernel.
+    """
+    last = operands[0].ndim - 1
+    dtype = operands[0].dtype
+    inits = tuple(np.asarray(v, dtype) for v in (-jnp.inf, *(0.0 for _ in operands[1:])))
+
+    def whole() -> list[jax.Array]:
+        return list(lax.reduce(tuple(operands), inits, _online_combine, (last,)))
+
+    num_classes = operands[0].shape[-1]
+    block = gpu_block_size(num_classes)
+    if block is None:
+        return whole()
+
+    def blocked() -> list[jax.Array]:
+        shape = (*operands[0].shape[:-1], num_classes // block, block)
+        views = tuple(a.reshape(shape) for a in operands)
+        partial = lax.reduce(views, inits, _online_combine, (last + 1,))
+        return list(lax.reduce(tuple(partial), inits, _online_combine, (last,)))
+
+    return platform_dependent(cuda=blocked, rocm=blocked, default=whole)  # type: ignore[no-any-return]
+
+
+def gpu_block_size(num_classes: Any) -> int | None:
+    """The block length for a row reduction of ``num_classes`` on GPU, or None (whole).
+
+    The largest divisor of ``num_classes`` up to :data:`GPU_ROW` (32000 -> 2 x 16000,
+    128256 -> 8 x 16032, 50257 -> 29 x 1733), at least :data:`MIN_GPU_BLOCK`; None for
+    short rows, lengths without such a divisor and symbolic dimensions.
+    """
+    if not isinstance(num_classes, int) or num_classes <= GPU_ROW:
+        return None
+    return _largest_divisor_up_to(num_classes, GPU_ROW, MIN_GPU_BLOCK)
+
+
+@functools.cache
+def _largest_divisor_up_to(n: int, limit: int, floor: int) -> int | None:
+    small = [d for d in range(1, math.isqrt(n) + 1) if n % d == 0]
+    fitting = [d for d in {*small, *(n // d for d in small)} if floor <= d <= limit]
+    return max(fitting) if fitting else None
+
+
+def online_normaliser(
+    x: jax.Array,
+    where: jax.Array | None = None,
+    axis_name: Hashable | None = None,
+    sums: Sequence[jax.Array] = (),
+) -> tuple[Normaliser, jax.Array, list[jax.Array]]:
+    """The :class:`Normaliser`, ``1 / Σ exp(x - shift)`` and row sums of ``sums``, in one
+    pass over ``x`` (Milakov & Gimelshein's online softmax normaliser).
+
+    One variadic reduction carries the running max and the sum of exponentials relative
+    to it (see :func:`_online_combine`), plus the plain sums of each ``[..., C]`` array in
+    ``sums`` (e.g. the target logit, picked by a compare with the labels). XLA's GPU and
+    TPU emitters turn it into one kernel that reads ``x`` once, where a max pass and then
+    a sum-of-exponentials pass read it twice; half-precision ``x`` is converted inside the
+    kernel, never stored as float32.
+
+    Same values as :func:`_two_pass_exponentials`: the shift is the row max clipped to the
+    finite floats (constant under autodiff), ``log_sum = log Σ exp(x - shift)`` is ``-inf``
+    on empty rows and ``+inf`` on rows holding ``+inf``. ``log_sum`` is differentiable
+    (JAX differentiates a custom reduction pairwise), for ``grad`` of ``grad``.
+    """
+    xm = mask(x, where, -jnp.inf)
+    dtype = xm.dtype
+    operands = (xm, jnp.ones_like(xm), *(jnp.asarray(v, dtype) for v in sums))
+    top, total, *row_sums = _online_reduce(operands)
+    if axis_name is not None:
+        global_top = lax.pmax(top, axis_name)
+        local_gap = jnp.where(top == global_top, jnp.zeros_like(top), top - global_top)
+        total = lax.psum(total * jnp.exp(local_gap), axis_name)
+        top = global_top
+    finfo = jnp.finfo(dtype)
+    shift = lax.stop_gradient(jnp.clip(top, finfo.min, finfo.max))
+    # total · exp(top - shift) = Σ exp(x - shift): 0 on an empty row (top = -inf), +inf on
+    # one holding +inf. top keeps its gradient and shift does not, so that d log_sum / dx
+    # is the softmax (the derivative of the running sum alone would lack the max's part).
+    total = total * jnp.exp(top - shift)
+    norm = Normaliser(shift[..., None], jnp.log(total)[..., None])
+    return norm, safe_reciprocal(total)[..., None], row_sums
 
 
 def exponentials_residual(logits: jax.Array, e: jax.Array) -> jax.Array:
