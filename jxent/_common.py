@@ -271,7 +271,9 @@ def _divisor_near_block(num_classes: int) -> int | None:
     return min(candidates, key=lambda b: abs(b - BLOCK)) if candidates else None
 
 
-def _blocked_reduce(op: Any, fn: Any, args: Sequence[Any], num_classes: int, block: int) -> Any:
+def _blocked_reduce(
+    op: Any, fn: Any, args: Sequence[Any], num_classes: int, block: int, *, barrier: bool = True
+) -> Any:
     """``op`` over the last axis of ``fn(*args)``, block by block (keepdims).
 
     ``fn``'s ``[..., C]`` operands are viewed as ``[..., C // b, b]`` (``[..., 1]`` ones as
@@ -288,7 +290,9 @@ def _blocked_reduce(op: Any, fn: Any, args: Sequence[Any], num_classes: int, blo
         return a[..., None]
 
     partial = op(fn(*(blocks(a) for a in args)), axis=-1)
-    return op(lax.optimization_barrier(partial), axis=-1, keepdims=True)
+    if barrier:
+        partial = lax.optimization_barrier(partial)
+    return op(partial, axis=-1, keepdims=True)
 
 
 def on_cpu(cpu: Any, default: Any) -> Any:
@@ -327,11 +331,17 @@ def class_reduce(
     def plain() -> Any:
         return op(fn(*args), axis=-1, keepdims=True)
 
-    block = block_size(num_classes)
-    if block is None:
-        result = plain()
+    block, gpu_block = block_size(num_classes), gpu_block_size(num_classes)
+    cpu = plain if block is None else lambda: _blocked_reduce(op, fn, args, num_classes, block)
+    if gpu_block is None:
+        result = on_cpu(cpu, plain) if block is not None else plain()
     else:
-        result = on_cpu(lambda: _blocked_reduce(op, fn, args, num_classes, block), plain)
+        # GPU: blocks of at most GPU_ROW, so that XLA does not split the row reduction
+        # itself into [rows, 128]-sized partials (see _online_reduce).
+        def gpu() -> Any:
+            return _blocked_reduce(op, fn, args, num_classes, gpu_block)
+
+        result = platform_dependent(cpu=cpu, cuda=gpu, rocm=gpu, default=plain)
     if axis_name is None:
         return result
     return lax.psum(result, axis_name) if op is jnp.sum else lax.pmax(result, axis_name)
@@ -497,9 +507,7 @@ def _two_pass_exponentials(
     return e, Normaliser(shift, jnp.log(total)), safe_reciprocal(total)
 
 
-def _online_combine(
-    a: tuple[jax.Array, ...], b: tuple[jax.Array, ...]
-) -> tuple[jax.Array, ...]:
+def _online_combine(a: tuple[jax.Array, ...], b: tuple[jax.Array, ...]) -> tuple[jax.Array, ...]:
     """Merges two partial ``(max m, Σ exp(x - m), *sums)`` of the same row.
 
     The smaller partial is rescaled to the larger max with one exponential,

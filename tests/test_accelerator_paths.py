@@ -35,8 +35,15 @@ def _run(platform, fn, *args):
 
 
 def _assert_same(actual, expected, rtol=1e-4, atol=2e-6):
+    """Equal up to float32 summation order (bfloat16 results: up to one bf16 rounding)."""
     for a, e in zip(jax.tree.leaves(actual), jax.tree.leaves(expected), strict=True):
-        np.testing.assert_allclose(a.astype(np.float64), e.astype(np.float64), rtol, atol)
+        half = a.dtype == jnp.bfloat16
+        np.testing.assert_allclose(
+            a.astype(np.float64),
+            e.astype(np.float64),
+            1e-2 if half else rtol,
+            1e-3 if half else atol,
+        )
 
 
 def _logits(shape, dtype=jnp.float32, seed=0):
@@ -71,9 +78,7 @@ def test_integer_ce_matches_cpu_path_and_optax(platform, classes, dtype):
     got = _run(platform, _int_ce_value_and_grad, x, y)
     _assert_same(got, _run(None, _int_ce_value_and_grad, x, y))
     ref = jax.value_and_grad(
-        lambda x: jnp.sum(
-            optax.softmax_cross_entropy_with_integer_labels(x.astype(jnp.float32), y)
-        )
+        lambda x: jnp.sum(optax.softmax_cross_entropy_with_integer_labels(x.astype(jnp.float32), y))
     )(x)
     tol = 1e-4 if dtype == jnp.float32 else 1e-2
     np.testing.assert_allclose(got[0], ref[0], rtol=tol)
