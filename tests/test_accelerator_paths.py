@@ -52,7 +52,7 @@ def _logits(shape, dtype=jnp.float32, seed=0):
 
 def _degenerate_logits(classes):
     """Rows: ordinary; one +inf; all -inf but one; ties at a huge value; a NaN."""
-    x = np.asarray(_logits((5, classes)))
+    x = np.array(_logits((5, classes)))  # a writable copy
     x[1, 3] = np.inf
     x[2, :] = -np.inf
     x[2, 1] = 0.5
