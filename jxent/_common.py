@@ -36,7 +36,6 @@ MIN_BLOCK = 64
 # XLA:GPU (jaxlib 0.10.2, H100 target) reduces rows of up to 16384 elements in one
 # kernel and splits longer ones into two kernels with [rows, 128]-sized partials.
 GPU_ROW = 16384
-MIN_GPU_BLOCK = 1024
 
 
 # ----------------------------------------------------------------------------- validation
@@ -280,19 +279,38 @@ def _blocked_reduce(
     ``[..., 1, 1]``). XLA fuses ``fn`` into fast per-block reductions; the optimization
     barrier keeps its simplifier from merging the two levels back into one long-row
     reduction (measured 6x faster for a (2048, 131072) logsumexp on the 2-core CPU).
+    When ``b`` does not divide ``C`` (GPU only, see :func:`gpu_block_size`), ``fn``'s
+    result is padded with ``op``'s identity to whole blocks, inside the reduction kernel.
     """
+    if num_classes % block:
+        values = fn(*args)
+        # Sums pad with 0; maxima (only of floats here) with -inf, which _floored_max floors.
+        identity = 0 if op is jnp.sum else -jnp.inf
+        partial = op(_padded_blocks(values, block, identity), axis=-1)
+    else:
 
-    def blocks(a: Any) -> Any:
-        if not isinstance(a, jax.Array) or a.ndim == 0:
-            return a
-        if a.shape[-1] == num_classes:
-            return a.reshape((*a.shape[:-1], num_classes // block, block))
-        return a[..., None]
+        def blocks(a: Any) -> Any:
+            if not isinstance(a, jax.Array) or a.ndim == 0:
+                return a
+            if a.shape[-1] == num_classes:
+                return a.reshape((*a.shape[:-1], num_classes // block, block))
+            return a[..., None]
 
-    partial = op(fn(*(blocks(a) for a in args)), axis=-1)
+        partial = op(fn(*(blocks(a) for a in args)), axis=-1)
     if barrier:
         partial = lax.optimization_barrier(partial)
     return op(partial, axis=-1, keepdims=True)
+
+
+def _padded_blocks(a: jax.Array, block: int, fill: Any) -> jax.Array:
+    """``a``'s last axis padded with ``fill`` to a multiple of ``block``, as
+    ``[..., blocks, block]``. XLA:GPU fuses the pad into the reduction that consumes it:
+    no padded copy is stored, and the logits are read once (two slices, one per block
+    shape, would each count as a read of the whole row)."""
+    count = -(-a.shape[-1] // block)
+    pad = [(0, 0, 0)] * (a.ndim - 1) + [(0, count * block - a.shape[-1], 0)]
+    padded = lax.pad(a, jnp.asarray(fill, a.dtype), pad)
+    return padded.reshape((*a.shape[:-1], count, block))
 
 
 def on_cpu(cpu: Any, default: Any) -> Any:
@@ -525,12 +543,13 @@ def _online_combine(a: tuple[jax.Array, ...], b: tuple[jax.Array, ...]) -> tuple
 def _online_reduce(operands: Sequence[jax.Array]) -> list[jax.Array]:
     """:func:`_online_combine` over the last axis of ``(x, ones, *sums)``.
 
-    On GPU a long row (> :data:`GPU_ROW`) is first reduced in blocks of a divisor of its
-    length, then the ``[..., C // b]`` partials: XLA:GPU splits a longer row reduction in
-    two kernels itself, but with ``[..., 128]`` partial arrays per output that together
-    outlive a buffer XLA can reuse (8 MiB of temporaries at 8192 x 32000; the blocks'
-    partials are 200 KiB). On TPU the row stays whole: its tiled layout would turn the
-    block reshape into a copy, and XLA:TPU reduces long rows in one kernel.
+    On GPU a long row (> :data:`GPU_ROW`) is first reduced in blocks (see
+    :func:`gpu_block_size`), then the ``[..., ceil(C / b)]`` partials: XLA:GPU splits a
+    longer row reduction in two kernels itself, but with ``[..., 128]`` partial arrays per
+    output that together outlive a buffer XLA can reuse (8 MiB of temporaries at
+    8192 x 32000; the blocks' partials are 200 KiB). On TPU the row stays whole: its
+    tiled layout would turn the block reshape into a copy, and XLA:TPU reduces long rows
+    in one kernel.
     """
     last = operands[0].ndim - 1
     dtype = operands[0].dtype
@@ -545,31 +564,33 @@ def _online_reduce(operands: Sequence[jax.Array]) -> list[jax.Array]:
         return whole()
 
     def blocked() -> list[jax.Array]:
-        shape = (*operands[0].shape[:-1], num_classes // block, block)
-        views = tuple(a.reshape(shape) for a in operands)
+        # Padding with the identity (-inf, 0, 0, ...) leaves each row's result unchanged.
+        views = tuple(_padded_blocks(a, block, v) for a, v in zip(operands, inits, strict=True))
         partial = lax.reduce(views, inits, _online_combine, (last + 1,))
         return list(lax.reduce(tuple(partial), inits, _online_combine, (last,)))
 
-    return platform_dependent(cuda=blocked, rocm=blocked, default=whole)  # type: ignore[no-any-return]
+    return platform_dependent(cuda=blocked, rocm=blocked, default=whole)
 
 
 def gpu_block_size(num_classes: Any) -> int | None:
     """The block length for a row reduction of ``num_classes`` on GPU, or None (whole).
 
-    The largest divisor of ``num_classes`` up to :data:`GPU_ROW` (32000 -> 2 x 16000,
-    128256 -> 8 x 16032, 50257 -> 29 x 1733), at least :data:`MIN_GPU_BLOCK`; None for
-    short rows, lengths without such a divisor and symbolic dimensions.
+    Few blocks of at most :data:`GPU_ROW`: each block adds one partial per row and output
+    that the second level reads back ([8192, 29] x 3 float32 partials, 2.8 MiB, were
+    measured for 50257 = 29 x 1733). With ``k = ceil(C / GPU_ROW)``, the first block count
+    ``n`` in ``[k, 2k]`` that divides ``C`` gives blocks that are a reshape of the row
+    (32000 -> 2 x 16000, 128256 -> 8 x 16032); otherwise ``k`` blocks of
+    ``ceil(C / k)`` with a shorter last one (50257 -> 3 x 12565 + 12562, 32003 -> 16002 +
+    16001), the row padded to whole blocks inside the reduction kernel (see
+    :func:`_padded_blocks`). None for short rows and symbolic dimensions.
     """
     if not isinstance(num_classes, int) or num_classes <= GPU_ROW:
         return None
-    return _largest_divisor_up_to(num_classes, GPU_ROW, MIN_GPU_BLOCK)
-
-
-@functools.cache
-def _largest_divisor_up_to(n: int, limit: int, floor: int) -> int | None:
-    small = [d for d in range(1, math.isqrt(n) + 1) if n % d == 0]
-    fitting = [d for d in {*small, *(n // d for d in small)} if floor <= d <= limit]
-    return max(fitting) if fitting else None
+    fewest = -(-num_classes // GPU_ROW)
+    for count in range(fewest, 2 * fewest + 1):
+        if num_classes % count == 0:
+            return num_classes // count
+    return -(-num_classes // fewest)
 
 
 def online_normaliser(
