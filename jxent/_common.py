@@ -593,6 +593,37 @@ def gpu_block_size(num_classes: Any) -> int | None:
     return -(-num_classes // fewest)
 
 
+@jax.custom_jvp
+def _online_stats(x: jax.Array, ones: jax.Array, *sums: jax.Array) -> list[jax.Array]:
+    """``(max m, Σ exp(x - m), *row sums)`` over the last axis (see :func:`_online_reduce`).
+
+    A ``custom_jvp``: JAX's own derivative of a custom reduction is a pairwise tree of the
+    combiner that reverse mode cannot transpose (``grad`` of ``grad`` failed with "reshape
+    of a Zero"); here the tangents are plain class sums, linear and transposable.
+    """
+    return _online_reduce((x, ones, *sums))
+
+
+@_online_stats.defjvp
+def _online_stats_jvp(
+    primals: tuple[jax.Array, ...], tangents: tuple[jax.Array, ...]
+) -> tuple[list[jax.Array], list[jax.Array]]:
+    # The max is held constant (zero tangent): m + log Σ exp(x - m) does not depend on it,
+    # and Σ exp(x - m) then moves by Σ exp(x - m)·dx. An empty row (m = -inf) has no
+    # exponentials, and its finite stand-in for m gives exp(-inf) = 0, never NaN.
+    x, _, *_ = primals
+    dx, _, *dsums = tangents
+    top, total, *row_sums = _online_stats(*primals)
+    finite_top = jnp.where(jnp.isfinite(top), top, jnp.zeros_like(top))
+    e = jnp.exp(x - finite_top[..., None])
+    dtotal = class_sum(e * dx)[..., 0]
+    return [top, total, *row_sums], [
+        jnp.zeros_like(top),
+        dtotal,
+        *(class_sum(d)[..., 0] for d in dsums),
+    ]
+
+
 def online_normaliser(
     x: jax.Array,
     where: jax.Array | None = None,
@@ -612,12 +643,12 @@ def online_normaliser(
     Same values as :func:`_two_pass_exponentials`: the shift is the row max clipped to the
     finite floats (constant under autodiff), ``log_sum = log Σ exp(x - shift)`` is ``-inf``
     on empty rows and ``+inf`` on rows holding ``+inf``. ``log_sum`` is differentiable
-    (JAX differentiates a custom reduction pairwise), for ``grad`` of ``grad``.
+    (see :func:`_online_stats`), for ``grad`` of ``grad`` and ``jax.hessian``.
     """
     xm = mask(x, where, -jnp.inf)
     dtype = xm.dtype
     operands = (xm, jnp.ones_like(xm), *(jnp.asarray(v, dtype) for v in sums))
-    top, total, *row_sums = _online_reduce(operands)
+    top, total, *row_sums = _online_stats(*operands)
     if axis_name is not None:
         global_top = lax.pmax(top, axis_name)
         local_gap = jnp.where(top == global_top, jnp.zeros_like(top), top - global_top)

@@ -463,3 +463,33 @@ def test_sharded_logits_on_meshes(path, axis_type, layout):
     normalisers, int_ce = _run(path, run, x0)
     _check_normalisers_and_dense_ce(normalisers, x0, t0, g0)
     _check_integer_ce(int_ce, x0, y0, {"label_smoothing": 0.1, "z_loss": 1e-3})
+
+
+@pytest.mark.parametrize("platform", PLATFORMS)
+def test_reverse_over_reverse_through_the_online_reduction(platform, x64):
+    """``grad`` of ``grad``: reverse mode transposes the online normaliser's derivative
+    (JAX's own derivative of a custom reduction cannot be transposed)."""
+    from jax.test_util import check_grads
+
+    x = jnp.asarray(np.random.default_rng(5).normal(0, 2, (3, 5)))
+    y = jnp.asarray([0, 3, 4])
+    where = jnp.asarray([True, True, False, True, True])
+    t = jax.nn.softmax(x[::-1])
+
+    def everything(x):
+        return (
+            jxent.softmax_cross_entropy_with_integer_labels(
+                x, y, where=where, label_smoothing=0.2, z_loss=1e-2, reduction="mean"
+            ),
+            jnp.sum(jxent.softmax_cross_entropy(x, t, z_loss=1e-2)),
+            jnp.sum(jxent.logsumexp(x, axis=-1) * jnp.arange(3.0)),
+            jnp.sum(jxent.softmax(x) * t),
+            jnp.sum(jxent.log_softmax(x) * t),
+        )
+
+    def check(x):
+        for i in range(5):
+            check_grads(lambda x, i=i: everything(x)[i], (x,), order=2, modes=["rev"])
+        return x
+
+    _run(platform, check, x)
