@@ -33,6 +33,10 @@ LONG_ROW = 32768
 BLOCK = 8192
 MIN_BLOCK = 64
 
+# XLA:GPU (jaxlib 0.10.2, H100 target) reduces rows of up to 16384 elements in one
+# kernel and splits longer ones into two kernels with [rows, 128]-sized partials.
+GPU_ROW = 16384
+
 
 # ----------------------------------------------------------------------------- validation
 
@@ -266,24 +270,47 @@ def _divisor_near_block(num_classes: int) -> int | None:
     return min(candidates, key=lambda b: abs(b - BLOCK)) if candidates else None
 
 
-def _blocked_reduce(op: Any, fn: Any, args: Sequence[Any], num_classes: int, block: int) -> Any:
+def _blocked_reduce(
+    op: Any, fn: Any, args: Sequence[Any], num_classes: int, block: int, *, barrier: bool = True
+) -> Any:
     """``op`` over the last axis of ``fn(*args)``, block by block (keepdims).
 
     ``fn``'s ``[..., C]`` operands are viewed as ``[..., C // b, b]`` (``[..., 1]`` ones as
     ``[..., 1, 1]``). XLA fuses ``fn`` into fast per-block reductions; the optimization
     barrier keeps its simplifier from merging the two levels back into one long-row
     reduction (measured 6x faster for a (2048, 131072) logsumexp on the 2-core CPU).
+    When ``b`` does not divide ``C`` (GPU only, see :func:`gpu_block_size`), ``fn``'s
+    result is padded with ``op``'s identity to whole blocks, inside the reduction kernel.
     """
+    if num_classes % block:
+        values = fn(*args)
+        # Sums pad with 0; maxima (only of floats here) with -inf, which _floored_max floors.
+        identity = 0 if op is jnp.sum else -jnp.inf
+        partial = op(_padded_blocks(values, block, identity), axis=-1)
+    else:
 
-    def blocks(a: Any) -> Any:
-        if not isinstance(a, jax.Array) or a.ndim == 0:
-            return a
-        if a.shape[-1] == num_classes:
-            return a.reshape((*a.shape[:-1], num_classes // block, block))
-        return a[..., None]
+        def blocks(a: Any) -> Any:
+            if not isinstance(a, jax.Array) or a.ndim == 0:
+                return a
+            if a.shape[-1] == num_classes:
+                return a.reshape((*a.shape[:-1], num_classes // block, block))
+            return a[..., None]
 
-    partial = op(fn(*(blocks(a) for a in args)), axis=-1)
-    return op(lax.optimization_barrier(partial), axis=-1, keepdims=True)
+        partial = op(fn(*(blocks(a) for a in args)), axis=-1)
+    if barrier:
+        partial = lax.optimization_barrier(partial)
+    return op(partial, axis=-1, keepdims=True)
+
+
+def _padded_blocks(a: jax.Array, block: int, fill: Any) -> jax.Array:
+    """``a``'s last axis padded with ``fill`` to a multiple of ``block``, as
+    ``[..., blocks, block]``. XLA:GPU fuses the pad into the reduction that consumes it:
+    no padded copy is stored, and the logits are read once (two slices, one per block
+    shape, would each count as a read of the whole row)."""
+    count = -(-a.shape[-1] // block)
+    pad = [(0, 0, 0)] * (a.ndim - 1) + [(0, count * block - a.shape[-1], 0)]
+    padded = lax.pad(a, jnp.asarray(fill, a.dtype), pad)
+    return padded.reshape((*a.shape[:-1], count, block))
 
 
 def on_cpu(cpu: Any, default: Any) -> Any:
@@ -295,7 +322,19 @@ def on_cpu(cpu: Any, default: Any) -> Any:
     scatters) go in ``cpu``; ``default`` keeps the plain max / exp / sum "normalisation
     diamond" that XLA's GPU and TPU emitters fuse into one kernel.
     """
-    return lax.platform_dependent(cpu=cpu, default=default)
+    return platform_dependent(cpu=cpu, default=default)
+
+
+# Tests set this to "cuda" or "tpu" to run that platform's code path on the CPU (see
+# tests/test_accelerator_paths.py); None means: let the lowering platform choose.
+simulated_platform: str | None = None
+
+
+def platform_dependent(**branches: Any) -> Any:
+    """:func:`jax.lax.platform_dependent`, or the branch for :data:`simulated_platform`."""
+    if simulated_platform is not None:
+        return branches.get(simulated_platform, branches["default"])()
+    return lax.platform_dependent(**branches)
 
 
 def class_reduce(
@@ -310,11 +349,17 @@ def class_reduce(
     def plain() -> Any:
         return op(fn(*args), axis=-1, keepdims=True)
 
-    block = block_size(num_classes)
-    if block is None:
-        result = plain()
+    block, gpu_block = block_size(num_classes), gpu_block_size(num_classes)
+    cpu = plain if block is None else lambda: _blocked_reduce(op, fn, args, num_classes, block)
+    if gpu_block is None:
+        result = on_cpu(cpu, plain) if block is not None else plain()
     else:
-        result = on_cpu(lambda: _blocked_reduce(op, fn, args, num_classes, block), plain)
+        # GPU: blocks of at most GPU_ROW, so that XLA does not split the row reduction
+        # itself into [rows, 128]-sized partials (see _online_reduce).
+        def gpu() -> Any:
+            return _blocked_reduce(op, fn, args, num_classes, gpu_block)
+
+        result = platform_dependent(cpu=cpu, cuda=gpu, rocm=gpu, default=plain)
     if axis_name is None:
         return result
     return lax.psum(result, axis_name) if op is jnp.sum else lax.pmax(result, axis_name)
@@ -430,6 +475,30 @@ def exponentials(
 ) -> tuple[jax.Array, Normaliser, jax.Array]:
     """``e = exp(x - shift)`` (0 where masked), the :class:`Normaliser` and ``1 / Σ e``.
 
+    On GPU and TPU the normaliser comes from one pass over ``x`` (see
+    :func:`online_normaliser`) and ``e`` is only a formula: the callers save the logits
+    there (see :func:`exponentials_residual`), so XLA drops it. On CPU, see
+    :func:`_two_pass_exponentials`.
+    """
+
+    def accelerator() -> tuple[jax.Array, Normaliser, jax.Array]:
+        norm, inverse, _ = online_normaliser(x, where, axis_name)
+        return jnp.exp(mask(x, where, -jnp.inf) - norm.shift), norm, inverse
+
+    return on_cpu(
+        lambda: _two_pass_exponentials(x, where, axis_name, read_first=read_first), accelerator
+    )
+
+
+def _two_pass_exponentials(
+    x: jax.Array,
+    where: jax.Array | None = None,
+    axis_name: Hashable | None = None,
+    *,
+    read_first: jax.Array | None = None,
+) -> tuple[jax.Array, Normaliser, jax.Array]:
+    """The CPU form of :func:`exponentials`: a max pass, then a sum of exponentials.
+
     ``read_first`` (see :func:`row_shift`) orders a gather from ``x`` before the passes
     that may overwrite ``x``'s buffer.
 
@@ -454,6 +523,145 @@ def exponentials(
     if axis_name is not None:
         total = lax.psum(total, axis_name)
     return e, Normaliser(shift, jnp.log(total)), safe_reciprocal(total)
+
+
+def _online_combine(a: tuple[jax.Array, ...], b: tuple[jax.Array, ...]) -> tuple[jax.Array, ...]:
+    """Merges two partial ``(max m, Σ exp(x - m), *sums)`` of the same row.
+
+    The smaller partial is rescaled to the larger max with one exponential,
+    ``exp(min - max) ≤ 1``; equal maxima (including two ``±inf``, whose difference would
+    be NaN) are merged unscaled. A NaN max stays NaN (``maximum`` propagates it).
+    """
+    (m1, s1, *rest1), (m2, s2, *rest2) = a, b
+    top = jnp.maximum(m1, m2)
+    gap = jnp.where(m1 == m2, jnp.zeros_like(m1), jnp.minimum(m1, m2) - top)
+    scale = jnp.exp(gap)
+    total = jnp.where(m1 >= m2, s1 + s2 * scale, s1 * scale + s2)
+    return (top, total, *(r1 + r2 for r1, r2 in zip(rest1, rest2, strict=True)))
+
+
+def _online_reduce(operands: Sequence[jax.Array]) -> list[jax.Array]:
+    """:func:`_online_combine` over the last axis of ``(x, ones, *sums)``.
+
+    On GPU a long row (> :data:`GPU_ROW`) is first reduced in blocks (see
+    :func:`gpu_block_size`), then the ``[..., ceil(C / b)]`` partials: XLA:GPU splits a
+    longer row reduction in two kernels itself, but with ``[..., 128]`` partial arrays per
+    output that together outlive a buffer XLA can reuse (8 MiB of temporaries at
+    8192 x 32000; the blocks' partials are 200 KiB). On TPU the row stays whole: its
+    tiled layout would turn the block reshape into a copy, and XLA:TPU reduces long rows
+    in one kernel.
+    """
+    last = operands[0].ndim - 1
+    dtype = operands[0].dtype
+    inits = tuple(np.asarray(v, dtype) for v in (-jnp.inf, *(0.0 for _ in operands[1:])))
+
+    def whole() -> list[jax.Array]:
+        return list(lax.reduce(tuple(operands), inits, _online_combine, (last,)))
+
+    num_classes = operands[0].shape[-1]
+    block = gpu_block_size(num_classes)
+    if block is None:
+        return whole()
+
+    def blocked() -> list[jax.Array]:
+        # Padding with the identity (-inf, 0, 0, ...) leaves each row's result unchanged.
+        views = tuple(_padded_blocks(a, block, v) for a, v in zip(operands, inits, strict=True))
+        partial = lax.reduce(views, inits, _online_combine, (last + 1,))
+        return list(lax.reduce(tuple(partial), inits, _online_combine, (last,)))
+
+    return platform_dependent(cuda=blocked, rocm=blocked, default=whole)
+
+
+def gpu_block_size(num_classes: Any) -> int | None:
+    """The block length for a row reduction of ``num_classes`` on GPU, or None (whole).
+
+    Few blocks of at most :data:`GPU_ROW`: each block adds one partial per row and output
+    that the second level reads back ([8192, 29] x 3 float32 partials, 2.8 MiB, were
+    measured for 50257 = 29 x 1733). With ``k = ceil(C / GPU_ROW)``, the first block count
+    ``n`` in ``[k, 2k]`` that divides ``C`` gives blocks that are a reshape of the row
+    (32000 -> 2 x 16000, 128256 -> 8 x 16032); otherwise ``k`` blocks of
+    ``ceil(C / k)`` with a shorter last one (50257 -> 3 x 12565 + 12562, 32003 -> 16002 +
+    16001), the row padded to whole blocks inside the reduction kernel (see
+    :func:`_padded_blocks`). None for short rows and symbolic dimensions.
+    """
+    if not isinstance(num_classes, int) or num_classes <= GPU_ROW:
+        return None
+    fewest = -(-num_classes // GPU_ROW)
+    for count in range(fewest, 2 * fewest + 1):
+        if num_classes % count == 0:
+            return num_classes // count
+    return -(-num_classes // fewest)
+
+
+@jax.custom_jvp
+def _online_stats(x: jax.Array, ones: jax.Array, *sums: jax.Array) -> list[jax.Array]:
+    """``(max m, Σ exp(x - m), *row sums)`` over the last axis (see :func:`_online_reduce`).
+
+    A ``custom_jvp``: JAX's own derivative of a custom reduction is a pairwise tree of the
+    combiner that reverse mode cannot transpose (``grad`` of ``grad`` failed with "reshape
+    of a Zero"); here the tangents are plain class sums, linear and transposable.
+    """
+    return _online_reduce((x, ones, *sums))
+
+
+@_online_stats.defjvp
+def _online_stats_jvp(
+    primals: tuple[jax.Array, ...], tangents: tuple[jax.Array, ...]
+) -> tuple[list[jax.Array], list[jax.Array]]:
+    # The max is held constant (zero tangent): m + log Σ exp(x - m) does not depend on it,
+    # and Σ exp(x - m) then moves by Σ exp(x - m)·dx. An empty row (m = -inf) has no
+    # exponentials, and its finite stand-in for m gives exp(-inf) = 0, never NaN.
+    x, _, *_ = primals
+    dx, _, *dsums = tangents
+    top, total, *row_sums = _online_stats(*primals)
+    finite_top = jnp.where(jnp.isfinite(top), top, jnp.zeros_like(top))
+    e = jnp.exp(x - finite_top[..., None])
+    dtotal = class_sum(e * dx)[..., 0]
+    return [top, total, *row_sums], [
+        jnp.zeros_like(top),
+        dtotal,
+        *(class_sum(d)[..., 0] for d in dsums),
+    ]
+
+
+def online_normaliser(
+    x: jax.Array,
+    where: jax.Array | None = None,
+    axis_name: Hashable | None = None,
+    sums: Sequence[jax.Array] = (),
+) -> tuple[Normaliser, jax.Array, list[jax.Array]]:
+    """The :class:`Normaliser`, ``1 / Σ exp(x - shift)`` and row sums of ``sums``, in one
+    pass over ``x`` (Milakov & Gimelshein's online softmax normaliser).
+
+    One variadic reduction carries the running max and the sum of exponentials relative
+    to it (see :func:`_online_combine`), plus the plain sums of each ``[..., C]`` array in
+    ``sums`` (e.g. the target logit, picked by a compare with the labels). XLA's GPU and
+    TPU emitters turn it into one kernel that reads ``x`` once, where a max pass and then
+    a sum-of-exponentials pass read it twice; half-precision ``x`` is converted inside the
+    kernel, never stored as float32.
+
+    Same values as :func:`_two_pass_exponentials`: the shift is the row max clipped to the
+    finite floats (constant under autodiff), ``log_sum = log Σ exp(x - shift)`` is ``-inf``
+    on empty rows and ``+inf`` on rows holding ``+inf``. ``log_sum`` is differentiable
+    (see :func:`_online_stats`), for ``grad`` of ``grad`` and ``jax.hessian``.
+    """
+    xm = mask(x, where, -jnp.inf)
+    dtype = xm.dtype
+    operands = (xm, jnp.ones_like(xm), *(jnp.asarray(v, dtype) for v in sums))
+    top, total, *row_sums = _online_stats(*operands)
+    if axis_name is not None:
+        global_top = lax.pmax(top, axis_name)
+        local_gap = jnp.where(top == global_top, jnp.zeros_like(top), top - global_top)
+        total = lax.psum(total * jnp.exp(local_gap), axis_name)
+        top = global_top
+    finfo = jnp.finfo(dtype)
+    shift = lax.stop_gradient(jnp.clip(top, finfo.min, finfo.max))
+    # total · exp(top - shift) = Σ exp(x - shift): 0 on an empty row (top = -inf), +inf on
+    # one holding +inf. top keeps its gradient and shift does not, so that d log_sum / dx
+    # is the softmax (the derivative of the running sum alone would lack the max's part).
+    total = total * jnp.exp(top - shift)
+    norm = Normaliser(shift[..., None], jnp.log(total)[..., None])
+    return norm, safe_reciprocal(total)[..., None], row_sums
 
 
 def exponentials_residual(logits: jax.Array, e: jax.Array) -> jax.Array:

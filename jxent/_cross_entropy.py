@@ -162,6 +162,42 @@ def _neg_log_probs(x: jax.Array, lse_hi: jax.Array, lse_lo: jax.Array) -> jax.Ar
     return (lse_hi - x) + lse_lo
 
 
+def _gather_then_normalise(
+    logits: jax.Array, where: jax.Array | None, targets: lb.Targets, axis_name: Hashable | None
+) -> tuple[jax.Array, jax.Array, c.Normaliser, jax.Array]:
+    """CPU: the target logit by a gather, then :func:`~jxent._common.exponentials`.
+
+    The gather reads the half-precision logits and converts one value per row. Its
+    result also orders the gather before any pass that may overwrite the logits'
+    buffer (``read_first``, see :func:`~jxent._common.row_shift`).
+    """
+    x_y = lb.take(logits, targets.local, targets.in_shard, axis_name)
+    x_y = x_y.astype(c.compute_dtype(logits.dtype))
+    active_x_y = jnp.where(targets.active, x_y, jnp.full_like(x_y, -jnp.inf))
+    x = logits.astype(x_y.dtype)
+    e, norm, inverse = c.exponentials(x, where, axis_name, read_first=active_x_y)
+    return x_y, e, norm, inverse
+
+
+def _normalise_and_pick(
+    logits: jax.Array, where: jax.Array | None, targets: lb.Targets, axis_name: Hashable | None
+) -> tuple[jax.Array, jax.Array, c.Normaliser, jax.Array]:
+    """GPU / TPU: the normaliser and the target logit in one pass over the logits.
+
+    The target logit is a third sum of the online reduction (the logit where the class
+    id equals the label, else 0): one kernel reads the logits once, where a gather
+    fused into another elementwise kernel would count as a second read of the whole
+    array (and, on TPU, made XLA store a float32 copy of bf16 logits).
+    """
+    x = logits.astype(c.compute_dtype(logits.dtype))
+    is_target = _target_mask(targets, x.shape[-1]) & targets.in_shard[..., None]
+    picked = jnp.where(is_target, x, jnp.zeros_like(x))
+    norm, inverse, (x_y,) = c.online_normaliser(x, where, axis_name, sums=(picked,))
+    x_y = c.psum_over(x_y, axis_name)
+    e = jnp.exp(c.mask(x, where, -jnp.inf) - norm.shift)  # unused: the residual is the logits
+    return x_y, e, norm, inverse
+
+
 def _integer_ce_fwd(
     logits: jax.Array,
     labels: jax.Array,
@@ -171,14 +207,15 @@ def _integer_ce_fwd(
 ) -> tuple[tuple[jax.Array, jax.Array], tuple[Any, ...]]:
     dtype = c.compute_dtype(logits.dtype)
     num_local = logits.shape[-1]
-    x = logits.astype(dtype)
     targets = _resolve_targets(
         labels, where, weights, cfg.ignore_index, cfg.axis_name, dtype, num_local
     )
-    # Only O(batch) values: the target's -log p from the gathered logit, no log-softmax array.
-    x_y = lb.take(x, targets.local, targets.in_shard, cfg.axis_name)
-    active_x_y = jnp.where(targets.active, x_y, jnp.full_like(x_y, -jnp.inf))
-    e, norm, inverse = c.exponentials(x, where, cfg.axis_name, read_first=active_x_y)
+    # Only O(batch) values: the target's -log p from the target logit, no log-softmax array.
+    x_y, e, norm, inverse = c.on_cpu(
+        lambda: _gather_then_normalise(logits, where, targets, cfg.axis_name),
+        lambda: _normalise_and_pick(logits, where, targets, cfg.axis_name),
+    )
+    x = logits.astype(dtype)
     eps = cfg.label_smoothing
     target_nll = norm.log_sum[..., 0] + (norm.shift[..., 0] - x_y)
     loss = (1.0 - eps) * c.weighted(targets.weight, target_nll)
@@ -437,7 +474,9 @@ def _nll_fwd(
     targets = _resolve_targets(
         labels, where, weights, cfg.ignore_index, cfg.axis_name, dtype, num_local
     )
-    lp_y = lb.take(log_probs.astype(dtype), targets.local, targets.in_shard, cfg.axis_name)
+    # Gather, then convert one value per row: converting first made XLA:TPU store a float32
+    # copy of bfloat16 log-probabilities (1,000 MiB of temporaries at 8192 x 32000).
+    lp_y = lb.take(log_probs, targets.local, targets.in_shard, cfg.axis_name).astype(dtype)
     loss = jnp.where(targets.active, -targets.weight * lp_y, jnp.zeros_like(lp_y))
     loss = lb.nan_where_bad(targets, loss)
     return (loss, targets.weight), (log_probs, weights, targets, lp_y)

@@ -121,15 +121,18 @@ def _lowered(name, classes, platform):
 
 @pytest.mark.parametrize("name", LOSSES)
 @pytest.mark.parametrize("classes", [65536, 50257])
-def test_long_rows_are_blocked_on_cpu_only(name, classes):
+def test_long_rows_are_blocked_on_cpu_and_gpu_not_tpu(name, classes):
     """CPU reduces long rows in blocks behind an optimization barrier (also for vocabularies
-    that are not a multiple of 8192: 50257 = 29 x 1733); CUDA and TPU get the plain
-    max / exp / sum that their emitters fuse, with no barrier."""
+    that are not a multiple of 8192: 50257 = 29 x 1733); CUDA too, in blocks of at most
+    16384 (see docs/accelerator_kernels.md); TPU gets whole-row reductions, no barrier."""
     if name in ("binary_ce", "kl", "kl_log"):
         pytest.skip("no reduction over classes in its kernel")
     assert "optimization_barrier" in _lowered(name, classes, "cpu")
-    for platform in ("cuda", "tpu"):
-        assert "optimization_barrier" not in _lowered(name, classes, platform)
+    if name not in ("logsumexp", "cross_entropy"):
+        # (Their only class reduction is the online normaliser: blocked by a reshape, with
+        # no barrier, since XLA does not merge a custom reduction's two levels.)
+        assert "optimization_barrier" in _lowered(name, classes, "cuda")
+    assert "optimization_barrier" not in _lowered(name, classes, "tpu")
 
 
 @pytest.mark.parametrize("name", ["cross_entropy", "integer_ce_options"])
