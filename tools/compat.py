@@ -39,6 +39,7 @@ HOME = ROOT / ".compat"
 # The library's own tests: every tests/test_*.py is listed here or in NOT_LIBRARY, so a new
 # test file fails this tool until it is placed (see check_every_test_file_is_placed).
 LIBRARY_TESTS = (
+    "test_accelerator_paths.py",
     "test_binary.py",
     "test_cross_entropy.py",
     "test_degenerate.py",
@@ -56,6 +57,7 @@ LIBRARY_TESTS = (
     "test_typed_api.py",
 )
 NOT_LIBRARY = (  # experiments, data, benchmarks, README, packaging: run at the lock only
+    "test_aot.py",
     "test_benchmarks.py",
     "test_brown_data.py",
     "test_brown_lm.py",
@@ -63,6 +65,7 @@ NOT_LIBRARY = (  # experiments, data, benchmarks, README, packaging: run at the 
     "test_experiments.py",
     "test_kill_resume.py",
     "test_mnist_data.py",
+    "test_multiprocess.py",
     "test_readme.py",
 )
 # What the library tests import (optax and scipy as references, flatbuffers for jax.export,
