@@ -549,6 +549,20 @@ def ops_in(suite: str) -> tuple[str, ...]:
     return tuple(c.op for c in CASES if suite in c.suites)
 
 
+def ops_help() -> str:
+    """Every op with the loss it times, for a harness's ``--ops`` help."""
+    return "; ".join(f"{c.op} = {c.summary}" for c in CASES)
+
+
+def parse_ops(text: str) -> list[str]:
+    """The ops of a comma list such as ``--ops ce_int,fused``; unknown ones raise."""
+    ops = [op for op in text.split(",") if op]
+    unknown = sorted(set(ops) - set(OPS))
+    if unknown:
+        raise ValueError(f"unknown ops {unknown} in --ops {text!r}; expected a subset of {OPS}")
+    return ops
+
+
 def case(op: str) -> Case:
     try:
         return BY_OP[op]
