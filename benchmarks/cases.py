@@ -16,7 +16,8 @@ A case is everything the harnesses need to know about one op, in one entry of ``
 * ``floor``: the fewest bytes for the compiled-for-accelerators report (``aot.py``) when it
   differs from ``traffic`` (the fused loss, whose traffic is not logits-sized);
 * ``suites``: which harnesses run the case (``cpu`` = run.py, ``device`` = device_check.py,
-  ``aot`` = aot.py); the binary CE, KL and NLL are compiled by ``aot.py`` only so far.
+  ``aot`` = aot.py); the binary CE, the KLs and the NLL are compiled by ``aot.py`` only so
+  far.
 
 Adding an op is adding one ``Case`` to ``CASES``.
 """
@@ -198,6 +199,14 @@ def log_probabilities_and_probabilities(
     log_p = jax.nn.log_softmax(_logits(k1, shape, jnp.float32)).astype(dtype)
     targets = jax.nn.softmax(jax.random.normal(k2, shape, jnp.float32)).astype(dtype)
     return log_p, targets
+
+
+def log_probabilities_pair(shape: Shape, dtype: Any, seed: int = 0) -> tuple[Array, ...]:
+    """Log-predictions and log-targets, both normalised rows."""
+    k1, k2, _ = _keys(seed)
+    log_p = jax.nn.log_softmax(_logits(k1, shape, jnp.float32)).astype(dtype)
+    log_t = jax.nn.log_softmax(jax.random.normal(k2, shape, jnp.float32)).astype(dtype)
+    return log_p, log_t
 
 
 def log_probabilities_and_labels(shape: Shape, dtype: Any, seed: int = 0) -> tuple[Array, ...]:
@@ -409,6 +418,14 @@ def _kl_candidates() -> dict[str, Callable[..., Array]]:
     return {"jxent": jxent.kl_divergence, "optax": optax.kl_divergence}
 
 
+def _kl_log_candidates() -> dict[str, Callable[..., Array]]:
+    # optax exports it from optax.losses only (0.2.8).
+    return {
+        "jxent": jxent.kl_divergence_with_log_targets,
+        "optax": optax.losses.kl_divergence_with_log_targets,
+    }
+
+
 def _nll_candidates() -> dict[str, Callable[..., Array]]:
     # optax has no NLL of log-probabilities; the reference is the plain gather.
     def gather(log_probs: Array, labels: Array) -> Array:
@@ -424,6 +441,10 @@ def binary_ce64(x: np.ndarray, labels: np.ndarray) -> np.ndarray:
 def kl64(log_p: np.ndarray, targets: np.ndarray) -> np.ndarray:
     safe = np.where(targets > 0, targets, 1.0)
     return np.sum(np.where(targets > 0, targets * (np.log(safe) - log_p), 0.0), axis=-1)
+
+
+def kl_log64(log_p: np.ndarray, log_t: np.ndarray) -> np.ndarray:
+    return np.sum(np.exp(log_t) * (log_t - log_p), axis=-1)
 
 
 def nll64(log_p: np.ndarray, labels: np.ndarray) -> np.ndarray:
@@ -522,6 +543,19 @@ CASES: tuple[Case, ...] = (
         op_args=2,
         modes=MODES,
         float64=kl64,
+        traffic=logits_passes(2, 3),  # read both distributions, write the gradient
+        suites=("aot",),
+    ),
+    Case(
+        op="kl_log",
+        summary="mean(KL(exp(log_targets) || exp(log_predictions)))",
+        candidates=_kl_log_candidates,
+        reference="optax",
+        inputs=log_probabilities_pair,
+        objective=mean_objective,
+        op_args=2,
+        modes=MODES,
+        float64=kl_log64,
         traffic=logits_passes(2, 3),  # read both distributions, write the gradient
         suites=("aot",),
     ),
