@@ -666,9 +666,7 @@ def write_plot(records: Sequence[AotRecord], path: str, date: str) -> None:
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--targets", default=",".join(TARGETS), help=f"comma list from {list(TARGETS)}")
-    p.add_argument(
-        "--ops", default=",".join(cases.ops_in("aot")), help=f"comma list from: {cases.ops_help()}"
-    )
+    cases.add_ops_argument(p, "aot")
     p.add_argument("--dtypes", default=",".join(DTYPES))
     p.add_argument("--modes", default=",".join(MODES), help="fwd+bwd, fwd, donated")
     p.add_argument("--shapes", default=None, help="NxC list (default 8192x32000 .. 4096x256000)")
@@ -710,10 +708,6 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     bad = set(args.targets) - set(TARGETS)
     if bad:
         p.error(f"unknown targets {sorted(bad)} in --targets; expected a subset of {list(TARGETS)}")
-    try:
-        args.ops = cases.parse_ops(args.ops)
-    except ValueError as e:
-        p.error(str(e))
     args.dtypes = [d for d in args.dtypes.split(",") if d]
     bad = set(args.dtypes) - set(DTYPES)
     if bad:

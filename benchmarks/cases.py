@@ -24,6 +24,7 @@ Adding an op is adding one ``Case`` to ``CASES``.
 
 from __future__ import annotations
 
+import argparse
 import dataclasses
 import math
 from collections.abc import Callable, Sequence
@@ -434,6 +435,12 @@ def _nll_candidates() -> dict[str, Callable[..., Array]]:
     return {"jxent": jxent.nll_loss, "gather": gather}
 
 
+def _loss(**fields: Any) -> Case:
+    """A loss of two arguments (predictions, then targets or labels), timed as its batch
+    mean, in every mode."""
+    return Case(objective=mean_objective, op_args=2, modes=MODES, **fields)
+
+
 def binary_ce64(x: np.ndarray, labels: np.ndarray) -> np.ndarray:
     return np.maximum(x, 0) - x * labels + np.log1p(np.exp(-np.abs(x)))
 
@@ -470,29 +477,23 @@ CASES: tuple[Case, ...] = (
         log_softmax64,
         accuracy_target=False,  # (its error is in the table; the target was set on the two above)
     ),
-    Case(
+    _loss(
         op="ce_int",
         summary="mean(CE(logits, integer labels))",
         candidates=_integer_ce_candidates,
         reference="optax",
         inputs=logits_and_labels,
-        objective=mean_objective,
-        op_args=2,
-        modes=MODES,
         float64=integer_ce64,
         traffic=logits_passes(1, 2),
         targets=_CE_CPU_TARGETS,
         device_targets=_CE_DEVICE_TARGETS,
     ),
-    Case(
+    _loss(
         op="ce_dense",
         summary="mean(CE(logits, probabilities))",
         candidates=_dense_ce_candidates,
         reference="optax",
         inputs=logits_and_probabilities,
-        objective=mean_objective,
-        op_args=2,
-        modes=MODES,
         float64=dense_ce64,
         # The targets are logits-sized too: read logits and targets, write the gradient.
         traffic=logits_passes(2, 3),
@@ -520,54 +521,42 @@ CASES: tuple[Case, ...] = (
         ),
     ),
     # Compiled for accelerators only so far (aot.py): no CPU or device targets yet.
-    Case(
+    _loss(
         op="bce",
         summary="mean(sigmoid binary CE(logits, {0, 1} labels of the logits' shape))",
         candidates=_binary_ce_candidates,
         reference="optax",
         inputs=logits_and_binary_labels,
-        objective=mean_objective,
-        op_args=2,
-        modes=MODES,
         float64=binary_ce64,
         traffic=logits_passes(2, 3),  # read logits and labels, write the gradient
         suites=("aot",),
     ),
-    Case(
+    _loss(
         op="kl",
         summary="mean(KL(targets || exp(log_predictions)))",
         candidates=_kl_candidates,
         reference="optax",
         inputs=log_probabilities_and_probabilities,
-        objective=mean_objective,
-        op_args=2,
-        modes=MODES,
         float64=kl64,
         traffic=logits_passes(2, 3),  # read both distributions, write the gradient
         suites=("aot",),
     ),
-    Case(
+    _loss(
         op="kl_log",
         summary="mean(KL(exp(log_targets) || exp(log_predictions)))",
         candidates=_kl_log_candidates,
         reference="optax",
         inputs=log_probabilities_pair,
-        objective=mean_objective,
-        op_args=2,
-        modes=MODES,
         float64=kl_log64,
         traffic=logits_passes(2, 3),  # read both distributions, write the gradient
         suites=("aot",),
     ),
-    Case(
+    _loss(
         op="nll",
         summary="mean(NLL(log-probabilities, integer labels))",
         candidates=_nll_candidates,
         reference="gather",
         inputs=log_probabilities_and_labels,
-        objective=mean_objective,
-        op_args=2,
-        modes=MODES,
         float64=nll64,
         traffic=label_gather_traffic,
         suites=("aot",),
@@ -583,18 +572,25 @@ def ops_in(suite: str) -> tuple[str, ...]:
     return tuple(c.op for c in CASES if suite in c.suites)
 
 
-def ops_help() -> str:
-    """Every op with the loss it times, for a harness's ``--ops`` help."""
-    return "; ".join(f"{c.op} = {c.summary}" for c in CASES)
-
-
 def parse_ops(text: str) -> list[str]:
     """The ops of a comma list such as ``--ops ce_int,fused``; unknown ones raise."""
     ops = [op for op in text.split(",") if op]
     unknown = sorted(set(ops) - set(OPS))
     if unknown:
-        raise ValueError(f"unknown ops {unknown} in --ops {text!r}; expected a subset of {OPS}")
+        raise argparse.ArgumentTypeError(
+            f"unknown ops {unknown} in {text!r}; expected a subset of {OPS}"
+        )
     return ops
+
+
+def add_ops_argument(parser: argparse.ArgumentParser, suite: str) -> None:
+    """``--ops``: a comma list of the registry's ops, by default those ``suite`` runs."""
+    parser.add_argument(
+        "--ops",
+        type=parse_ops,
+        default=",".join(ops_in(suite)),
+        help="comma list from: " + "; ".join(f"{c.op} = {c.summary}" for c in CASES),
+    )
 
 
 def case(op: str) -> Case:

@@ -84,11 +84,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p.add_argument("--test-workers", type=int, default=6, help="pytest-xdist workers for the tests")
     p.add_argument("--skip-tests", action="store_true", help="benchmarks only")
     p.add_argument("--allow-cpu", action="store_true", help="full shapes on a CPU backend")
-    p.add_argument(
-        "--ops",
-        default=",".join(cases.ops_in("device")),
-        help=f"comma list from: {cases.ops_help()}",
-    )
+    cases.add_ops_argument(p, "device")
     p.add_argument(
         "--dtypes", default=",".join(device_measure.DTYPES), help="comma list for the 2-D cases"
     )
@@ -110,10 +106,6 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         help="aot.py target to compare with (default: from the device kind: h100 or v5e)",
     )
     args = p.parse_args(argv)
-    try:
-        args.ops = cases.parse_ops(args.ops)
-    except ValueError as e:
-        p.error(str(e))
     args.dtypes = [d for d in args.dtypes.split(",") if d]
     for dtype in args.dtypes:
         try:

@@ -153,9 +153,7 @@ def write_plot(records: list[Record], path: str) -> None:
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     donatable = [c.op for c in cases.CASES if "donated" in c.modes]
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument(
-        "--ops", default=",".join(cases.ops_in("cpu")), help=f"comma list from: {cases.ops_help()}"
-    )
+    cases.add_ops_argument(p, "cpu")
     p.add_argument("--shapes", default=None, help="comma list of NxC, e.g. 128x10,4096x1000")
     p.add_argument("--modes", default="fwd+bwd,fwd,donated", help="fwd+bwd, fwd, donated")
     p.add_argument("--donate-ops", default=",".join(donatable), help="ops timed donated")
@@ -176,10 +174,6 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     )
     p.add_argument("--no-plot", action="store_true", help="skip results.png")
     args = p.parse_args(argv)
-    try:
-        args.ops = cases.parse_ops(args.ops)
-    except ValueError as e:
-        p.error(str(e))
     args.modes = [m for m in args.modes.split(",") if m]
     if set(args.modes) - set(cases.MODES):
         p.error(f"unknown modes in {args.modes}; expected a subset of {cases.MODES}")
