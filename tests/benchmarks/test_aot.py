@@ -304,7 +304,7 @@ LOOP
 
 def test_make_aot_writes_json_table_and_plot_labelled_compiled_not_run(aot, tmp_path):
     argv = ["--targets=cpu,h100", "--ops=ce_int", "--dtypes=float32", "--modes=fwd+bwd,donated"]
-    argv += ["--shapes=64x256", f"--out={tmp_path}"]
+    argv += ["--shapes=64x256", f"--out={tmp_path}", f"--dump-hlo={tmp_path / 'hlo'}"]
     assert aot.main(argv) == 0
     result = json.loads((tmp_path / "aot.json").read_text())
     assert result["label"] == "compiled, not run"
@@ -326,3 +326,6 @@ def test_make_aot_writes_json_table_and_plot_labelled_compiled_not_run(aot, tmp_
     assert "compiled, not run" in table.lower()
     assert re.search(r"\| h100 \| ce_int \| 64x256 \| float32 \| fwd\+bwd \| jxent \|", table)
     assert (tmp_path / "aot.png").stat().st_size > 0
+    dumped = sorted(p.name for p in (tmp_path / "hlo").iterdir())
+    assert len(dumped) == len(records) and "h100_ce_int_64x256_float32_fwdbwd_jxent.hlo" in dumped
+    assert "ENTRY" in (tmp_path / "hlo" / dumped[0]).read_text()

@@ -103,3 +103,8 @@ def test_junit_outcomes_keep_the_worst_report_of_a_test(tmp_path):
         "tests.test_a::test_y": "failed",
         "tests.test_a::test_z": "skipped",
     }
+
+
+def test_the_folders_tests_carry_the_benchmarks_marker(request):
+    # Applied by tests/benchmarks/conftest.py, so that `-m benchmarks` selects this folder.
+    assert request.node.get_closest_marker("benchmarks") is not None
