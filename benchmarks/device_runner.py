@@ -8,6 +8,7 @@ wherever the test modules live; the outcomes are read from pytest's JUnit XML re
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import subprocess
@@ -65,18 +66,20 @@ def pytest_command(
 
 def _wait(child: subprocess.Popen[bytes], timeout_s: float) -> tuple[int | None, bool]:
     """(exit status or None, timed out). On a timeout pytest is interrupted first, so that it
-    writes the report of the tests it finished; its process group (the xdist workers, which
-    hold the device) is killed if it does not stop."""
+    writes the report of the tests it finished; then its process group (with the xdist
+    workers, which hold the device) is killed."""
     try:
         return child.wait(timeout=max(timeout_s, 1.0)), False
     except subprocess.TimeoutExpired:
         pass
     os.killpg(child.pid, signal.SIGINT)
-    try:
+    with contextlib.suppress(subprocess.TimeoutExpired):
         child.wait(timeout=INTERRUPT_GRACE_S)
-    except subprocess.TimeoutExpired:
+    # Whatever of the group is left (pytest itself, or a worker that outlived it) goes; none
+    # left is a ProcessLookupError.
+    with contextlib.suppress(ProcessLookupError):
         os.killpg(child.pid, signal.SIGKILL)
-        child.wait()
+    child.wait()
     return None, True
 
 
