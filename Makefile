@@ -62,9 +62,10 @@ docs-check: docs
 test: lint package-check docs test-aot compat-ci
 	$(BIN)/python -m pytest -n 2 -m "not aot" $(ARGS)
 
-# tests/test_aot.py: compiled-for-H100 / TPU v5e properties, in .venv-aot (a minute or two).
+# tests/benchmarks/test_aot.py: compiled-for-H100 / TPU v5e properties, in .venv-aot (a
+# minute or two).
 test-aot: $(AOT_STAMP)
-	$(AOT_ENV) $(AOT_BIN)/python -m pytest -m aot tests/test_aot.py $(AOT_ARGS)
+	$(AOT_ENV) $(AOT_BIN)/python -m pytest -m aot tests/benchmarks/test_aot.py $(AOT_ARGS)
 
 # The library test suite in separate virtual environments under .compat/ (created once and
 # reused; see tools/compat.py and docs/compatibility.md): every supported Python x JAX pair,

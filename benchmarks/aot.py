@@ -68,7 +68,15 @@ if _REPO_ROOT not in sys.path:
     sys.path.insert(0, _REPO_ROOT)
 
 from benchmarks import cases  # noqa: E402
-from benchmarks.measure import compiled_memory, environment, jitted, short_error  # noqa: E402
+from benchmarks.measure import (  # noqa: E402
+    compiled_memory,
+    copies_first_parameter,
+    environment,
+    jitted,
+    parse_shapes,
+    shape_label,
+    short_error,
+)
 
 TARGETS_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "targets")
 SHAPES = ((8192, 32000), (8192, 128256), (4096, 256000))
@@ -309,12 +317,6 @@ def cost_of(compiled: Any) -> tuple[dict[str, float], str]:
     return dict(_jax.hlo_module_cost_analysis(_cpu_client(), module)), "hlo_module_cost_analysis"
 
 
-def _copies_first_input(text: str) -> bool:
-    entry = text[text.find("ENTRY") :]
-    match = re.search(r"%(\S+) = \S+ parameter\(0\)", entry)
-    return bool(match) and re.search(rf"copy\(%{re.escape(match.group(1))}\)", entry) is not None
-
-
 def compile_one(
     target: Target,
     case: cases.Case,
@@ -323,7 +325,9 @@ def compile_one(
     mode: str,
     candidate: str,
     loss: cases.LossFn,
+    dump_hlo: str | None = None,
 ) -> AotRecord:
+    """One candidate compiled for ``target``; ``dump_hlo`` a folder for its optimised HLO."""
     rec = AotRecord(
         target.name, case.op, list(shape), dtype, mode, candidate, case.reference, target.devices
     )
@@ -349,6 +353,8 @@ def compile_one(
     except Exception as e:
         rec.note = f"cost analysis failed: {short_error(e)}"
     text = compiled.as_text()
+    if dump_hlo:
+        write_hlo(dump_hlo, rec, text)
     structure = hlo_structure(text)
     rec.kernels, rec.fusions, rec.loops = (
         structure["kernels"],
@@ -358,13 +364,25 @@ def compile_one(
     if rec.loops:
         rec.note = f"{rec.note} {LOOP_NOTE}".strip()
     if mode == "donated":
-        rec.copies_first_input = _copies_first_input(text)
+        rec.copies_first_input = copies_first_parameter(text)
     floor = case.floor_bytes(shape, jnp.dtype(dtype).itemsize, mode)
     if floor:
         rec.floor_bytes = floor // target.devices
         if rec.bytes_accessed is not None:
             rec.floor_ratio = rec.bytes_accessed / rec.floor_bytes
     return rec
+
+
+def write_hlo(folder: str, rec: AotRecord, text: str) -> str:
+    """Writes the optimised HLO to ``folder/<target>_<op>_<shape>_<dtype>_<mode>_<who>.hlo``."""
+    os.makedirs(folder, exist_ok=True)
+    shape = "x".join(map(str, rec.shape))
+    mode = rec.mode.replace("+", "")
+    name = f"{rec.target}_{rec.op}_{shape}_{rec.dtype}_{mode}_{rec.candidate}.hlo"
+    path = os.path.join(folder, name)
+    with open(path, "w") as f:
+        f.write(text)
+    return path
 
 
 def fill_ratios(records: Sequence[AotRecord]) -> None:
@@ -398,6 +416,7 @@ class Plan:
     fused_shapes: list[tuple[int, ...]]
     candidates: list[str] | None = None
     multi_device_shapes: int = 1  # the first n shapes only on multi-device targets
+    dump_hlo: str | None = None  # a folder for every compiled module's optimised HLO
 
 
 def units(plan: Plan) -> list[tuple[Target, cases.Case, tuple[int, ...], str, str]]:
@@ -422,7 +441,7 @@ def compile_plan(plan: Plan, log: Any = print) -> list[AotRecord]:
     start = time.perf_counter()
     for i, (target, case, shape, dtype, mode) in enumerate(todo):
         for candidate, loss in case.losses(plan.candidates).items():
-            rec = compile_one(target, case, shape, dtype, mode, candidate, loss)
+            rec = compile_one(target, case, shape, dtype, mode, candidate, loss, plan.dump_hlo)
             records.append(rec)
         fill_ratios(records[-len(case.losses(plan.candidates)) :])
         if log is not None:
@@ -439,12 +458,6 @@ def compile_plan(plan: Plan, log: Any = print) -> list[AotRecord]:
 # --------------------------------------------------------------------------------------------
 # Output
 # --------------------------------------------------------------------------------------------
-
-
-def shape_label(shape: Sequence[int]) -> str:
-    if len(shape) == 3:
-        return "N={} D={} V={}".format(*shape)
-    return "x".join(map(str, shape))
 
 
 def _mib(value: float | None) -> str:
@@ -650,20 +663,10 @@ def write_plot(records: Sequence[AotRecord], path: str, date: str) -> None:
 # --------------------------------------------------------------------------------------------
 
 
-def _parse_shapes(text: str, rank: int) -> list[tuple[int, ...]]:
-    shapes = []
-    for item in text.split(","):
-        dims = tuple(int(s) for s in item.lower().split("x"))
-        if len(dims) != rank:
-            raise argparse.ArgumentTypeError(f"shape {item!r} should have {rank} dims")
-        shapes.append(dims)
-    return shapes
-
-
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--targets", default=",".join(TARGETS), help=f"comma list from {list(TARGETS)}")
-    p.add_argument("--ops", default=",".join(cases.ops_in("aot")), help="comma list of ops")
+    cases.add_ops_argument(p, "aot")
     p.add_argument("--dtypes", default=",".join(DTYPES))
     p.add_argument("--modes", default=",".join(MODES), help="fwd+bwd, fwd, donated")
     p.add_argument("--shapes", default=None, help="NxC list (default 8192x32000 .. 4096x256000)")
@@ -683,6 +686,12 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p.add_argument("--out", default=os.path.join(_REPO_ROOT, "docs", "bench"))
     p.add_argument("--no-plot", action="store_true")
     p.add_argument(
+        "--dump-hlo",
+        default=None,
+        metavar="DIR",
+        help="write each compiled module's optimised HLO to DIR (to read what a kernel became)",
+    )
+    p.add_argument(
         "--render-only",
         action="store_true",
         help="rewrite aot.md and aot.png from the aot.json in --out; compile nothing",
@@ -699,10 +708,6 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     bad = set(args.targets) - set(TARGETS)
     if bad:
         p.error(f"unknown targets {sorted(bad)} in --targets; expected a subset of {list(TARGETS)}")
-    args.ops = [o for o in args.ops.split(",") if o]
-    bad = set(args.ops) - set(cases.OPS)
-    if bad:
-        p.error(f"unknown ops {sorted(bad)} in --ops; expected a subset of {cases.OPS}")
     args.dtypes = [d for d in args.dtypes.split(",") if d]
     bad = set(args.dtypes) - set(DTYPES)
     if bad:
@@ -712,12 +717,12 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     if bad:
         p.error(f"unknown modes {sorted(bad)} in --modes; expected a subset of {MODES}")
     args.shapes = (
-        _parse_shapes(args.shapes, 2)
+        parse_shapes(args.shapes, 2)
         if args.shapes
         else list(QUICK_SHAPES if args.quick else SHAPES)
     )
     args.fused_shapes = (
-        _parse_shapes(args.fused_shapes, 3)
+        parse_shapes(args.fused_shapes, 3)
         if args.fused_shapes
         else list(QUICK_FUSED_SHAPES if args.quick else FUSED_SHAPES)
     )
@@ -796,6 +801,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         fused_shapes=args.fused_shapes,
         candidates=args.candidates,
         multi_device_shapes=args.multi_device_shapes,
+        dump_hlo=args.dump_hlo,
     )
     start = time.perf_counter()
     records = compile_plan(plan)

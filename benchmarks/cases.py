@@ -16,13 +16,15 @@ A case is everything the harnesses need to know about one op, in one entry of ``
 * ``floor``: the fewest bytes for the compiled-for-accelerators report (``aot.py``) when it
   differs from ``traffic`` (the fused loss, whose traffic is not logits-sized);
 * ``suites``: which harnesses run the case (``cpu`` = run.py, ``device`` = device_check.py,
-  ``aot`` = aot.py); the binary CE, KL and NLL are compiled by ``aot.py`` only so far.
+  ``aot`` = aot.py); the binary CE, the KLs and the NLL are compiled by ``aot.py`` only so
+  far.
 
 Adding an op is adding one ``Case`` to ``CASES``.
 """
 
 from __future__ import annotations
 
+import argparse
 import dataclasses
 import math
 from collections.abc import Callable, Sequence
@@ -198,6 +200,14 @@ def log_probabilities_and_probabilities(
     log_p = jax.nn.log_softmax(_logits(k1, shape, jnp.float32)).astype(dtype)
     targets = jax.nn.softmax(jax.random.normal(k2, shape, jnp.float32)).astype(dtype)
     return log_p, targets
+
+
+def log_probabilities_pair(shape: Shape, dtype: Any, seed: int = 0) -> tuple[Array, ...]:
+    """Log-predictions and log-targets, both normalised rows."""
+    k1, k2, _ = _keys(seed)
+    log_p = jax.nn.log_softmax(_logits(k1, shape, jnp.float32)).astype(dtype)
+    log_t = jax.nn.log_softmax(jax.random.normal(k2, shape, jnp.float32)).astype(dtype)
+    return log_p, log_t
 
 
 def log_probabilities_and_labels(shape: Shape, dtype: Any, seed: int = 0) -> tuple[Array, ...]:
@@ -409,12 +419,26 @@ def _kl_candidates() -> dict[str, Callable[..., Array]]:
     return {"jxent": jxent.kl_divergence, "optax": optax.kl_divergence}
 
 
+def _kl_log_candidates() -> dict[str, Callable[..., Array]]:
+    # optax exports it from optax.losses only (0.2.8).
+    return {
+        "jxent": jxent.kl_divergence_with_log_targets,
+        "optax": optax.losses.kl_divergence_with_log_targets,
+    }
+
+
 def _nll_candidates() -> dict[str, Callable[..., Array]]:
     # optax has no NLL of log-probabilities; the reference is the plain gather.
     def gather(log_probs: Array, labels: Array) -> Array:
         return -jnp.take_along_axis(log_probs, labels[:, None], axis=-1)[:, 0]
 
     return {"jxent": jxent.nll_loss, "gather": gather}
+
+
+def _loss(**fields: Any) -> Case:
+    """A loss of two arguments (predictions, then targets or labels), timed as its batch
+    mean, in every mode."""
+    return Case(objective=mean_objective, op_args=2, modes=MODES, **fields)
 
 
 def binary_ce64(x: np.ndarray, labels: np.ndarray) -> np.ndarray:
@@ -424,6 +448,10 @@ def binary_ce64(x: np.ndarray, labels: np.ndarray) -> np.ndarray:
 def kl64(log_p: np.ndarray, targets: np.ndarray) -> np.ndarray:
     safe = np.where(targets > 0, targets, 1.0)
     return np.sum(np.where(targets > 0, targets * (np.log(safe) - log_p), 0.0), axis=-1)
+
+
+def kl_log64(log_p: np.ndarray, log_t: np.ndarray) -> np.ndarray:
+    return np.sum(np.exp(log_t) * (log_t - log_p), axis=-1)
 
 
 def nll64(log_p: np.ndarray, labels: np.ndarray) -> np.ndarray:
@@ -449,29 +477,23 @@ CASES: tuple[Case, ...] = (
         log_softmax64,
         accuracy_target=False,  # (its error is in the table; the target was set on the two above)
     ),
-    Case(
+    _loss(
         op="ce_int",
         summary="mean(CE(logits, integer labels))",
         candidates=_integer_ce_candidates,
         reference="optax",
         inputs=logits_and_labels,
-        objective=mean_objective,
-        op_args=2,
-        modes=MODES,
         float64=integer_ce64,
         traffic=logits_passes(1, 2),
         targets=_CE_CPU_TARGETS,
         device_targets=_CE_DEVICE_TARGETS,
     ),
-    Case(
+    _loss(
         op="ce_dense",
         summary="mean(CE(logits, probabilities))",
         candidates=_dense_ce_candidates,
         reference="optax",
         inputs=logits_and_probabilities,
-        objective=mean_objective,
-        op_args=2,
-        modes=MODES,
         float64=dense_ce64,
         # The targets are logits-sized too: read logits and targets, write the gradient.
         traffic=logits_passes(2, 3),
@@ -499,41 +521,42 @@ CASES: tuple[Case, ...] = (
         ),
     ),
     # Compiled for accelerators only so far (aot.py): no CPU or device targets yet.
-    Case(
+    _loss(
         op="bce",
         summary="mean(sigmoid binary CE(logits, {0, 1} labels of the logits' shape))",
         candidates=_binary_ce_candidates,
         reference="optax",
         inputs=logits_and_binary_labels,
-        objective=mean_objective,
-        op_args=2,
-        modes=MODES,
         float64=binary_ce64,
         traffic=logits_passes(2, 3),  # read logits and labels, write the gradient
         suites=("aot",),
     ),
-    Case(
+    _loss(
         op="kl",
         summary="mean(KL(targets || exp(log_predictions)))",
         candidates=_kl_candidates,
         reference="optax",
         inputs=log_probabilities_and_probabilities,
-        objective=mean_objective,
-        op_args=2,
-        modes=MODES,
         float64=kl64,
         traffic=logits_passes(2, 3),  # read both distributions, write the gradient
         suites=("aot",),
     ),
-    Case(
+    _loss(
+        op="kl_log",
+        summary="mean(KL(exp(log_targets) || exp(log_predictions)))",
+        candidates=_kl_log_candidates,
+        reference="optax",
+        inputs=log_probabilities_pair,
+        float64=kl_log64,
+        traffic=logits_passes(2, 3),  # read both distributions, write the gradient
+        suites=("aot",),
+    ),
+    _loss(
         op="nll",
         summary="mean(NLL(log-probabilities, integer labels))",
         candidates=_nll_candidates,
         reference="gather",
         inputs=log_probabilities_and_labels,
-        objective=mean_objective,
-        op_args=2,
-        modes=MODES,
         float64=nll64,
         traffic=label_gather_traffic,
         suites=("aot",),
@@ -547,6 +570,27 @@ OPS: tuple[str, ...] = tuple(BY_OP)
 def ops_in(suite: str) -> tuple[str, ...]:
     """The ops a harness runs by default (``cpu``, ``device`` or ``aot``)."""
     return tuple(c.op for c in CASES if suite in c.suites)
+
+
+def parse_ops(text: str) -> list[str]:
+    """The ops of a comma list such as ``--ops ce_int,fused``; unknown ones raise."""
+    ops = [op for op in text.split(",") if op]
+    unknown = sorted(set(ops) - set(OPS))
+    if unknown:
+        raise argparse.ArgumentTypeError(
+            f"unknown ops {unknown} in {text!r}; expected a subset of {OPS}"
+        )
+    return ops
+
+
+def add_ops_argument(parser: argparse.ArgumentParser, suite: str) -> None:
+    """``--ops``: a comma list of the registry's ops, by default those ``suite`` runs."""
+    parser.add_argument(
+        "--ops",
+        type=parse_ops,
+        default=",".join(ops_in(suite)),
+        help="comma list from: " + "; ".join(f"{c.op} = {c.summary}" for c in CASES),
+    )
 
 
 def case(op: str) -> Case:

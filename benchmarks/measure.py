@@ -11,6 +11,7 @@ case's reference candidate measured in the same run.
 
 from __future__ import annotations
 
+import argparse
 import dataclasses
 import datetime
 import gc
@@ -98,15 +99,20 @@ def compiled_memory(compiled: Any) -> dict[str, int | None]:
     }
 
 
+def copies_first_parameter(hlo_text: str) -> bool:
+    """Whether an optimised HLO module's entry copies its first parameter (for a donated
+    input: XLA could not order every read of it before the overwrite)."""
+    entry = hlo_text[hlo_text.find("ENTRY") :]
+    match = re.search(r"%(\S+) = \S+ parameter\(0\)", entry)
+    return bool(match) and re.search(rf"copy\(%{re.escape(match.group(1))}\)", entry) is not None
+
+
 def _copies_first_arg(compiled: Any) -> bool:
-    """Whether the optimised HLO copies the first parameter (a logits-sized ``copy``)."""
     try:
         text = compiled.as_text()
     except Exception:  # Not every backend can print its executable.
         return False
-    entry = text[text.find("ENTRY") :]
-    match = re.search(r"%(\S+) = \S+ parameter\(0\)", entry)
-    return bool(match) and re.search(rf"copy\(%{re.escape(match.group(1))}\)", entry) is not None
+    return copies_first_parameter(text)
 
 
 def _gradient_of_first_arg(out: Any) -> Array | None:
@@ -337,6 +343,23 @@ def add_accuracy(
 # --------------------------------------------------------------------------------------------
 # Targets and the table
 # --------------------------------------------------------------------------------------------
+
+
+def parse_shapes(text: str, rank: int) -> list[tuple[int, ...]]:
+    """Shapes from a command line's comma list: ``128x10,4096x1000`` (rank 2), ``NxDxV`` (3)."""
+    shapes = []
+    for item in text.split(","):
+        try:
+            dims = tuple(int(s) for s in item.lower().split("x"))
+        except ValueError:
+            dims = ()
+        if len(dims) != rank:
+            raise argparse.ArgumentTypeError(
+                f"shape {item!r} in {text!r} should be {rank} integers joined by x, like "
+                + "x".join(["4", "5", "6"][:rank])
+            )
+        shapes.append(dims)
+    return shapes
 
 
 def shape_label(shape: Sequence[int]) -> str:

@@ -61,6 +61,7 @@ from benchmarks.measure import (  # noqa: E402
     format_table,
     measure_memory_only,
     measure_mode,
+    parse_shapes,
 )
 
 DEFAULT_SHAPES = ((128, 10), (4096, 1000), (8192, 32000), cases.LONG_ROW_SHAPE)
@@ -149,25 +150,10 @@ def write_plot(records: list[Record], path: str) -> None:
 # --------------------------------------------------------------------------------------------
 
 
-def _parse_shapes(text: str, rank: int) -> list[tuple[int, ...]]:
-    shapes = []
-    for item in text.split(","):
-        dims = tuple(int(s) for s in item.lower().split("x"))
-        if len(dims) != rank:
-            raise argparse.ArgumentTypeError(f"shape {item!r} should have {rank} dims like 4x5")
-        shapes.append(dims)
-    return shapes
-
-
-_OPS_HELP = "; ".join(f"{c.op} = {c.summary}" for c in cases.CASES)
-
-
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     donatable = [c.op for c in cases.CASES if "donated" in c.modes]
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument(
-        "--ops", default=",".join(cases.ops_in("cpu")), help=f"comma list from: {_OPS_HELP}"
-    )
+    cases.add_ops_argument(p, "cpu")
     p.add_argument("--shapes", default=None, help="comma list of NxC, e.g. 128x10,4096x1000")
     p.add_argument("--modes", default="fwd+bwd,fwd,donated", help="fwd+bwd, fwd, donated")
     p.add_argument("--donate-ops", default=",".join(donatable), help="ops timed donated")
@@ -188,27 +174,23 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     )
     p.add_argument("--no-plot", action="store_true", help="skip results.png")
     args = p.parse_args(argv)
-    args.ops = [o for o in args.ops.split(",") if o]
-    unknown = set(args.ops) - set(cases.OPS)
-    if unknown:
-        p.error(f"unknown ops {sorted(unknown)}; expected a subset of {cases.OPS}")
     args.modes = [m for m in args.modes.split(",") if m]
     if set(args.modes) - set(cases.MODES):
         p.error(f"unknown modes in {args.modes}; expected a subset of {cases.MODES}")
     args.donate_ops = set(args.donate_ops.split(","))
     args.candidates = None if args.candidates is None else args.candidates.split(",")
     if args.shapes is not None:
-        args.shapes = _parse_shapes(args.shapes, 2)
+        args.shapes = parse_shapes(args.shapes, 2)
     else:
         args.shapes = list(QUICK_SHAPES if args.quick else DEFAULT_SHAPES)
     default_time = QUICK_FUSED_TIME_SHAPE if args.quick else FUSED_TIME_SHAPE
     args.fused_time_shape = (
-        _parse_shapes(args.fused_time_shape, 3)[0] if args.fused_time_shape else default_time
+        parse_shapes(args.fused_time_shape, 3)[0] if args.fused_time_shape else default_time
     )
     if args.fused_memory_shape == "none":
         args.fused_memory_shape = None
     elif args.fused_memory_shape:
-        args.fused_memory_shape = _parse_shapes(args.fused_memory_shape, 3)[0]
+        args.fused_memory_shape = parse_shapes(args.fused_memory_shape, 3)[0]
     else:
         args.fused_memory_shape = None if args.quick else FUSED_MEMORY_SHAPE
     if args.repeats is None:

@@ -56,9 +56,7 @@ LIBRARY_TESTS = (
     "test_transforms.py",
     "test_typed_api.py",
 )
-NOT_LIBRARY = (  # experiments, data, benchmarks, README, packaging: run at the lock only
-    "test_aot.py",
-    "test_benchmarks.py",
+NOT_LIBRARY = (  # experiments, data, README, packaging: run at the lock only
     "test_brown_data.py",
     "test_brown_lm.py",
     "test_check_package.py",
