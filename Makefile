@@ -1,6 +1,8 @@
 # Two entry points for a fresh machine; each does all its own set-up.
 #   make run   - train the MNIST MLP showcase (experiments/mnist_mlp.py)
-#   make test  - lint, format check, type check, package check, the docs build and the whole test suite
+#   make test  - lint, format check, type check, package check, the library tests at the JAX
+#                floor and under Python 3.13 (make compat-ci), and the whole test suite
+#   make compat - the library tests in every supported Python x JAX environment
 #   make bench - the CPU benchmark suite (benchmarks/run.py)
 #   make device-check - the accelerator check (benchmarks/device_check.py, <= 8 min on one H100)
 #   make docs  - the documentation site (Sphinx + MyST, warnings are errors) into docs/_build/html
@@ -11,7 +13,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: run test test-aot lint package-check docs docs-check bench device-check aot clean
+.PHONY: run test test-aot lint package-check compat compat-ci docs docs-check bench device-check aot clean
 
 # The deviceless accelerator compiles get their own venv (.venv-aot, requirements-aot.lock):
 # the CUDA and TPU compiler plugins stay out of .venv and out of jxent's dependencies.
@@ -57,12 +59,21 @@ docs: $(STAMP)
 docs-check: docs
 	$(BIN)/python tools/check_docs.py
 
-test: lint package-check docs test-aot
+test: lint package-check docs test-aot compat-ci
 	$(BIN)/python -m pytest -n 2 -m "not aot" $(ARGS)
 
 # tests/test_aot.py: compiled-for-H100 / TPU v5e properties, in .venv-aot (a minute or two).
 test-aot: $(AOT_STAMP)
 	$(AOT_ENV) $(AOT_BIN)/python -m pytest -m aot tests/test_aot.py $(AOT_ARGS)
+
+# The library test suite in separate virtual environments under .compat/ (created once and
+# reused; see tools/compat.py and docs/compatibility.md): every supported Python x JAX pair,
+# or for CI the JAX floor on Debian's Python 3.11 and the lock on Python 3.13.
+compat: $(STAMP)
+	$(BIN)/python tools/compat.py $(ARGS)
+
+compat-ci: $(STAMP)
+	$(BIN)/python tools/compat.py --ci --workers 2
 
 bench: $(STAMP)
 	$(BIN)/python benchmarks/run.py $(ARGS)
@@ -75,4 +86,4 @@ aot: $(AOT_STAMP)
 	$(AOT_ENV) $(AOT_BIN)/python benchmarks/aot.py $(ARGS)
 
 clean:
-	rm -rf $(VENV) $(AOT_VENV) .pytest_cache .mypy_cache .ruff_cache .hypothesis docs/_build
+	rm -rf $(VENV) $(AOT_VENV) .compat .pytest_cache .mypy_cache .ruff_cache .hypothesis docs/_build

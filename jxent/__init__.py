@@ -4,6 +4,9 @@ Every function has a hand-written ``jax.custom_vjp`` gradient and works under ``
 ``jax.vmap`` and ``jax.grad`` (reverse mode at any order).
 """
 
+import jax
+
+from jxent import _jax_version
 from jxent._binary import sigmoid_binary_cross_entropy
 from jxent._cross_entropy import (
     cross_entropy,
@@ -17,6 +20,8 @@ from jxent._logsumexp import logsumexp
 from jxent._softmax import log_softmax, softmax
 
 __version__ = "0.1.0"
+
+_jax_version.require_supported_jax(jax)  # a clear error on a JAX older than the floor
 
 __all__ = [
     "__version__",

@@ -1,15 +1,23 @@
 """Fused linear + softmax cross-entropy that never materialises the ``[N, V]`` logits.
 
-The tokens are processed in chunks of ``T`` rows inside a ``lax.scan``: each step forms the
-chunk's logits ``x_c @ w`` (``[T, V]``, float32), reduces them to per-row statistics and, when
-the loss is a scalar (``reduction="sum"``/``"mean"``), immediately turns them into the chunk's
-share of every gradient (``dx_c = dz_c @ wᵀ``, ``dw += x_cᵀ @ dz_c``, ``db += Σ dz_c``). The
-gradients are therefore computed during the forward pass (as Liger-Kernel does) and the
-backward pass only scales them by the incoming cotangent: three matmuls in all, the same as the
-unfused computation, with a ``[T, V]`` working set instead of ``[N, V]``.
+Two kernels; ``lax.platform_dependent`` picks one per platform inside one jitted function.
 
-With ``reduction="none"`` the cotangent differs per example, so the backward pass re-forms each
-chunk's logits from ``x``, ``w`` and the saved per-row log-normalisers (four matmuls in all).
+CPU, the chunked kernel: the tokens are processed in chunks of ``T`` rows inside a
+``lax.scan``: each step forms the chunk's logits ``x_c @ w`` (``[T, V]``, float32), reduces them
+to per-row statistics and, when the loss is a scalar (``reduction="sum"``/``"mean"``),
+immediately turns them into the chunk's share of every gradient (``dx_c = dz_c @ wᵀ``,
+``dw += x_cᵀ @ dz_c``, ``db += Σ dz_c``). The gradients are therefore computed during the
+forward pass (as Liger-Kernel does) and the backward pass only scales them by the incoming
+cotangent: three matmuls in all, the same as the unfused computation, with a ``[T, V]``
+working set instead of ``[N, V]``. With ``reduction="none"`` the cotangent differs per
+example, so the backward pass re-forms each chunk's logits from ``x``, ``w`` and the saved
+per-row log-normalisers (four matmuls in all). The price is a float32 ``[D, V]`` accumulator
+for ``dw``: on the CPU, where ``w``'s gradient is float32 anyway, it is the gradient itself.
+
+GPU and TPU, the vocabulary-blocked kernel (see "vocabulary blocks" below): the loops run over
+blocks of classes covering all tokens, the forward pass saves one log-normaliser per row,
+and the backward pass writes each block's ``dw`` once, in ``w``'s dtype, while the ``[N, D]``
+input gradient accumulates in float32: no buffer the size of ``w`` beyond its gradient.
 """
 
 from __future__ import annotations
@@ -22,6 +30,8 @@ from typing import Any, Literal, NamedTuple
 import jax
 import jax.numpy as jnp
 from jax import lax
+from jax._src import core as jax_core
+from jax.sharding import AxisType
 from jax.sharding import PartitionSpec as P
 from jax.typing import ArrayLike
 
@@ -39,6 +49,13 @@ _CHUNK_BYTES = 256 * 2**20
 _SYMBOLIC_CHUNK = 256
 # Classes per block when adding a chunk's ``xᵀ @ dz`` into the ``[D, V]`` gradient.
 _DW_BLOCK = 8192
+# GPU/TPU (the vocabulary-blocked kernel): one float32 [N, block] logits block within this
+# many bytes. The backward pass holds about three such blocks (logits, their gradient and its
+# copy in the operands' dtype) beside the float32 [N, D] input-gradient accumulator.
+_VOCAB_BLOCK_BYTES = 32 * 2**20
+_MIN_VOCAB_BLOCK = 128
+_SYMBOLIC_VOCAB_BLOCK = 1024
+_KERNELS = ("auto", "chunked", "blocked")
 
 
 class _Config(NamedTuple):
@@ -53,6 +70,8 @@ class _Config(NamedTuple):
     reduction: str
     axis_name: Hashable | None
     batch_axes: tuple[Hashable, ...] = ()  # mesh axes the rows are sharded over (explicit mode)
+    kernel: str = "auto"  # "chunked" / "blocked" force a kernel (tests); "auto": per platform
+    vocab_block: int = 0  # classes per block of the blocked kernel; 0: from _VOCAB_BLOCK_BYTES
 
 
 def default_chunk_size(num_rows: Any, num_local_classes: Any) -> int:
@@ -150,20 +169,36 @@ def _chunk_loss(
 ) -> tuple[jax.Array, jax.Array]:
     """Per-row losses (0 when inactive, NaN when bad) and log-normalisers of one chunk."""
     lse = c.stable_logsumexp(z, cfg.axis_name)[:, 0]
-    eps = cfg.label_smoothing
-    loss = (1.0 - eps) * rows.weight * (lse - target)
-    if eps:
+    weighted = None
+    if cfg.label_smoothing:
         # Σ_c w_c (lse - z_c) = W·lse - Σ_c w_c z_c: one matrix-vector product for the chunk.
         weighted = (
             c.class_sum(z, cfg.axis_name)[:, 0]
             if class_weights is None
             else c.psum_over(jnp.matmul(z, class_weights.astype(z.dtype)), cfg.axis_name)
         )
+    return _row_losses(lse, target, weighted, rows, weight_total, num_classes, cfg), lse
+
+
+def _row_losses(
+    lse: jax.Array,
+    target: jax.Array,
+    weighted: jax.Array | None,
+    rows: lb.Targets,
+    weight_total: jax.Array,
+    num_classes: Any,
+    cfg: _Config,
+) -> jax.Array:
+    """Per-row losses from the log-normalisers, target logits and (with label smoothing)
+    the class-weighted logit sums ``Σ_c w_c z_c``: 0 when inactive, NaN when bad."""
+    eps = cfg.label_smoothing
+    loss = (1.0 - eps) * rows.weight * (lse - target)
+    if eps and weighted is not None:
         loss = loss + eps / num_classes * (weight_total * lse - weighted)
     if cfg.z_loss:
         loss = loss + cfg.z_loss * lse**2
     loss = jnp.where(rows.active, loss, jnp.zeros_like(loss))
-    return lb.nan_where_bad(rows, loss), lse
+    return lb.nan_where_bad(rows, loss)
 
 
 def _chunk_logits_grad(
@@ -465,6 +500,240 @@ def _bwd_per_example(cfg: _Config, saved: tuple[Any, ...], g: jax.Array) -> tupl
 _impl.defvjp(_fwd, _bwd)
 
 
+# ----------------------------------------------------------------------------- vocabulary blocks
+#
+# GPU and TPU. The chunked kernel above computes every gradient during the forward pass, so it
+# must keep a float32 [D, V] accumulator for dw beside the gradient it returns (a second copy
+# of w, twice its size in bfloat16). Here the loop runs over blocks of the vocabulary instead,
+# each covering all N tokens, in the manner of Cut Cross-Entropy's backward: the forward pass
+# merges the blocks' log-normalisers (online logsumexp) and saves one float per row; the
+# backward pass re-forms each block's logits, forms its dw slice in a single GEMM with float32
+# accumulation over all tokens and writes it once, in w's dtype, into the gradient it returns,
+# while the [N, D] input gradient is the float32 accumulator. Four matmuls in all (one more
+# than the chunked kernel) and temporaries bounded by the block: no N·V, no D·V buffer.
+
+
+class _Block(NamedTuple):
+    """One vocabulary block: columns ``[start, start + size)`` of this device's classes, of
+    which those before ``nominal`` (the last block's overlap with its predecessor) are not
+    this block's to count."""
+
+    start: jax.Array
+    fresh: jax.Array  # [1, size] bool: the column belongs to this block
+    w: jax.Array
+    bias: jax.Array | None
+    class_weights: jax.Array | None
+
+
+def vocab_block_size(num_rows: Any, num_local_classes: Any, requested: int = 0) -> Any:
+    """Classes per block of the vocabulary-blocked kernel (GPU, TPU).
+
+    The most multiples of 128 classes (TPU's lane width) whose float32 ``[N, block]`` logits
+    fit ``_VOCAB_BLOCK_BYTES``, at least 128, at most ``V``. With ``N`` symbolic
+    (``jax.export``), ``_SYMBOLIC_VOCAB_BLOCK`` classes; with ``V`` symbolic, ``min(V, ·)``.
+    ``requested`` (> 0) replaces the budget's choice (tests use small blocks).
+    """
+    if requested:
+        block = requested
+    elif isinstance(num_rows, int):
+        block = _VOCAB_BLOCK_BYTES // (4 * max(num_rows, 1)) // 128 * 128
+        block = max(_MIN_VOCAB_BLOCK, block)
+    else:
+        block = _SYMBOLIC_VOCAB_BLOCK
+    if isinstance(num_local_classes, int):
+        return min(block, max(num_local_classes, 1))
+    return jax_core.min_dim(num_local_classes, block)
+
+
+def _num_blocks(num_classes: Any, block: Any) -> Any:
+    """``ceil(V / block)``: a Python int, or a traced one for symbolic shapes (then the loops
+    are while loops, which reverse-mode differentiation of the backward rule cannot enter)."""
+    if isinstance(num_classes, int) and isinstance(block, int):
+        return -(-num_classes // block)
+    num_classes, block = jnp.asarray(num_classes), jnp.asarray(block)
+    return (num_classes + block - 1) // block
+
+
+def _vocab_block(
+    i: Any,
+    size: Any,
+    w: jax.Array,
+    bias: jax.Array | None,
+    class_weights: jax.Array | None,
+) -> _Block:
+    """Block ``i``. All blocks have the same size (static shapes); the last starts at
+    ``V - size`` and leaves its overlap with the previous block to that block."""
+    nominal = i * size
+    start = jnp.minimum(nominal, w.shape[1] - size)
+    fresh = start + lax.broadcasted_iota(jnp.int32, (1, size), 1) >= nominal
+
+    def cut(a: jax.Array | None) -> jax.Array | None:
+        return None if a is None else lax.dynamic_slice_in_dim(a, start, size, axis=a.ndim - 1)
+
+    w_block = cut(w)
+    assert w_block is not None
+    return _Block(start, fresh, w_block, cut(bias), cut(class_weights))
+
+
+def _keep_fresh(block: _Block, new: jax.Array, old: jax.Array) -> jax.Array:
+    """``new`` in the block's own columns, ``old`` (the previous block's) in its overlap."""
+    return jnp.where(block.fresh[0], new, old)
+
+
+def _varying_like(arrays: Any, *references: jax.Array) -> Any:
+    """Loop carries marked as varying over the mesh axes ``references`` vary over (inside
+    ``shard_map`` a loop's carry must keep its type through updates that depend on them)."""
+    axes = tuple(sorted(frozenset().union(*map(sh.varying_axes, references)), key=str))
+    if not axes:
+        return arrays
+    return jax.tree.map(lambda a: lax.pcast(a, axes, to="varying"), arrays)
+
+
+def _blocked_statistics(
+    x: jax.Array,
+    w: jax.Array,
+    bias: jax.Array | None,
+    class_weights: jax.Array | None,
+    cfg: _Config,
+) -> tuple[jax.Array, jax.Array | None]:
+    """Per-row log-normalisers over all classes (and ``Σ_c w_c z_c`` for label smoothing),
+    merged block by block: an online logsumexp, then one across the vocabulary's devices."""
+    size = vocab_block_size(x.shape[0], w.shape[1], cfg.vocab_block)
+    dtype = c.compute_dtype(x.dtype)
+    smoothing = bool(cfg.label_smoothing)
+
+    def add_block(i: Any, carry: tuple[jax.Array, jax.Array]) -> tuple[jax.Array, jax.Array]:
+        lse, weighted = carry
+        block = _vocab_block(i, size, w, bias, class_weights)
+        z, _ = _chunk_logits(x, block.w, block.bias, cfg)
+        masked = jnp.where(block.fresh, z, jnp.asarray(-jnp.inf, z.dtype))
+        lse = jnp.logaddexp(lse, c.stable_logsumexp(masked)[:, 0])
+        if smoothing:
+            weights = 1.0 if block.class_weights is None else block.class_weights.astype(dtype)
+            spread = jnp.where(block.fresh, weights, 0.0)
+            weighted = weighted + jnp.sum(z * spread, axis=1)
+        return lse, weighted
+
+    rows = x.shape[0]
+    init = (jnp.full((rows,), -jnp.inf, dtype), jnp.zeros((rows,), dtype))
+    init = _varying_like(init, x, w)
+    num_blocks = _num_blocks(w.shape[1], size)
+    lse, weighted = lax.fori_loop(0, num_blocks, add_block, init)
+    return _merge_devices_lse(lse, cfg.axis_name), (
+        c.psum_over(weighted, cfg.axis_name) if smoothing else None
+    )
+
+
+def _merge_devices_lse(lse: jax.Array, axis_name: Hashable | None) -> jax.Array:
+    """``log Σ_devices exp(lse_d)``: each device's log-normaliser over its classes, combined
+    with one ``pmax`` and one ``psum`` of a value per row."""
+    if axis_name is None:
+        return lse
+    shift = c.finite_or_zero(lax.pmax(lse, axis_name))
+    return shift + jnp.log(lax.psum(jnp.exp(lse - shift), axis_name))
+
+
+def _blocked_losses(
+    x: jax.Array,
+    w: jax.Array,
+    bias: jax.Array | None,
+    rows: lb.Targets,
+    class_weights: jax.Array | None,
+    weight_total: jax.Array,
+    num_classes: Any,
+    cfg: _Config,
+) -> tuple[jax.Array, jax.Array]:
+    """Per-row losses and log-normalisers over all ``N`` rows."""
+    lse, weighted = _blocked_statistics(x, w, bias, class_weights, cfg)
+    target = _target_logits(x, w, bias, rows, cfg)
+    losses = _row_losses(lse, target, weighted, rows, weight_total, num_classes, cfg)
+    return losses, lse
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(5,))
+def _blocked_impl(
+    x: jax.Array,
+    w: jax.Array,
+    bias: jax.Array | None,
+    labels: jax.Array,
+    class_weights: jax.Array | None,
+    cfg: _Config,
+) -> jax.Array:
+    loss, _ = _blocked_fwd(x, w, bias, labels, class_weights, cfg)
+    return loss
+
+
+def _blocked_fwd(
+    x: jax.Array,
+    w: jax.Array,
+    bias: jax.Array | None,
+    labels: jax.Array,
+    class_weights: jax.Array | None,
+    cfg: _Config,
+) -> tuple[jax.Array, tuple[Any, ...]]:
+    rows, weight_total, num_classes = _setup(x, w, labels, class_weights, cfg)
+    losses, lse = _blocked_losses(x, w, bias, rows, class_weights, weight_total, num_classes, cfg)
+    loss = c.reduce_loss(losses, rows.weight, cfg.reduction, cfg.batch_axes)
+    return loss, (x, w, bias, rows, class_weights, lse)
+
+
+def _blocked_bwd(cfg: _Config, saved: tuple[Any, ...], g: jax.Array) -> tuple[Any, ...]:
+    x, w, bias, rows, class_weights, lse = saved
+    dtype = c.compute_dtype(x.dtype)
+    weight_total, num_classes = _class_totals(class_weights, w.shape[1], cfg, dtype)
+    g = g.astype(dtype)
+    if cfg.reduction == "mean":
+        g = g * _mean_scale(rows, cfg)
+    scale = _row_scale(rows, g)
+    size = vocab_block_size(x.shape[0], w.shape[1], cfg.vocab_block)
+
+    def add_block(i: Any, carry: tuple[Any, ...]) -> tuple[Any, ...]:
+        dx, dw, db = carry
+        block = _vocab_block(i, size, w, bias, class_weights)
+        z, capped = _chunk_logits(x, block.w, block.bias, cfg)
+        block_rows = rows._replace(local=rows.local - block.start)
+        dz = _chunk_logits_grad(
+            z, capped, lse, block_rows, scale, block.class_weights, weight_total, num_classes, cfg
+        )
+        dz = jnp.where(block.fresh, dz, jnp.zeros_like(dz))
+        dz_op = dz.astype(x.dtype)
+        # float32 accumulation over all N tokens inside the GEMM; rounded once to dw's dtype.
+        dw_block = jnp.matmul(x.T, dz_op, preferred_element_type=dtype).astype(dw.dtype)
+        old = lax.dynamic_slice_in_dim(dw, block.start, size, axis=1)
+        dw = lax.dynamic_update_slice_in_dim(
+            dw, _keep_fresh(block, dw_block, old), block.start, axis=1
+        )
+        dx = dx + jnp.matmul(dz_op, block.w.T, preferred_element_type=dtype)
+        if db is not None:
+            old_b = lax.dynamic_slice_in_dim(db, block.start, size)
+            db = lax.dynamic_update_slice_in_dim(
+                db, _keep_fresh(block, jnp.sum(dz, axis=0), old_b), block.start, axis=0
+            )
+        return dx, dw, db
+
+    # w's gradient is written in w's dtype, block by block, unless the rows are sharded over
+    # devices that share w: then it is a partial sum over this device's rows, kept in float32
+    # until the devices' shares are added.
+    rows_sharded = bool(sh.varying_axes(x) - sh.varying_axes(w))
+    dw_dtype = dtype if rows_sharded else w.dtype
+    init = _varying_like(
+        (
+            jnp.zeros(x.shape, dtype),
+            jnp.zeros(w.shape, dw_dtype),
+            None if bias is None else jnp.zeros(bias.shape, dtype),
+        ),
+        x,
+        w,
+    )
+    num_blocks = _num_blocks(w.shape[1], size)
+    dx, dw, db = lax.fori_loop(0, num_blocks, add_block, init)
+    dx = c.psum_over(dx, cfg.axis_name).astype(x.dtype)
+    return (dx, *_parameter_grads(dw, db, w, bias), None, None)
+
+
+_blocked_impl.defvjp(_blocked_fwd, _blocked_bwd)
+
+
 # ----------------------------------------------------------------------------- public API
 
 
@@ -550,11 +819,16 @@ def fused_linear_cross_entropy(
     (PyTorch's ``cross_entropy`` semantics for ``weight``, ``ignore_index``,
     ``label_smoothing`` and ``reduction``, plus PaLM's z-loss) in value and in the gradients
     for ``x``, ``w`` and ``bias``, but never holds the ``[N, V]`` logits or their gradient:
-    the ``N`` tokens are processed in chunks of ``chunk_size`` rows in a ``lax.scan``. For
-    ``reduction="mean"``/``"sum"`` the gradients are formed chunk by chunk during the forward
-    pass (three matmuls in all, like the unfused computation); ``reduction="none"`` re-forms
-    each chunk's logits in the backward pass (four matmuls). Calling it without
-    differentiating does no gradient work.
+    on the CPU the ``N`` tokens are processed in chunks of ``chunk_size`` rows in a
+    ``lax.scan``. For ``reduction="mean"``/``"sum"`` the gradients are formed chunk by chunk
+    during the forward pass (three matmuls in all, like the unfused computation);
+    ``reduction="none"`` re-forms each chunk's logits in the backward pass (four matmuls).
+    On GPU and TPU the loops run over blocks of the vocabulary instead, each covering all
+    tokens (``[N, block]`` float32 logits within 32 MiB, at least 128 classes): the forward
+    pass merges the blocks' log-normalisers, the backward pass re-forms each block's logits
+    and writes its slice of ``w``'s gradient once, in ``w``'s dtype (four matmuls), so that
+    no float32 copy of ``w`` is held. Calling it without differentiating does no gradient
+    work.
 
     Ignored examples give loss 0 and no weight in the mean; a mean over zero total weight is
     0 with zero gradient (PyTorch: NaN) when no label is invalid. A label outside ``[0, V)``
@@ -572,7 +846,8 @@ def fused_linear_cross_entropy(
         ``[D, V / devices]`` slice).
       labels: integer class ids of shape ``x.shape[:-1]``; global ids under ``axis_name``.
       bias: optional ``[V]`` bias (sharded like ``w`` under ``axis_name``).
-      chunk_size: tokens per chunk; ``None`` chooses one from the shapes (see above).
+      chunk_size: tokens per chunk of the CPU kernel; ``None`` chooses one from the shapes
+        (see above). The GPU / TPU kernel does not chunk the tokens and ignores it.
       class_weights: optional ``[V]`` per-class weights (PyTorch's ``weight``; sharded like
         ``w`` under ``axis_name``). Treated as constants: they get no gradient.
       ignore_index: a label value whose examples give loss 0 and no weight in the mean.
@@ -642,6 +917,8 @@ def fused_linear_cross_entropy(
     "logit_softcap",
     "reduction",
     "axis_name",
+    "kernel",
+    "vocab_block",
 )
 def _fused_linear_cross_entropy(
     x: ArrayLike,
@@ -657,8 +934,12 @@ def _fused_linear_cross_entropy(
     logit_softcap: float | None = None,
     reduction: c.Reduction = "mean",
     axis_name: Hashable | None = None,
+    kernel: str = "auto",
+    vocab_block: int = 0,
 ) -> jax.Array:
     c.check_reduction(reduction)
+    if kernel not in _KERNELS:
+        raise ValueError(f"kernel must be one of {_KERNELS}, got {kernel!r}.")
     c.check_axis_name(axis_name)
     c.check_ignore_index(ignore_index)
     _check_chunk_size(chunk_size)
@@ -680,7 +961,16 @@ def _fused_linear_cross_entropy(
 
     # chunk_size 0 and num_rows 0 are filled in per device by _local_loss.
     options = _Config(
-        chunk_size or 0, 0, ignore_index, smoothing, z_coef, softcap, reduction, axis_name
+        chunk_size or 0,
+        0,
+        ignore_index,
+        smoothing,
+        z_coef,
+        softcap,
+        reduction,
+        axis_name,
+        kernel=kernel,
+        vocab_block=vocab_block,
     )
     plan = sh.matmul_plan(x, w)
     if plan is None:
@@ -708,20 +998,61 @@ def _local_loss(
     weights: jax.Array | None,
     options: _Config,
 ) -> jax.Array:
-    """The loss over the rows of ``x`` (this device's, under explicit sharding)."""
+    """The loss over the rows of ``x`` (this device's, under explicit sharding): the chunked
+    kernel on CPU, the vocabulary-blocked one on GPU and TPU (``options.kernel`` forces one)."""
     batch_shape = x.shape[:-1]
     num_rows = math.prod(batch_shape)
-    num_local = w.shape[1]
-    chunk = options.chunk_size or default_chunk_size(num_rows, num_local)
-    padded = -(-num_rows // chunk) * chunk
     # A signed label dtype, so that a negative ignore_index compares correctly.
     flat_labels = lb.widen(labels.reshape(-1), options.ignore_index)
     flat_x = x.reshape(num_rows, x.shape[-1])
-    if padded != num_rows:
-        flat_x = jnp.pad(flat_x, ((0, padded - num_rows), (0, 0)))
-        flat_labels = jnp.pad(flat_labels, (0, padded - num_rows))
-    cfg = options._replace(chunk_size=chunk, num_rows=num_rows)
-    loss = _impl(flat_x, w, bias, flat_labels, weights, cfg)
+
+    def chunked() -> jax.Array:
+        return _chunked_loss(flat_x, w, bias, flat_labels, weights, options, num_rows)
+
+    def blocked() -> jax.Array:
+        cfg = options._replace(num_rows=num_rows)
+        return _blocked_impl(flat_x, w, bias, flat_labels, weights, cfg)
+
+    if options.kernel == "chunked" or (options.kernel == "auto" and _gspmd_sharded(x, w)):
+        loss = chunked()
+    elif options.kernel == "blocked":
+        loss = blocked()
+    else:
+        loss = c.on_cpu(chunked, blocked)
     if options.reduction == "none":
-        return loss[:num_rows].reshape(batch_shape)
+        return loss.reshape(batch_shape)
     return loss
+
+
+def _gspmd_sharded(*arrays: jax.Array) -> bool:
+    """Whether the arrays (or the context) live on a mesh of ``Auto`` axes over several
+    devices, which GSPMD partitions by propagation. There the chunked kernel runs on every
+    platform: its ``[T, V]`` dots split along the vocabulary like ``w``, whereas the blocked
+    kernel's dynamic slices of the vocabulary would make GSPMD gather ``w``. (Explicit meshes
+    and ``shard_map`` give each device its own slice of ``w`` and run the blocked kernel.)"""
+    meshes = [jax.typeof(a).sharding.mesh for a in arrays]
+    meshes.append(jax.sharding.get_abstract_mesh())
+    return any(
+        AxisType.Auto in getattr(mesh, "axis_types", ()) and getattr(mesh, "size", 1) > 1
+        for mesh in meshes
+    )
+
+
+def _chunked_loss(
+    x: jax.Array,
+    w: jax.Array,
+    bias: jax.Array | None,
+    labels: jax.Array,
+    weights: jax.Array | None,
+    options: _Config,
+    num_rows: Any,
+) -> jax.Array:
+    """The chunked kernel over ``[N, D]`` rows, padded to a multiple of the chunk size."""
+    chunk = options.chunk_size or default_chunk_size(num_rows, w.shape[1])
+    padded = -(-num_rows // chunk) * chunk
+    if padded != num_rows:
+        x = jnp.pad(x, ((0, padded - num_rows), (0, 0)))
+        labels = jnp.pad(labels, (0, padded - num_rows))
+    cfg = options._replace(chunk_size=chunk, num_rows=num_rows)
+    loss = _impl(x, w, bias, labels, weights, cfg)
+    return loss[:num_rows] if options.reduction == "none" else loss

@@ -136,10 +136,23 @@ def test_fused_temp_does_not_grow_with_batch_or_weights(aot, target, dtype, grow
     bigger = FUSED_TWICE_N if grown == "N" else FUSED_FOUR_VD
     base = compiled(aot, target, "fused", FUSED_BASE, dtype, "jxent")
     big = compiled(aot, target, "fused", bigger, dtype, "jxent")
-    assert big.temp_bytes <= base.temp_bytes + MIB, (
+    allowed = base.temp_bytes + MIB + _input_grad_accumulator_growth(FUSED_BASE, bigger)
+    assert big.temp_bytes <= allowed, (
         f"fused {dtype} on {target}: temp {base.temp_bytes / MIB:.1f} MiB at "
-        f"{FUSED_BASE}, {big.temp_bytes / MIB:.1f} MiB at {bigger} ({grown} grown)"
+        f"{FUSED_BASE}, {big.temp_bytes / MIB:.1f} MiB at {bigger} ({grown} grown; allowed "
+        f"{allowed / MIB:.1f} MiB)"
     )
+
+
+def _input_grad_accumulator_growth(base: tuple[int, int, int], bigger: tuple[int, ...]) -> int:
+    """Bytes by which the f32 ``[N, D]`` input-gradient accumulator grows.
+
+    The accelerator kernel accumulates ``dx`` over vocabulary blocks in float32 (the issue's
+    design: ``dW`` written once per block, ``dx`` accumulated instead), so temp may grow with
+    ``N·D``, never with ``N·V`` or ``D·V``.
+    """
+    (n0, d0, _), (n1, d1, _) = base, bigger
+    return 4 * (n1 * d1 - n0 * d0)
 
 
 # --------------------------------------------------------------------------------------------

@@ -12,7 +12,7 @@ import pytest
 from jax import export
 
 import jxent
-from jxent import _common
+from jxent import _common, _fused_linear
 
 # name -> fn(logits, labels, targets) -> scalar
 LOSSES = {
@@ -64,10 +64,16 @@ def test_export_symbolic_batch_and_classes(name):
         np.testing.assert_allclose(got_grad, want_grad, rtol=1e-4, atol=1e-7)
 
 
+@pytest.mark.parametrize("kernel", ["auto", "blocked"])
 @pytest.mark.parametrize("reduction", ["mean", "none"])
-def test_export_fused_linear_cross_entropy(reduction):
+def test_export_fused_linear_cross_entropy(reduction, kernel):
+    """``kernel="blocked"`` (GPU and TPU's vocabulary blocks, forced here on the CPU) with a
+    symbolic ``V`` takes blocks of ``min(V, 1024)`` classes and a traced number of them."""
+
     def loss(x, w, y):
-        out = jxent.fused_linear_cross_entropy(x, w, y, label_smoothing=0.1, reduction=reduction)
+        out = _fused_linear._fused_linear_cross_entropy(
+            x, w, y, label_smoothing=0.1, reduction=reduction, kernel=kernel
+        )
         return jnp.sum(out * jnp.cos(jnp.arange(out.size, dtype=out.dtype)))
 
     step = jax.jit(jax.value_and_grad(loss, argnums=(0, 1)))
@@ -78,7 +84,7 @@ def test_export_fused_linear_cross_entropy(reduction):
         jax.ShapeDtypeStruct((8, v), jnp.float32),
         jax.ShapeDtypeStruct((b,), jnp.int32),
     )
-    for rows, classes in [(5, 16), (300, 40)]:
+    for rows, classes in [(5, 16), (300, 40), (7, 2100)]:
         keys = jax.random.split(jax.random.key(rows), 3)
         x = jax.random.normal(keys[0], (rows, 8))
         w = jax.random.normal(keys[1], (8, classes)) * 0.5
@@ -173,9 +179,11 @@ def test_blocks_that_are_not_near_8192_match_float64(classes):
     np.testing.assert_allclose(grad, p / 3, atol=1e-8)
 
 
-def test_fused_loss_adds_dw_by_blocks_on_cpu_one_gemm_elsewhere():
-    """With D > T and V > 8192, CPU adds xᵀ dz into dw block by block (a loop inside the
-    chunk scan); CUDA and TPU use one GEMM per chunk (only the scan's loop)."""
+def test_fused_loss_kernel_per_platform():
+    """One jitted function, a kernel per platform: CPU scans chunks of 32 tokens over all
+    classes ([32, V] logits) and adds xᵀ dz into dw block by block (D > T, V > 8192: an
+    inner loop); CUDA and TPU run the vocabulary-blocked kernel (at N = 64 one block covers
+    the vocabulary: [64, V] logits) and never the CPU's chunk."""
 
     def loss(x, w, y):
         return jxent.fused_linear_cross_entropy(x, w, y, chunk_size=32)
@@ -187,12 +195,13 @@ def test_fused_loss_adds_dw_by_blocks_on_cpu_one_gemm_elsewhere():
         jax.ShapeDtypeStruct((64,), jnp.int32),
     )
 
-    def loops(platform):
-        return (
-            step.trace(*args)
-            .lower(lowering_platforms=(platform,))
-            .as_text()
-            .count("stablehlo.while")
-        )
+    def lowered(platform):
+        return step.trace(*args).lower(lowering_platforms=(platform,)).as_text()
 
-    assert loops("cpu") == loops("cuda") + 1 == loops("tpu") + 1
+    cpu = lowered("cpu")
+    assert "tensor<32x16384xf32>" in cpu and "tensor<512x8192xf32>" in cpu  # chunk, dw block
+    assert "tensor<64x16384xf32>" not in cpu
+    for platform in ("cuda", "tpu"):
+        text = lowered(platform)
+        assert "tensor<64x16384xf32>" in text
+        assert "tensor<32x16384xf32>" not in text and "tensor<512x8192xf32>" not in text

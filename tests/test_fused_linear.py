@@ -11,16 +11,35 @@ import functools
 
 import jax
 import jax.numpy as jnp
+import jaxlib
 import numpy as np
 import pytest
 import reference as ref
 from jax.sharding import Mesh
 from jax.sharding import PartitionSpec as P
 
-from jxent._fused_linear import default_chunk_size, fused_linear_cross_entropy
+from jxent import _fused_linear
+from jxent._fused_linear import default_chunk_size, fused_linear_cross_entropy, vocab_block_size
 
 N, D, V = 29, 12, 37  # N is not a multiple of the chunk sizes below: padding is exercised.
 RTOL = 1e-5
+
+
+# "auto" is the public function (on CPU: the chunked kernel); "blocked" forces the
+# vocabulary-blocked kernel that GPU and TPU run, in blocks of 3 classes, so that every test
+# has several blocks and a last one overlapping its predecessor.
+KERNELS = {"auto": {}, "blocked": {"kernel": "blocked", "vocab_block": 3}}
+
+
+@pytest.fixture(params=list(KERNELS))
+def kernel(request):
+    return request.param
+
+
+def _fused(kernel):
+    if kernel == "auto":
+        return fused_linear_cross_entropy
+    return functools.partial(_fused_linear._fused_linear_cross_entropy, **KERNELS[kernel])
 
 
 def _inputs(seed=0, n=N, d=D, v=V):
@@ -105,7 +124,7 @@ CASES = [(o, r) for o in OPTIONS for r in ("mean", "none")] + [
 
 
 @pytest.mark.parametrize(("option", "reduction"), CASES)
-def test_value_and_grads_match_unfused_float64(option, reduction):
+def test_value_and_grads_match_unfused_float64(kernel, option, reduction):
     options = OPTIONS[option]
     bias = options.get("bias")
     kwargs = {k: v for k, v in options.items() if k != "bias"}
@@ -115,9 +134,7 @@ def test_value_and_grads_match_unfused_float64(option, reduction):
     objective = _objective(reduction, COTANGENT)
 
     def loss(x, w, b):
-        out = fused_linear_cross_entropy(
-            x, w, Y, bias=b, chunk_size=8, reduction=reduction, **kwargs
-        )
+        out = _fused(kernel)(x, w, Y, bias=b, chunk_size=8, reduction=reduction, **kwargs)
         return objective(out), out
 
     argnums = (0, 1, 2) if bias is not None else (0, 1)
@@ -131,10 +148,10 @@ def test_value_and_grads_match_unfused_float64(option, reduction):
 
 
 @pytest.mark.parametrize("reduction", ["mean", "none"])
-def test_evaluation_path_matches_gradient_path(reduction):
+def test_evaluation_path_matches_gradient_path(kernel, reduction):
     """Without differentiation no gradient work is done; the value must be the same."""
     kwargs = OPTIONS["everything"]
-    value = fused_linear_cross_entropy(X, W, Y, chunk_size=8, reduction=reduction, **kwargs)
+    value = _fused(kernel)(X, W, Y, chunk_size=8, reduction=reduction, **kwargs)
     _assert_close(value, reference(X, W, Y, reduction=reduction, **kwargs)[0])
 
 
@@ -148,14 +165,14 @@ def test_chunk_size_does_not_change_the_result(chunk_size):
     _assert_close(dw, want_dw)
 
 
-def test_batch_shape_and_reduction_none_shape():
+def test_batch_shape_and_reduction_none_shape(kernel):
     x = X[:28].reshape(2, 14, D)
     y = Y[:28].reshape(2, 14)
-    out = fused_linear_cross_entropy(x, W, y, reduction="none", chunk_size=8)
+    out = _fused(kernel)(x, W, y, reduction="none", chunk_size=8)
     assert out.shape == (2, 14) and out.dtype == jnp.float32
     want = reference(x, W, y, reduction="none")[0]
     _assert_close(out, want)
-    dx = jax.grad(lambda x: fused_linear_cross_entropy(x, W, y, chunk_size=8))(x)
+    dx = jax.grad(lambda x: _fused(kernel)(x, W, y, chunk_size=8))(x)
     assert dx.shape == x.shape
     _assert_close(dx, reference(x, W, y, reduction="mean")[1])
 
@@ -175,35 +192,35 @@ def test_long_vocabulary_blocked_weight_gradient():
 
 
 @pytest.mark.parametrize("bad_label", [V, V + 5, -1])
-def test_out_of_range_label_gives_nan_for_that_example_only(bad_label):
+def test_out_of_range_label_gives_nan_for_that_example_only(kernel, bad_label):
     y = Y.copy()
     y[4] = bad_label
-    out = fused_linear_cross_entropy(X, W, y, reduction="none", ignore_index=-100, chunk_size=8)
+    out = _fused(kernel)(X, W, y, reduction="none", ignore_index=-100, chunk_size=8)
     assert np.isnan(out[4])
     assert np.all(np.isfinite(np.delete(np.asarray(out), 4)))
-    assert np.isnan(fused_linear_cross_entropy(X, W, y))
+    assert np.isnan(_fused(kernel)(X, W, y))
     # Not wrapped to another class: the other examples are untouched.
     _assert_close(
         np.delete(np.asarray(out), 4), np.delete(reference(X, W, Y, reduction="none")[0], 4)
     )
 
 
-def test_all_ignored_mean_is_zero_with_zero_gradient():
+def test_all_ignored_mean_is_zero_with_zero_gradient(kernel):
     y = np.full_like(Y, -100)
     loss = functools.partial(
-        fused_linear_cross_entropy, labels=y, ignore_index=-100, label_smoothing=0.1, z_loss=0.1
+        _fused(kernel), labels=y, ignore_index=-100, label_smoothing=0.1, z_loss=0.1
     )
     value, (dx, dw) = jax.value_and_grad(loss, argnums=(0, 1))(X, W)
     assert value == 0.0
     assert not np.any(dx) and not np.any(dw)
 
 
-def test_vmap_matches_a_loop():
+def test_vmap_matches_a_loop(kernel):
     xs = np.stack([X, _inputs(seed=5)[0]])
     ys = np.stack([Y, _inputs(seed=5)[3]])
 
     def loss(x, y, w):
-        return fused_linear_cross_entropy(x, w, y, label_smoothing=0.1, chunk_size=8)
+        return _fused(kernel)(x, w, y, label_smoothing=0.1, chunk_size=8)
 
     batched = jax.vmap(jax.value_and_grad(loss, argnums=(0, 2)), in_axes=(0, 0, None))
     values, (dxs, dws) = batched(xs, ys, W)
@@ -216,9 +233,9 @@ def test_vmap_matches_a_loop():
         _assert_close(dws[i], want_dw)
 
 
-def test_bfloat16_inputs_accumulate_in_float32():
+def test_bfloat16_inputs_accumulate_in_float32(kernel):
     x16, w16 = jnp.asarray(X, jnp.bfloat16), jnp.asarray(W, jnp.bfloat16)
-    loss = functools.partial(fused_linear_cross_entropy, labels=Y, chunk_size=8)
+    loss = functools.partial(_fused(kernel), labels=Y, chunk_size=8)
     value, (dx, dw) = jax.value_and_grad(loss, argnums=(0, 1))(x16, w16)
     assert value.dtype == jnp.float32
     assert dx.dtype == jnp.bfloat16 and dw.dtype == jnp.bfloat16
@@ -231,11 +248,9 @@ def test_bfloat16_inputs_accumulate_in_float32():
     _assert_close(dw, want_dw, rtol=2e-2)
 
 
-def test_jit_and_float64(x64):
+def test_jit_and_float64(kernel, x64):
     x, w = np.asarray(X, np.float64), np.asarray(W, np.float64)
-    value, dx = jax.jit(
-        jax.value_and_grad(lambda x: fused_linear_cross_entropy(x, w, Y, z_loss=0.1))
-    )(x)
+    value, dx = jax.jit(jax.value_and_grad(lambda x: _fused(kernel)(x, w, Y, z_loss=0.1)))(x)
     assert value.dtype == jnp.float64 and dx.dtype == jnp.float64
     want_value, want_dx, _, _ = reference(x, w, Y, z_loss=0.1, reduction="mean")
     _assert_close(value, want_value, rtol=1e-12)
@@ -249,12 +264,12 @@ def test_labels_are_not_differentiated_and_forward_mode_is_refused():
 
 @pytest.mark.parametrize("argnum", [0, 1])
 @pytest.mark.parametrize("second_order", ["hessian", "jacrev_of_grad"])
-def test_second_derivatives_match_unfused(argnum, second_order):
+def test_second_derivatives_match_unfused(kernel, argnum, second_order):
     """The backward rule is differentiable: Hessians in x and in w equal the unfused ones."""
     x, w, y = X[:4, :5], W[:5, :7], np.array([0, 3, 6, 2])
 
     def fused(x, w):
-        return fused_linear_cross_entropy(x, w, y, z_loss=0.1, label_smoothing=0.2)
+        return _fused(kernel)(x, w, y, z_loss=0.1, label_smoothing=0.2)
 
     def unfused(x, w):
         logits = x @ w
@@ -305,6 +320,13 @@ def test_default_chunk_size_rule():
     assert default_chunk_size(100_000, 10**7) == 8  # at least 8 rows
 
 
+# How many [chunk, V] logits blocks XLA:CPU keeps alive in the chunked kernel: one from jaxlib
+# 0.10.2 (the lock); two in every older release measured (0.8.2, the floor, to 0.10.1: 136.6 MB
+# against 2181 MB unfused at the shape below). Values and gradients are the same; only this
+# compiled-memory bound depends on the compiler (docs/compatibility.md).
+CPU_BLOCKS_KEPT = 1 if jaxlib.version.__version_info__ >= (0, 10, 2) else 2
+
+
 def test_compiled_memory_is_far_below_unfused():
     """No [N, V] array in the compiled program (compiled only, nothing is run)."""
     n, d, v = 8192, 64, 32768
@@ -324,8 +346,10 @@ def test_compiled_memory_is_far_below_unfused():
         return jitted.lower(*spec).compile().memory_analysis().temp_size_in_bytes
 
     fused = temp_bytes(lambda x, w, y: fused_linear_cross_entropy(x, w, y, chunk_size=512))
-    assert fused * 16 <= temp_bytes(unfused)
-    assert fused < 2 * 512 * v * 4  # about one [chunk, V] block, never [N, V]
+    block = 512 * v * 4
+    assert fused < (CPU_BLOCKS_KEPT + 1) * block  # one (or two) [chunk, V] blocks, never [N, V]
+    if CPU_BLOCKS_KEPT == 1:
+        assert fused * 16 <= temp_bytes(unfused)
 
 
 def test_a_bias_costs_no_second_block():
@@ -344,7 +368,7 @@ def test_a_bias_costs_no_second_block():
     biased = temp_bytes(
         lambda x, w, y, b: fused_linear_cross_entropy(x, w, y, bias=b, chunk_size=n), x, w, y, b
     )
-    assert plain < 1.5 * block
+    assert plain < (CPU_BLOCKS_KEPT + 0.5) * block
     assert biased < plain + block / 4
 
 
@@ -355,7 +379,7 @@ def _vocab_mesh():
 
 
 @pytest.mark.parametrize("reduction", ["mean", "none"])
-def test_vocab_parallel_equals_single_device(reduction):
+def test_vocab_parallel_equals_single_device(kernel, reduction):
     mesh = _vocab_mesh()
     x, w, b, y = _inputs(seed=7, n=21, d=6, v=8 * 5)
     weights = np.random.default_rng(8).uniform(0.5, 1.5, size=(40,)).astype(np.float32)
@@ -372,9 +396,7 @@ def test_vocab_parallel_equals_single_device(reduction):
     objective = _objective(reduction, cot)
 
     def local(x, w, b, cw, y):
-        out = fused_linear_cross_entropy(
-            x, w, y, bias=b, class_weights=cw, axis_name="vocab", **options
-        )
+        out = _fused(kernel)(x, w, y, bias=b, class_weights=cw, axis_name="vocab", **options)
         return objective(out)
 
     sharded = jax.shard_map(
@@ -385,7 +407,7 @@ def test_vocab_parallel_equals_single_device(reduction):
     )
 
     def single(x, w, b):
-        out = fused_linear_cross_entropy(x, w, y, bias=b, class_weights=weights, **options)
+        out = _fused(kernel)(x, w, y, bias=b, class_weights=weights, **options)
         return objective(out)
 
     got_value, got_grads = jax.jit(
@@ -395,3 +417,57 @@ def test_vocab_parallel_equals_single_device(reduction):
     _assert_close(got_value, want_value)
     for got, want in zip(got_grads, want_grads, strict=True):
         _assert_close(got, want)
+
+
+def test_vocab_block_size_rule():
+    # Multiples of 128 classes whose float32 [N, block] logits fit 32 MiB, 128 to V.
+    assert vocab_block_size(8192, 128256) == 1024
+    assert vocab_block_size(8192, 16032) == 1024  # a vocabulary shard of 8 devices
+    assert vocab_block_size(4096, 32000) == 2048
+    assert vocab_block_size(10**6, 32000) == 128
+    assert vocab_block_size(29, 37) == 37
+    assert vocab_block_size(29, 37, requested=3) == 3
+
+
+def _dw_error(kernel, x, w, y):
+    """Largest |dw - dw_float64| relative to max |dw_float64|, for bfloat16 x and w."""
+    x16, w16 = jnp.asarray(x, jnp.bfloat16), jnp.asarray(w, jnp.bfloat16)
+    loss = functools.partial(_fused_linear._fused_linear_cross_entropy, labels=y, kernel=kernel)
+    dw = jax.jit(jax.grad(loss, argnums=1))(x16, w16)
+    x32, w32 = np.asarray(x16, np.float32), np.asarray(w16, np.float32)
+    want = reference(x32, w32, y, reduction="mean")[2]
+    return np.max(np.abs(np.asarray(dw, np.float64) - want)) / np.max(np.abs(want))
+
+
+def test_blocked_kernel_bfloat16_weight_gradient_is_as_accurate_as_chunked():
+    """The blocked kernel sums each dw column over all N tokens inside one GEMM (float32
+    accumulation) and rounds once to bfloat16; the chunked one adds float32 chunk products.
+    Both should be within bfloat16 rounding of the float64 reference, and equally close."""
+    x, w, _, y = _inputs(seed=11, n=1024, d=64, v=3000)
+    chunked = _dw_error("chunked", x, w, y)
+    blocked = _dw_error("blocked", x, w, y)
+    print(f"relative dw error: chunked {chunked:.2e}, blocked {blocked:.2e}")
+    assert chunked < 2**-7 and blocked < 2**-7  # within bfloat16's rounding
+    assert blocked <= 1.25 * chunked
+
+
+def _gradient_program(kernel, n=512, d=256, v=4096, dtype=jnp.bfloat16, **options):
+    loss = functools.partial(_fused_linear._fused_linear_cross_entropy, kernel=kernel, **options)
+    args = (
+        jax.ShapeDtypeStruct((n, d), dtype),
+        jax.ShapeDtypeStruct((d, v), dtype),
+        jax.ShapeDtypeStruct((n,), jnp.int32),
+    )
+    return str(jax.make_jaxpr(jax.value_and_grad(loss, argnums=(0, 1)))(*args))
+
+
+def test_blocked_kernel_holds_no_float32_copy_of_w():
+    """For bfloat16 w the chunked kernel accumulates dw in a float32 [D, V] array; the
+    blocked one (GPU, TPU) writes each block's dw in bfloat16 and keeps float32 only for the
+    [N, D] input gradient and [N, block] logits. (Read from the traced program: XLA:CPU turns
+    bfloat16 GEMMs into float32 ones, so CPU's compiled memory cannot show it; the compiled
+    H100 / TPU numbers are in docs/fused_linear.md.)"""
+    assert "f32[256,4096]" in _gradient_program("chunked")
+    blocked = _gradient_program("blocked", vocab_block=512)
+    assert "f32[256,4096]" not in blocked and "f32[512,4096]" not in blocked
+    assert "bf16[256,4096]" in blocked and "f32[512,256]" in blocked

@@ -17,6 +17,7 @@ from jax.sharding import AxisType, NamedSharding
 from jax.sharding import PartitionSpec as P
 
 import jxent
+from jxent import _fused_linear
 
 B, C, D = 16, 64, 8
 KEYS = jax.random.split(jax.random.key(7), 6)
@@ -162,14 +163,19 @@ def test_explicit_mode_class_axes_first_and_batch_of_rank_two():
 @pytest.mark.parametrize("axis_type", AXIS_TYPES)
 @pytest.mark.parametrize("layout", LAYOUTS)
 @pytest.mark.parametrize("reduction", ["mean", "none"])
-def test_fused_linear_cross_entropy(layout, axis_type, reduction):
-    """x sharded over the batch axis, w and bias over the vocabulary axis, as in training."""
+@pytest.mark.parametrize("kernel", ["auto", "blocked"])
+def test_fused_linear_cross_entropy(layout, axis_type, reduction, kernel):
+    """x sharded over the batch axis, w and bias over the vocabulary axis, as in training;
+    through CPU's chunked kernel ("auto") and the vocabulary-blocked one of GPU and TPU."""
+    if kernel == "blocked" and axis_type == "auto":
+        pytest.skip("on Auto meshes (GSPMD) every platform runs the chunked kernel")
     mesh, spec = make_mesh(layout, axis_type)
     batch_axis, vocab_axis = spec
     bias = jnp.linspace(-1.0, 1.0, C)
+    options = {} if kernel == "auto" else {"kernel": kernel, "vocab_block": 3}
 
     def loss(x, w, b, y):
-        out = jxent.fused_linear_cross_entropy(
+        out = _fused_linear._fused_linear_cross_entropy(
             x,
             w,
             y,
@@ -178,6 +184,7 @@ def test_fused_linear_cross_entropy(layout, axis_type, reduction):
             ignore_index=5,
             label_smoothing=0.1,
             reduction=reduction,
+            **options,
         )
         return jnp.sum(out * jnp.cos(jnp.arange(B))) if reduction == "none" else out
 

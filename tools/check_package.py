@@ -30,7 +30,12 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 SDIST_MUST_HOLD = ("LICENSE", "jxent/py.typed", "tests/conftest.py", "tests/reference.py")
 # Tests of folders outside the package (MANIFEST.in leaves them out): they could not import.
-SDIST_MUST_NOT_HOLD = ("tests/experiments/", "tests/test_benchmarks.py", "tests/test_aot.py")
+SDIST_MUST_NOT_HOLD = (
+    "tests/experiments/",
+    "tests/test_benchmarks.py",
+    "tests/test_aot.py",
+    "tests/test_check_package.py",
+)
 USER_SCRIPT = """\
 import jxent
 
@@ -111,9 +116,43 @@ def check_typed(python: Path, work: Path) -> None:
     assert report.count("error:") == 1, report
 
 
+def extract_safely(archive: Path, dest: Path) -> None:
+    """Unpacks ``archive`` into ``dest``, refusing members that would land outside it.
+
+    Uses tarfile's ``"data"`` filter where the interpreter has it (Python 3.12, and 3.11.4 /
+    3.10.12 onwards); Debian 12's stock Python 3.11.2 lacks it, so there every member is
+    checked first by :func:`check_member_stays_inside`.
+    """
+    with tarfile.open(archive) as tar:
+        if hasattr(tarfile, "data_filter"):
+            tar.extractall(dest, filter="data")
+            return
+        root = dest.resolve()
+        for member in tar.getmembers():
+            check_member_stays_inside(member, root)
+        tar.extractall(dest)  # every member checked above
+
+
+def check_member_stays_inside(member: tarfile.TarInfo, root: Path) -> None:
+    """Raises ``ValueError`` for a member that could write outside ``root``: an absolute or
+    ``..`` path or link target (a relative path without ``..`` only ever reaches below its
+    folder, even through other such links), or a device or FIFO."""
+
+    def escapes(path: str) -> bool:
+        return Path(path).is_absolute() or ".." in Path(path).parts
+
+    if escapes(member.name):
+        raise ValueError(f"archive member {member.name!r} would be written outside {root}")
+    if (member.issym() or member.islnk()) and escapes(member.linkname):
+        raise ValueError(
+            f"archive member {member.name!r} links to {member.linkname!r}, outside {root}"
+        )
+    if not (member.isfile() or member.isdir() or member.issym() or member.islnk()):
+        raise ValueError(f"archive member {member.name!r} is a device or FIFO; expected files")
+
+
 def check_sdist_tests_collect(sdist: Path, work: Path) -> None:
-    with tarfile.open(sdist) as tar:
-        tar.extractall(work, filter="data")
+    extract_safely(sdist, work)
     (unpacked,) = work.glob("jxent-*")
     out = run(sys.executable, "-m", "pytest", "--collect-only", "-q", "tests", cwd=unpacked)
     assert "error" not in out.lower().split("collected")[-1], out
