@@ -3,7 +3,8 @@
 Run by ``make test`` (``make package-check``); about 30 s, offline. Checks:
 
 * the wheel holds ``jxent/py.typed`` and the licence; the sdist holds the licence,
-  ``py.typed`` and the tests with their references and conftest;
+  ``py.typed`` and the tests with their references and conftest, and not the tests that need
+  the repository's ``experiments/`` or ``benchmarks/`` (``tests/experiments/``, ...);
 * the wheel installs (``--no-deps --no-index``) into a fresh virtual environment, where
   ``import jxent`` finds the installed copy (JAX comes from this environment's
   site-packages on ``PYTHONPATH``) and computes;
@@ -28,6 +29,13 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 SDIST_MUST_HOLD = ("LICENSE", "jxent/py.typed", "tests/conftest.py", "tests/reference.py")
+# Tests of folders outside the package (MANIFEST.in leaves them out): they could not import.
+SDIST_MUST_NOT_HOLD = (
+    "tests/experiments/",
+    "tests/test_benchmarks.py",
+    "tests/test_aot.py",
+    "tests/test_check_package.py",
+)
 USER_SCRIPT = """\
 import jxent
 
@@ -65,6 +73,8 @@ def check_sdist_contents(sdist: Path) -> None:
         names = {n.split("/", 1)[1] for n in tar.getnames() if "/" in n}
     missing = [n for n in SDIST_MUST_HOLD if n not in names]
     assert not missing, f"{sdist.name} lacks {missing}"
+    extra = sorted(n for n in names if n.startswith(SDIST_MUST_NOT_HOLD))
+    assert not extra, f"{sdist.name} holds {extra}, which need folders outside the package"
 
 
 def install_into_fresh_venv(wheel: Path, where: Path) -> Path:

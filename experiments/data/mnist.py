@@ -23,7 +23,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .fetch import (
+from experiments.data.fetch import (
     NPM_TIMEOUT_S,
     DataError,
     Source,
@@ -32,7 +32,7 @@ from .fetch import (
     progress_line,
     verify_sha256,
 )
-from .fetch import fetch_files as _fetch_files
+from experiments.data.fetch import fetch_files as _fetch_files
 
 TRAIN_IMAGES = "train-images-idx3-ubyte"
 TRAIN_LABELS = "train-labels-idx1-ubyte"

@@ -2,16 +2,21 @@
 
 Every model maps a batch of word ids ``(B, T)`` to features ``(B, T, D)`` (position ``t`` sees
 words ``<= t`` only) and exposes its output layer as ``(w: (D, V), bias: (V,))``; the training
-loop applies the output layer itself, either fused with the loss (``jxent``) or as materialised
+step applies the output layer itself, either fused with the loss (``jxent``) or as materialised
 logits (``optax``). That split is what lets the softmax over the vocabulary, which dominates the
 compute of these models, go through ``jxent.fused_linear_cross_entropy``.
 """
 
 from __future__ import annotations
 
+import functools
+from typing import Any
+
 import jax
 import jax.numpy as jnp
 from flax import nnx
+
+from experiments.brown.configs import Config
 
 
 def _split(key: jax.Array | None, n: int) -> list[jax.Array | None]:
@@ -130,3 +135,35 @@ class Transformer(nnx.Module):
 
     def output_layer(self) -> tuple[jax.Array, jax.Array]:
         return self.embed.embedding[...].T, self.out_b[...]
+
+
+def build_model(config: Config, vocab_size: int) -> nnx.Module:
+    """The config's model, initialised from ``config.seed`` alone (one compiled initialiser
+    per shape)."""
+    return _compiled_init(config, vocab_size)(jax.random.key(config.seed))
+
+
+@functools.cache
+def _compiled_init(config: Config, vocab_size: int) -> Any:
+    def init(key: jax.Array) -> nnx.Module:
+        rngs = nnx.Rngs(params=key)
+        if config.model == "nplm":
+            return NPLM(
+                vocab_size,
+                order=config.order,
+                embed_dim=config.embed_dim,
+                hidden=config.hidden,
+                dropout=config.dropout or 0.0,
+                rngs=rngs,
+            )
+        return Transformer(
+            vocab_size,
+            context=config.context,
+            width=config.width,
+            depth=config.depth,
+            heads=config.heads,
+            dropout=config.dropout or 0.0,
+            rngs=rngs,
+        )
+
+    return nnx.jit(init)

@@ -1,10 +1,12 @@
-"""A tiny training run in its own process, for the kill tests (tests/test_kill_resume.py).
+"""A tiny training run in its own process, for the kill tests (test_kill_resume.py).
 
-    python tests/kill_driver.py {mnist,brown} RUN_DIR [uninterrupted]
+    PYTHONPATH=. python tests/experiments/kill_driver.py {mnist,brown} RUN_DIR [uninterrupted]
 
 Resumes RUN_DIR (from the start if it holds no checkpoint), prints ``chunk EPOCH STEP`` after
 every training chunk (so the test can time its kills), and at the end saves the final
 parameters as ``RUN_DIR/final_params.npz``. With ``uninterrupted`` it starts afresh instead.
+It imports ``experiments.`` from the repository root, which the launching test puts on
+``PYTHONPATH``, and the tiny configs from the test modules beside it (this script's folder).
 """
 
 from __future__ import annotations
@@ -14,10 +16,6 @@ from pathlib import Path
 
 import jax
 import numpy as np
-
-TESTS = Path(__file__).resolve().parent
-sys.path.insert(0, str(TESTS.parent / "experiments"))
-sys.path.insert(0, str(TESTS))
 
 
 def enable_compilation_cache(directory: Path) -> None:
@@ -34,27 +32,29 @@ def report_chunk(epoch: int, step: int) -> None:
 def main(which: str, run_dir: Path, resume: bool) -> None:
     enable_compilation_cache(run_dir.parent / "jax-cache")
     if which == "mnist":
-        import mnist_mlp
-        import test_experiments
+        import test_mnist
 
-        result = mnist_mlp.train(
-            test_experiments.TINY,
+        from experiments.mnist.train import train_and_evaluate
+
+        result = train_and_evaluate(
+            test_mnist.TINY,
             run_dir,
             resume=resume,
-            data=test_experiments.small_data(),
+            data=test_mnist.small_data(),
             progress=False,
             on_chunk=report_chunk,
             plots=False,
         )
     else:
-        import brown_train
-        import test_brown_lm
+        import test_brown
 
-        result = brown_train.train(
-            test_brown_lm.TINY,
+        from experiments.brown.train import train_and_evaluate
+
+        result = train_and_evaluate(
+            test_brown.TINY,
             run_dir,
             resume=resume,
-            corpus=test_brown_lm.small_corpus(),
+            corpus=test_brown.small_corpus(),
             progress=False,
             on_chunk=report_chunk,
             plots_too=False,

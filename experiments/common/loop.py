@@ -23,9 +23,10 @@ from pathlib import Path
 from typing import Any, Protocol
 
 import jax
-import runfiles
-from signals import EXIT_INTERRUPTED, StopRequest
 from tqdm import tqdm
+
+from experiments.common import runfiles
+from experiments.common.signals import EXIT_INTERRUPTED, StopRequest
 
 
 def epoch_key(seed: int, epoch: int) -> Any:

@@ -1,6 +1,6 @@
 """Multi-process jobs: real 2-process runs on localhost (gloo), one CPU device per process.
 
-Each job runs the experiments' own command lines (``tests/multiprocess_driver.py`` only swaps
+Each job runs the experiments' own command lines (``multiprocess_driver.py`` only swaps
 in small offline data) with ``--distributed``, the second process started 2 s after the
 first, as happens on any cluster. A job must use one run directory and equal, bit for bit, one
 process with 2 CPU devices. A process killed mid-job must make the other stop with an error
@@ -27,11 +27,15 @@ import pytest
 
 TESTS = Path(__file__).resolve().parent
 DRIVER = TESTS / "multiprocess_driver.py"
+ROOT = TESTS.parents[1]
+# The driver imports ``experiments.`` from the repository root (pytest's ``pythonpath`` setting
+# puts the root on this process's path only).
+PYTHONPATH = os.pathsep.join(p for p in (str(ROOT), os.environ.get("PYTHONPATH")) if p)
 STAGGER_S = 2.0
 HEARTBEAT_S = 8
 JOIN_S = 60
 
-# The tests' tiny configs (test_experiments.TINY, test_brown_lm.TINY_NPLM) as command-line
+# The tests' tiny configs (test_mnist.TINY, test_brown.TINY_NPLM) as command-line
 # flags. Brown: the NPLM, one epoch; the transformer's compilations alone took 3 times as long.
 FLAGS = {
     "mnist": shlex.split(
@@ -65,7 +69,7 @@ def compilation_cache(tmp_path_factory):
 
 
 def launch(which: str, cwd: Path, *flags: str) -> subprocess.Popen:
-    env = {**os.environ, "JAX_PLATFORMS": "cpu", "PYTHONUNBUFFERED": "1"}
+    env = {**os.environ, "JAX_PLATFORMS": "cpu", "PYTHONUNBUFFERED": "1", "PYTHONPATH": PYTHONPATH}
     env.pop("XLA_FLAGS", None)  # one CPU device per process unless --devices asks for more
     return subprocess.Popen(
         [sys.executable, str(DRIVER), which, *flags],
@@ -230,16 +234,14 @@ def test_a_process_that_never_joins_stops_the_other_at_the_join_timeout(tmp_path
 
 
 def test_help_states_each_default_once(capsys):
-    sys.path.insert(0, str(TESTS.parent / "experiments"))
-    import brown_lm
-    import five_clusters
-    import mnist_lenet5
-    import mnist_mlp
+    from experiments.brown import main as brown_main
+    from experiments.clusters import main as clusters_main
+    from experiments.mnist import main as mnist_main
 
     parsers = {
-        "mnist_mlp": mnist_mlp.make_parser(),
-        "mnist_lenet5": mnist_lenet5.make_parser(),
-        "brown_lm": brown_lm.make_parser(),
+        "mnist_mlp": mnist_main.make_parser("mlp"),
+        "mnist_lenet5": mnist_main.make_parser("lenet5"),
+        "brown_lm": brown_main.make_parser(),
     }
     for name, parser in parsers.items():
         for action in parser._actions:
@@ -247,7 +249,7 @@ def test_help_states_each_default_once(capsys):
             assert shown.count("default") <= 1, (name, action.dest, shown)
     texts = {name: parser.format_help() for name, parser in parsers.items()}
     with pytest.raises(SystemExit):
-        five_clusters.main(["--help"])
+        clusters_main.main(["--help"])
     texts["five_clusters"] = capsys.readouterr().out
     flat = {name: " ".join(text.split()) for name, text in texts.items()}
     for name, text in flat.items():

@@ -15,31 +15,31 @@ import time
 from pathlib import Path
 from typing import Any
 
-import devices
 import jax
 import jax.numpy as jnp
-import lm_engine
-import runfiles
-from brown_train import Config, build_model, build_optimizer, describe
-from data import brown
 from flax import nnx
 
-SCRIPT = Path(__file__).with_name("brown_lm.py")
+from experiments.brown import input_pipeline, train
+from experiments.brown.configs import Config, describe
+from experiments.brown.models import build_model
+from experiments.common import devices, runfiles
+from experiments.data import brown
+
+# The entry script: each loss trains in a child process of the command users run.
+SCRIPT = Path(__file__).resolve().parents[1] / "brown_lm.py"
 
 
 def compiled_step_memory(config: Config, corpus: brown.Corpus, loss: str) -> dict[str, int]:
     """XLA's ``memory_analysis`` of one compiled train step (temp, argument, output bytes)."""
     config = dataclasses.replace(config, loss=loss)
-    n_steps = lm_engine.steps_per_epoch(corpus.train.stop, config.batch_size, config.context)
+    n_steps = input_pipeline.steps_per_epoch(corpus.train.stop, config.batch_size, config.context)
     graphdef, params = nnx.split(build_model(config, corpus.vocab_size), nnx.Param)
-    optimizer = build_optimizer(config, n_steps)
+    optimizer = train.build_optimizer(config, n_steps)
     step = jax.jit(
-        lm_engine.make_train_step(
+        train.make_train_step(
             graphdef,
             optimizer,
-            lm_engine.make_loss(
-                loss, config.label_smoothing, config.z_loss, config.loss_chunk or None
-            ),
+            train.make_loss(loss, config.label_smoothing, config.z_loss, config.loss_chunk or None),
         ),
         donate_argnums=(0, 1),
     )
@@ -62,18 +62,18 @@ def interleaved_step_times(
     """
     mesh = devices.make_mesh(config.devices)
     tokens = jnp.asarray(corpus.ids[corpus.train])
-    permute = lm_engine.make_permute(len(tokens), config.batch_size, config.context)
+    permute = input_pipeline.make_permute(len(tokens), config.batch_size, config.context)
     order = permute(jax.random.key(config.seed))
     steps = min(steps or config.chunk_steps, order.shape[0])
     runners: dict[str, list[Any]] = {}
-    for loss in lm_engine.LOSSES:
+    for loss in train.LOSSES:
         cfg = dataclasses.replace(config, loss=loss)
         graphdef, params = nnx.split(build_model(cfg, corpus.vocab_size), nnx.Param)
-        optimizer = build_optimizer(cfg, order.shape[0])
-        chunk = lm_engine.make_train_chunk(
+        optimizer = train.build_optimizer(cfg, order.shape[0])
+        chunk = train.make_train_chunk(
             graphdef,
             optimizer,
-            lm_engine.make_loss(loss, chunk=cfg.loss_chunk or None),
+            train.make_loss(loss, chunk=cfg.loss_chunk or None),
             mesh,
             cfg.context,
         )
@@ -105,7 +105,7 @@ def compare(config: Config, args: argparse.Namespace, run_dir: Path) -> int:
     """Trains with each loss in its own process (for its peak RSS), then times and sizes the
     train steps of both in this one."""
     results = {}
-    for loss in lm_engine.LOSSES:
+    for loss in train.LOSSES:
         out = run_dir / loss
         command = [sys.executable, str(SCRIPT), "--out-dir", str(out), "--loss", loss]
         command += config_flags(config, skip={"loss"})
@@ -116,10 +116,10 @@ def compare(config: Config, args: argparse.Namespace, run_dir: Path) -> int:
         if status:
             return status
         results[loss] = runfiles.read_json(out / "results.json")
-    corpus = brown.load_brown(config.data_dir)
+    corpus = input_pipeline.load_corpus(config)
     print(f"compare: timing the train steps interleaved ({args.compare_rounds} rounds)")
     timing = interleaved_step_times(config, corpus, args.compare_rounds, args.compare_steps)
-    memory = {loss: compiled_step_memory(config, corpus, loss) for loss in lm_engine.LOSSES}
+    memory = {loss: compiled_step_memory(config, corpus, loss) for loss in train.LOSSES}
     report = {
         "test_perplexity": {k: v["test_perplexity"] for k, v in results.items()},
         "peak_rss_bytes": {k: v["peak_rss_bytes"] for k, v in results.items()},
@@ -128,7 +128,7 @@ def compare(config: Config, args: argparse.Namespace, run_dir: Path) -> int:
     }
     runfiles.write_json_atomic(run_dir / "compare.json", report)
     print(f"\ncompare ({describe(config)}):")
-    for loss in lm_engine.LOSSES:
+    for loss in train.LOSSES:
         print(
             f"  {loss:6s} test ppl {results[loss]['test_perplexity']:8.2f}   step "
             f"{1e3 * timing['median_step_seconds'][loss]:7.1f} ms   train-step temp "

@@ -1,18 +1,17 @@
-"""Training and evaluation of language models on one stream of word ids (see ``lm_models``).
+"""Training and evaluation of the Brown language models: the losses, the jitted steps, ``fit``,
+and ``train_and_evaluate``, which runs one configured run and writes its files.
 
-* Training: every epoch cuts the training words into windows of ``context + 1`` words at a
-  random offset, shuffles the windows, and runs the steps in jitted ``lax.scan`` chunks with the
-  token stream resident on the device. Keys derive from ``(seed, epoch, step)`` only, so a
-  resumed run replays exactly what an uninterrupted one does.
+* Training: the steps of an epoch run in jitted ``lax.scan`` chunks over windows gathered
+  from the device-resident token stream (``input_pipeline``). Keys derive from ``(seed,
+  epoch, step)`` only, so a resumed run replays exactly what an uninterrupted one does.
 * Output layer and loss: ``jxent.fused_linear_cross_entropy`` on the features and the model's
   output matrix (the ``[tokens, V]`` logits are never formed), or, with ``loss="optax"``,
   optax's cross-entropy on materialised logits.
 * Evaluation: perplexity ``exp(mean CE)`` over every word of a split, unknown symbol included,
-  computed with jxent in float32. Windows overlap (``stride < context``) so each scored word
-  sees at least ``context - stride`` words of context; a window may reach back across the
-  split's start, since the corpus is one text.
-* Epochs, checkpoints, interrupts and resumes: the loop of ``loop`` (shared with the MNIST
-  engine); the best parameters by validation perplexity travel in every checkpoint.
+  computed with jxent in float32, on the overlapping windows of ``input_pipeline``.
+* Epochs, checkpoints, interrupts and resumes: the loop of ``experiments.common.loop`` (shared
+  with the MNIST engine); the best parameters by validation perplexity travel in every
+  checkpoint.
 """
 
 from __future__ import annotations
@@ -20,22 +19,33 @@ from __future__ import annotations
 import dataclasses
 import math
 import resource
+import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-import devices
 import jax
 import jax.numpy as jnp
-import loop
 import numpy as np
 import optax
 from flax import nnx
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
-from signals import StopRequest
 
 import jxent
+from experiments.brown.configs import EXPERIMENT, Config, describe
+from experiments.brown.input_pipeline import (
+    eval_windows,
+    gather_windows,
+    load_corpus,
+    make_permute,
+    pad_windows,
+    steps_per_epoch,
+)
+from experiments.brown.models import build_model
+from experiments.common import devices, loop, plots, runfiles
+from experiments.common.signals import StopRequest
+from experiments.data import brown
 
 LOSSES = ("jxent", "optax")
 
@@ -99,63 +109,6 @@ def make_loss(
 
         return materialised
     raise ValueError(f"loss {name!r} is not one of {LOSSES}")
-
-
-# --------------------------------------------------------------------------------------------
-# Batches.
-
-
-def steps_per_epoch(n_tokens: int, batch_size: int, context: int) -> int:
-    """Full batches of windows per epoch (the count at the worst random offset)."""
-    windows = (n_tokens - context) // context
-    if windows < batch_size:
-        raise ValueError(
-            f"{n_tokens} training words make {windows} windows of context {context}; "
-            f"expected at least batch_size {batch_size}"
-        )
-    return windows // batch_size
-
-
-def make_permute(n_tokens: int, batch_size: int, context: int) -> Callable:
-    """Jitted ``epoch key -> (steps, batch)`` window starts: a random offset, shuffled windows."""
-    n_steps = steps_per_epoch(n_tokens, batch_size, context)
-    windows = (n_tokens - context) // context
-
-    def permute(key):
-        offset = jax.random.randint(jax.random.fold_in(key, 0), (), 0, context)
-        order = jax.random.permutation(jax.random.fold_in(key, 2), windows)
-        starts = offset + context * order[: n_steps * batch_size]
-        return starts.reshape(n_steps, batch_size)
-
-    return jax.jit(permute)
-
-
-def gather_windows(tokens: jax.Array, starts: jax.Array, length: int) -> jax.Array:
-    return tokens[starts[:, None] + jnp.arange(length)]
-
-
-def eval_windows(
-    ids: np.ndarray, split: slice, context: int, stride: int
-) -> tuple[np.ndarray, np.ndarray]:
-    """Inputs ``(K, context)`` and targets ``(K, context)`` scoring each word of ``split`` once.
-
-    Window ``k`` scores the words ``[a + k·stride, a + (k+1)·stride)`` (``a`` = split start),
-    placed at its end, so each sees at least ``context - stride`` words before it; every other
-    target is -1 (ignored).
-    """
-    start, stop = split.start, split.stop
-    if not 0 < stride <= context:
-        raise ValueError(f"eval stride {stride}: expected 1..context ({context})")
-    if start < context + 1 - stride:
-        raise ValueError(f"split {split} starts too early for context {context}")
-    inputs, targets = [], []
-    for lo in range(start, stop, stride):
-        end = min(lo + stride, stop)
-        target = ids[end - context : end].astype(np.int32)
-        target[: context - (end - lo)] = -1
-        inputs.append(ids[end - context - 1 : end - 1])
-        targets.append(target)
-    return np.stack(inputs).astype(np.int32), np.stack(targets)
 
 
 # --------------------------------------------------------------------------------------------
@@ -249,14 +202,6 @@ def make_evaluate(graphdef: Any, eval_batch: int, scored: int, per_word: bool = 
     return jax.jit(evaluate)
 
 
-def pad_windows(inputs: np.ndarray, targets: np.ndarray, multiple: int) -> tuple[Any, Any]:
-    """Pads the window count to a multiple of the eval batch with windows that score nothing."""
-    extra = -len(inputs) % multiple
-    inputs = np.concatenate([inputs, np.zeros((extra, inputs.shape[1]), inputs.dtype)])
-    targets = np.concatenate([targets, np.full((extra, targets.shape[1]), -1, targets.dtype)])
-    return inputs, targets
-
-
 def make_generate(graphdef: Any, context: int, n_words: int) -> Callable:
     """Jitted ``(params, prompt (context,), key) -> n_words`` sampled ids (temperature 1).
 
@@ -281,7 +226,7 @@ def make_generate(graphdef: Any, context: int, n_words: int) -> Callable:
 
 
 # --------------------------------------------------------------------------------------------
-# The loop.
+# The run.
 
 
 def initial_state(params: Any, optimizer: Any) -> dict[str, Any]:
@@ -424,3 +369,98 @@ def fit(
         sample = " ".join(corpus.words(np.asarray(words)))
         loop.log(f"sample (after the first {options.context} test words): {sample}")
     return LMResult(jax.device_get(best_params), outcome.records, test_ppl, sample, False, 0)
+
+
+def build_optimizer(config: Config, steps_per_epoch: int) -> optax.GradientTransformation:
+    """AdamW (no decay on biases and norms), warmup then cosine to zero at the run's end.
+
+    A schedule that ends with the run matters more than any other knob here: stopped while the
+    learning rate is still high, the same network is tens of perplexity points worse.
+    """
+    assert config.epochs is not None and config.learning_rate is not None
+    total = config.epochs * steps_per_epoch
+    schedule = optax.warmup_cosine_decay_schedule(
+        init_value=0.0,
+        peak_value=config.learning_rate,
+        warmup_steps=min(config.warmup_steps, total // 2),
+        decay_steps=total,
+        end_value=0.0,
+    )
+    decay_mask = lambda params: jax.tree.map(lambda p: p.ndim >= 2, params)
+    return optax.chain(
+        optax.clip_by_global_norm(1.0),
+        optax.adamw(schedule, weight_decay=config.weight_decay or 0.0, mask=decay_mask),
+    )
+
+
+def lm_options(config: Config, progress: bool) -> LMOptions:
+    assert config.epochs is not None and config.eval_stride is not None
+    return LMOptions(
+        epochs=config.epochs,
+        batch_size=config.batch_size,
+        context=config.context,
+        seed=config.seed,
+        loss=config.loss,
+        label_smoothing=config.label_smoothing,
+        z_loss=config.z_loss,
+        loss_chunk=config.loss_chunk or None,
+        devices=config.devices,
+        chunk_steps=config.chunk_steps,
+        eval_stride=config.eval_stride,
+        progress=progress,
+    )
+
+
+def train_and_evaluate(
+    config: Config,
+    run_dir: Path,
+    *,
+    resume: bool = False,
+    corpus: brown.Corpus | None = None,
+    progress: bool = True,
+    stop: StopRequest | None = None,
+    on_chunk: Any = None,
+    plots_too: bool = True,
+) -> LMResult:
+    """Trains, evaluates and writes every artefact of one run into ``run_dir``.
+
+    ``corpus`` replaces the Brown loader (tests); ``plots_too=False`` skips the PNG.
+    """
+    if corpus is None:
+        corpus = load_corpus(config)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    runfiles.ensure_config(run_dir, config)
+    options = lm_options(config, progress)
+    n_steps = steps_per_epoch(corpus.train.stop, config.batch_size, config.context)
+    t0 = time.perf_counter()
+    result = fit(
+        model=build_model(config, corpus.vocab_size),
+        optimizer=build_optimizer(config, n_steps),
+        corpus=corpus,
+        options=options,
+        run_dir=run_dir,
+        resume=resume,
+        stop=stop,
+        on_chunk=on_chunk,
+        cache_key=(EXPERIMENT, config, corpus.vocab_size),
+    )
+    if result.interrupted or jax.process_index() != 0:
+        return result
+    best = min(result.records, key=lambda r: r["valid_perplexity"])
+    runfiles.write_json_atomic(
+        run_dir / "results.json",
+        {
+            "test_perplexity": result.test_perplexity,
+            "best_epoch": best["epoch"],
+            "best_valid_perplexity": best["valid_perplexity"],
+            "vocab_size": corpus.vocab_size,
+            "test_words": corpus.test.stop - corpus.test.start,
+            "train_seconds": sum(r["train_seconds"] for r in result.records),
+            "wall_seconds_this_process": time.perf_counter() - t0,
+            "peak_rss_bytes": peak_rss_bytes(),
+            "sample": result.sample,
+        },
+    )
+    if plots_too:
+        plots.plot_perplexity(result.records, run_dir / "curves.png", describe(config))
+    return result

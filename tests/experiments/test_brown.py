@@ -1,4 +1,5 @@
-"""Fast checks of the Brown language models: shapes, one step, perplexity, training, resume.
+"""Fast checks of the Brown language models (experiments/brown/): shapes, one step, perplexity,
+training, resume, ensembles, the command line, --compare.
 
 Tiny models on a small synthetic corpus (a Markov chain over a few dozen words); no network.
 """
@@ -10,8 +11,6 @@ import json
 import math
 import shutil
 import signal
-import sys
-from pathlib import Path
 
 import jax
 import jax.numpy as jnp
@@ -20,17 +19,12 @@ import optax
 import pytest
 from flax import nnx
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "experiments"))
+from experiments.brown import compare, ensemble, input_pipeline, main, models, train
+from experiments.brown.configs import Config
+from experiments.common import runfiles, signals
+from experiments.data import brown
 
-import brown_ensemble
-import brown_lm
-import brown_train
-import lm_engine
-import runfiles
-import signals
-from data import brown
-
-TINY = brown_train.Config(
+TINY = Config(
     epochs=2, batch_size=4, context=16, width=32, depth=1, heads=2, chunk_steps=17,
     learning_rate=1e-2, warmup_steps=5, dropout=0.1,
 )  # fmt: skip
@@ -61,8 +55,8 @@ def corpus() -> brown.Corpus:
     return small_corpus()
 
 
-def model_of(config: brown_train.Config, vocab: int) -> nnx.Module:
-    return brown_train.build_model(config, vocab)
+def model_of(config: Config, vocab: int) -> nnx.Module:
+    return models.build_model(config, vocab)
 
 
 @pytest.mark.parametrize("config", [TINY, TINY_NPLM], ids=["transformer", "nplm"])
@@ -104,9 +98,9 @@ def test_nplm_sees_exactly_the_last_n_minus_1_words():
 def test_one_training_step_decreases_the_loss(config, loss):
     config = dataclasses.replace(config, loss=loss, dropout=0.0)
     graphdef, params = nnx.split(model_of(config, 50), nnx.Param)
-    optimizer = brown_train.build_optimizer(dataclasses.replace(config, warmup_steps=0), 10)
-    loss_fn = lm_engine.make_loss(loss)
-    step = jax.jit(lm_engine.make_train_step(graphdef, optimizer, loss_fn))
+    optimizer = train.build_optimizer(dataclasses.replace(config, warmup_steps=0), 10)
+    loss_fn = train.make_loss(loss)
+    step = jax.jit(train.make_train_step(graphdef, optimizer, loss_fn))
     windows = jax.random.randint(jax.random.key(1), (8, config.context + 1), 0, 50)
     params, opt_state, before = step(params, optimizer.init(params), windows, None)
     _, _, after = step(params, opt_state, windows, None)
@@ -119,14 +113,14 @@ def test_jxent_and_optax_losses_agree():
     bias = jax.random.normal(jax.random.key(2), (30,))
     labels = jax.random.randint(jax.random.key(3), (24,), 0, 30)
     for smoothing, z in ((0.0, 0.0), (0.1, 1e-3)):
-        ours = jax.jit(lm_engine.make_loss("jxent", smoothing, z))(features, w, bias, labels)
-        theirs = jax.jit(lm_engine.make_loss("optax", smoothing, z))(features, w, bias, labels)
+        ours = jax.jit(train.make_loss("jxent", smoothing, z))(features, w, bias, labels)
+        theirs = jax.jit(train.make_loss("optax", smoothing, z))(features, w, bias, labels)
         np.testing.assert_allclose(ours, theirs, rtol=1e-5)
 
 
 @pytest.mark.parametrize("stride", [1, 5, 16])
 def test_eval_windows_score_every_word_of_the_split_once(corpus, stride):
-    inputs, targets = lm_engine.eval_windows(corpus.ids, corpus.test, 16, stride)
+    inputs, targets = input_pipeline.eval_windows(corpus.ids, corpus.test, 16, stride)
     scored = targets[targets >= 0]
     np.testing.assert_array_equal(np.sort(scored), np.sort(corpus.ids[corpus.test]))
     # Each target is the word after its input: inputs are targets shifted by one.
@@ -139,12 +133,12 @@ def test_perplexity_of_a_uniform_model_is_the_vocabulary_size(corpus):
     model = model_of(TINY_NPLM, corpus.vocab_size)
     model.out_w[...] = jnp.zeros_like(model.out_w[...])  # every logit 0: uniform
     graphdef, params = nnx.split(model, nnx.Param)
-    windows = lm_engine.pad_windows(
-        *lm_engine.eval_windows(corpus.ids, corpus.test, 16, 12), multiple=4
+    windows = input_pipeline.pad_windows(
+        *input_pipeline.eval_windows(corpus.ids, corpus.test, 16, 12), multiple=4
     )
-    ce_sum, words = lm_engine.make_evaluate(graphdef, 4, 12)(params, *windows)
+    ce_sum, words = train.make_evaluate(graphdef, 4, 12)(params, *windows)
     assert int(words) == corpus.test.stop - corpus.test.start
-    np.testing.assert_allclose(lm_engine.perplexity(ce_sum, words), corpus.vocab_size, rtol=1e-5)
+    np.testing.assert_allclose(train.perplexity(ce_sum, words), corpus.vocab_size, rtol=1e-5)
 
 
 def test_evaluation_equals_optax_on_every_position_of_the_windows(corpus):
@@ -154,10 +148,10 @@ def test_evaluation_equals_optax_on_every_position_of_the_windows(corpus):
     # Far from uniform, so that features from the wrong positions would change the sum.
     model.embed.embedding[...] = 100.0 * model.embed.embedding[...]
     graphdef, params = nnx.split(model, nnx.Param)
-    inputs, targets = lm_engine.pad_windows(
-        *lm_engine.eval_windows(corpus.ids, corpus.test, TINY.context, 5), multiple=4
+    inputs, targets = input_pipeline.pad_windows(
+        *input_pipeline.eval_windows(corpus.ids, corpus.test, TINY.context, 5), multiple=4
     )
-    ce_sum, words = lm_engine.make_evaluate(graphdef, 4, 5)(params, inputs, targets)
+    ce_sum, words = train.make_evaluate(graphdef, 4, 5)(params, inputs, targets)
     logits = model(jnp.asarray(inputs)) @ model.output_layer()[0] + model.output_layer()[1]
     per_word = optax.softmax_cross_entropy_with_integer_labels(logits, np.maximum(targets, 0))
     np.testing.assert_allclose(ce_sum, np.sum(np.where(targets >= 0, per_word, 0.0)), rtol=1e-5)
@@ -167,7 +161,7 @@ def test_evaluation_equals_optax_on_every_position_of_the_windows(corpus):
 @pytest.fixture(scope="module")
 def reference(tmp_path_factory, corpus):
     run_dir = tmp_path_factory.mktemp("brown-reference")
-    return run_dir, brown_train.train(TINY, run_dir, corpus=corpus, progress=False)
+    return run_dir, train.train_and_evaluate(TINY, run_dir, corpus=corpus, progress=False)
 
 
 def without_timings(records):
@@ -191,7 +185,7 @@ def test_smoke_run_learns_and_leaves_every_artefact(reference, corpus):
 @pytest.fixture(scope="module")
 def nplm_run(tmp_path_factory, corpus):
     run_dir = tmp_path_factory.mktemp("brown-nplm")
-    return run_dir, brown_train.train(
+    return run_dir, train.train_and_evaluate(
         TINY_NPLM, run_dir, corpus=corpus, progress=False, plots_too=False
     )
 
@@ -203,12 +197,12 @@ def test_nplm_trains(nplm_run, corpus):
 def test_mixture_perplexity_equals_float64_numpy():
     losses = np.random.default_rng(0).gamma(2.0, 2.0, size=(3, 500))
     expected = np.exp(-np.mean(np.log(np.mean(np.exp(-losses), axis=0))))
-    assert brown_ensemble.mixture_perplexity(losses) == pytest.approx(expected, rel=1e-5)
+    assert ensemble.mixture_perplexity(losses) == pytest.approx(expected, rel=1e-5)
 
 
 def test_ensemble_of_a_run_with_itself_is_that_run(reference, corpus):
     run_dir, result = reference
-    report = brown_ensemble.ensemble([run_dir, run_dir], corpus)
+    report = ensemble.ensemble([run_dir, run_dir], corpus)
     best_valid = min(r["valid_perplexity"] for r in result.records)
     for split, expected in (("test", result.test_perplexity), ("valid", best_valid)):
         assert report[split]["runs"] == pytest.approx([expected, expected], rel=1e-5)
@@ -219,7 +213,7 @@ def test_ensemble_of_two_models_beats_the_geometric_mean_of_their_perplexities(
     reference, nplm_run, corpus
 ):
     # A transformer and an NPLM: different contexts and strides, the same words in order.
-    report = brown_ensemble.ensemble([reference[0], nplm_run[0]], corpus)
+    report = ensemble.ensemble([reference[0], nplm_run[0]], corpus)
     runs = report["test"]["runs"]
     assert runs == pytest.approx([reference[1].test_perplexity, nplm_run[1].test_perplexity])
     assert report["test"]["mixture"] < math.sqrt(runs[0] * runs[1])
@@ -227,7 +221,7 @@ def test_ensemble_of_two_models_beats_the_geometric_mean_of_their_perplexities(
 
 def test_ensemble_names_a_directory_that_is_not_a_run(tmp_path, capsys):
     with pytest.raises(SystemExit) as info:
-        brown_lm.main(["--ensemble", str(tmp_path)])
+        main.main(["--ensemble", str(tmp_path)])
     assert info.value.code == 2
     assert f"--ensemble {tmp_path}: no config.json there" in capsys.readouterr().err
 
@@ -239,10 +233,10 @@ def test_resume_after_sigint_mid_epoch_matches_uninterrupted_run(tmp_path, corpu
 
     stop = signals.StopRequest()
     with stop.installed():
-        first = brown_train.train(TINY, tmp_path, corpus=corpus, progress=False, stop=stop,
+        first = train.train_and_evaluate(TINY, tmp_path, corpus=corpus, progress=False, stop=stop,
                                on_chunk=interrupt, plots_too=False)  # fmt: skip
     assert first.interrupted and first.exit_code == signals.EXIT_INTERRUPTED
-    resumed = brown_train.train(TINY, tmp_path, corpus=corpus, progress=False, resume=True)
+    resumed = train.train_and_evaluate(TINY, tmp_path, corpus=corpus, progress=False, resume=True)
     assert resumed.test_perplexity == reference[1].test_perplexity
     assert without_timings(runfiles.read_metrics(tmp_path / "metrics.jsonl")) == without_timings(
         reference[1].records
@@ -254,7 +248,7 @@ def test_resume_with_more_epochs_extends_a_finished_run(tmp_path, corpus, refere
     run_dir = tmp_path / "run"
     shutil.copytree(reference[0], run_dir)
     longer = dataclasses.replace(TINY, epochs=3)
-    result = brown_train.train(
+    result = train.train_and_evaluate(
         longer, run_dir, corpus=corpus, progress=False, resume=True, plots_too=False
     )
     assert [r["epoch"] for r in result.records] == [1, 2, 3]
@@ -263,24 +257,20 @@ def test_resume_with_more_epochs_extends_a_finished_run(tmp_path, corpus, refere
 
 def test_command_line_help_and_a_conflicting_resume_flag(tmp_path, capsys):
     with pytest.raises(SystemExit) as info:
-        brown_lm.main(["--help"])
+        main.main(["--help"])
     assert info.value.code == 0 and "--model" in capsys.readouterr().out
     runfiles.write_json_atomic(tmp_path / "config.json", dataclasses.asdict(TINY))
     with pytest.raises(SystemExit, match="--width 64 conflicts"):
-        brown_lm.main(["--resume", str(tmp_path), "--width", "64"])
+        main.main(["--resume", str(tmp_path), "--width", "64"])
 
 
 def test_compare_measures_both_losses_steps_and_memory(corpus):
-    import brown_compare
-
-    timing = brown_compare.interleaved_step_times(TINY, corpus, rounds=2, steps=3)
+    timing = compare.interleaved_step_times(TINY, corpus, rounds=2, steps=3)
     assert set(timing["median_step_seconds"]) == {"jxent", "optax"}
     assert all(t > 0 for t in timing["median_step_seconds"].values())
     ratio = timing["median_step_seconds"]["jxent"] / timing["median_step_seconds"]["optax"]
     assert timing["jxent_over_optax"] == ratio
-    memory = {
-        loss: brown_compare.compiled_step_memory(TINY, corpus, loss) for loss in ("jxent", "optax")
-    }
+    memory = {loss: compare.compiled_step_memory(TINY, corpus, loss) for loss in ("jxent", "optax")}
     # Same model and optimizer state in and out; only the loss's temporaries differ.
     assert memory["jxent"]["argument_bytes"] == memory["optax"]["argument_bytes"] > 0
     assert all(m["temp_bytes"] > 0 for m in memory.values())

@@ -24,10 +24,10 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
-import devices
 import jax
-import runfiles
-from signals import StopRequest
+
+from experiments.common import devices, runfiles
+from experiments.common.signals import StopRequest
 
 # Flags that may differ on resume: they change nothing a run computes.
 RESUME_FREE = frozenset({"data_dir"})
@@ -316,7 +316,8 @@ def run_from_args(
 ) -> int:
     """Builds or reloads the config, installs the signal handlers, trains, summarises.
 
-    ``train(config, run_dir, *, resume, progress, stop)`` must return an ``engine.FitResult``.
+    ``train(config, run_dir, *, resume, progress, stop)`` must return a result with ``records``
+    and ``exit_code`` (e.g. ``experiments.mnist.train.FitResult``).
     """
     t_start = time.perf_counter()
     args = parser.parse_args(argv)

@@ -1,4 +1,5 @@
-"""The training engine of the MNIST experiments: ``fit`` and its jitted steps.
+"""Training and evaluation of the MNIST classifiers: the losses, the jitted steps, ``fit``, and
+``train_and_evaluate``, which runs one configured run and writes its files.
 
 ``fit`` trains any Flax NNX classifier whose ``__call__(x, *, dropout_key=None)`` maps a batch
 of uint8-derived float images to logits. Its design goals, and how it meets them:
@@ -6,7 +7,7 @@ of uint8-derived float images to logits. Its design goals, and how it meets them
 * Fast: the dataset lives on the device; an epoch is a handful of jitted ``lax.scan`` chunks
   (no per-step host round trip); train state buffers are donated.
 * Reproducible, resumable bit for bit, kill-safe and interruptible: the epoch loop of
-  ``loop``, which the language models' ``lm_engine`` runs too.
+  ``experiments.common.loop``, which the language models' engine runs too.
 * Data parallel: a ``Mesh`` over ``--devices`` devices; each batch is sharded over the ``data``
   axis and parameters are replicated, so XLA inserts the gradient all-reduce.
 """
@@ -18,22 +19,82 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-import devices
 import jax
 import jax.numpy as jnp
-import loop
 import numpy as np
 import optax
-from data.mnist import MNIST, MNIST_MEAN, MNIST_STD
 from flax import nnx
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
-from signals import StopRequest
+
+import jxent
+from experiments.common import devices, loop, runfiles
+from experiments.common.plots import write_plots
+from experiments.common.signals import StopRequest
+from experiments.data.mnist import MNIST
+from experiments.mnist import input_pipeline
+from experiments.mnist.configs import SCHEDULES, Config, LeNet5Config, MLPConfig
+from experiments.mnist.input_pipeline import normalize, random_shift, steps_per_epoch
+from experiments.mnist.models import build_model
+
+LOSSES = ("jxent", "optax")
 
 
-def normalize(images: Any) -> Any:
-    """uint8 pixels -> float32, standardised with the MNIST train-set mean and std."""
-    return (images.astype(jnp.float32) / 255.0 - MNIST_MEAN) / MNIST_STD
+def make_loss(name: str, label_smoothing: float = 0.0) -> Callable[[Any, Any], Any]:
+    """Mean cross-entropy of integer labels: jxent's, or optax's for comparison."""
+
+    if name == "jxent":
+
+        def jxent_loss(logits: Any, labels: Any) -> Any:
+            return jxent.cross_entropy(logits, labels, label_smoothing=label_smoothing)
+
+        return jxent_loss
+    if name == "optax":
+
+        def optax_loss(logits: Any, labels: Any) -> Any:
+            if label_smoothing:
+                targets = optax.smooth_labels(
+                    jax.nn.one_hot(labels, logits.shape[-1]), label_smoothing
+                )
+                return optax.softmax_cross_entropy(logits, targets).mean()
+            return optax.softmax_cross_entropy_with_integer_labels(logits, labels).mean()
+
+        return optax_loss
+    raise ValueError(f"loss {name!r} is not one of {LOSSES}")
+
+
+def build_optimizer(config: Config, steps_per_epoch: int) -> optax.GradientTransformation:
+    """The config's optimizer, its schedule counting steps from 0 over the whole run.
+
+    MLP: AdamW with linear warmup, then cosine decay to zero. LeNet-5: Keras' Adam (epsilon
+    1e-7), its learning rate constant (the tutorial) or cosine-decayed to zero; decaying it
+    is the one change to the tutorial's recipe: it removes the epoch-to-epoch jitter of
+    constant-rate Adam, so the last epoch is the best.
+    """
+    total = config.epochs * steps_per_epoch
+    if isinstance(config, MLPConfig):
+        schedule = optax.warmup_cosine_decay_schedule(
+            init_value=0.0,
+            peak_value=config.learning_rate,
+            warmup_steps=min(int(config.warmup_epochs * steps_per_epoch), total // 2),
+            decay_steps=total,
+            end_value=0.0,
+        )
+        return optax.adamw(schedule, weight_decay=config.weight_decay)
+    if config.schedule == "constant":
+        learning_rate: Any = config.learning_rate
+    elif config.schedule == "cosine":
+        learning_rate = optax.cosine_decay_schedule(config.learning_rate, total)
+    else:
+        raise ValueError(f"schedule {config.schedule!r} is not one of {SCHEDULES}")
+    return optax.adam(learning_rate, eps=1e-7)
+
+
+def title(config: Config) -> str:
+    """The plots' title: the model and the loss."""
+    if isinstance(config, LeNet5Config):
+        return f"LeNet-5, {config.loss} loss"
+    return f"MLP {'-'.join(map(str, (784, *config.hidden, 10)))}, {config.loss} loss"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -48,32 +109,6 @@ class FitOptions:
     eval_batch: int = 1000
     max_shift: int = 0  # random-translation augmentation, in pixels (0: none)
     progress: bool = True
-
-
-def steps_per_epoch(n_train: int, batch_size: int) -> int:
-    """Full batches per epoch; the remainder is dropped (a fresh permutation every epoch)."""
-    if batch_size > n_train:
-        raise ValueError(f"batch size {batch_size} exceeds the {n_train} training examples")
-    return n_train // batch_size
-
-
-def random_shift(images: Any, key: Any, max_shift: int) -> Any:
-    """Translates each uint8 image ``(B, 28, 28)`` by up to ``max_shift`` pixels, zero-filled.
-
-    The classic MNIST augmentation: cheap, label-preserving, and for an MLP (which has no
-    translation invariance of its own) worth a few tenths of a percent of test accuracy.
-    """
-
-    if max_shift <= 0:
-        return images
-    height, width = images.shape[1:]
-    padded = jnp.pad(images, ((0, 0), (max_shift, max_shift), (max_shift, max_shift)))
-    offsets = jax.random.randint(key, (images.shape[0], 2), 0, 2 * max_shift + 1)
-
-    def crop(image, offset):
-        return jax.lax.dynamic_slice(image, (offset[0], offset[1]), (height, width))
-
-    return jax.vmap(crop)(padded, offsets)
 
 
 def make_train_chunk(
@@ -206,12 +241,7 @@ def fit(
         train_chunk = make_train_chunk(graphdef, optimizer, loss_fn, mesh, options.max_shift)
         eval_batch = loop.largest_divisor_at_most(len(data.test_images), options.eval_batch)
         evaluate = make_eval(graphdef, eval_loss_fn, eval_batch)
-        n_train, batch = len(data.train_images), options.batch_size
-        permute = jax.jit(
-            lambda key: jax.random.permutation(jax.random.fold_in(key, 0), n_train)[
-                : n_steps * batch
-            ].reshape(n_steps, batch)
-        )
+        permute = input_pipeline.make_permute(len(data.train_images), options.batch_size)
         return train_chunk, evaluate, permute
 
     # Same experiment config, graph, data sizes and mesh: reuse the compiled functions.
@@ -279,3 +309,51 @@ def fit(
         interrupted=outcome.interrupted,
         exit_code=outcome.exit_code,
     )
+
+
+def train_and_evaluate(
+    config: Config,
+    run_dir: Path,
+    *,
+    resume: bool = False,
+    data: MNIST | None = None,
+    progress: bool = True,
+    stop: StopRequest | None = None,
+    on_chunk: Any = None,
+    plots: bool = True,
+) -> FitResult:
+    """Trains ``config``'s model, evaluates it and writes every artefact of the run.
+
+    ``data`` replaces the MNIST loader (tests); ``plots=False`` skips the PNGs (tests);
+    ``stop``/``on_chunk`` are the interruption flag and a per-chunk hook (see ``fit``).
+    An MLP config's ``label_smoothing`` applies to training only, its ``max_shift`` is the
+    translation augmentation.
+    """
+    if data is None:
+        data = input_pipeline.load_data(config)
+    runfiles.ensure_config(run_dir, config)
+    n_steps = steps_per_epoch(len(data.train_images), config.batch_size)
+    result = fit(
+        model=build_model(config),
+        optimizer=build_optimizer(config, n_steps),
+        loss_fn=make_loss(config.loss, getattr(config, "label_smoothing", 0.0)),
+        eval_loss_fn=make_loss(config.loss),
+        data=data,
+        options=FitOptions(
+            epochs=config.epochs,
+            batch_size=config.batch_size,
+            seed=config.seed,
+            devices=config.devices,
+            chunk_steps=config.chunk_steps,
+            max_shift=getattr(config, "max_shift", 0),
+            progress=progress,
+        ),
+        run_dir=run_dir,
+        resume=resume,
+        stop=stop,
+        on_chunk=on_chunk,
+        cache_key=(config.experiment, config),
+    )
+    if plots and not result.interrupted and jax.process_index() == 0:
+        write_plots(run_dir, result, data, title(config))
+    return result

@@ -14,19 +14,18 @@ import math
 from pathlib import Path
 from typing import Any
 
-import devices
 import jax.numpy as jnp
-import lm_engine
-import loop
 import numpy as np
-import runfiles
-from brown_train import Config, build_model, build_optimizer
-from data import brown
 from flax import nnx
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
 import jxent
+from experiments.brown import input_pipeline, train
+from experiments.brown.configs import Config
+from experiments.brown.models import build_model
+from experiments.common import devices, loop, runfiles
+from experiments.data import brown
 
 SPLITS = ("valid", "test")
 
@@ -46,8 +45,8 @@ def load_best_params(run_dir: Path, corpus: brown.Corpus) -> tuple[Config, Any, 
     check_run_dir(run_dir)
     config = Config(**json.loads((run_dir / runfiles.CONFIG).read_text()))
     graphdef, params = nnx.split(build_model(config, corpus.vocab_size), nnx.Param)
-    n_steps = lm_engine.steps_per_epoch(corpus.train.stop, config.batch_size, config.context)
-    state = lm_engine.initial_state(params, build_optimizer(config, n_steps))
+    n_steps = input_pipeline.steps_per_epoch(corpus.train.stop, config.batch_size, config.context)
+    state = train.initial_state(params, train.build_optimizer(config, n_steps))
     replicated = NamedSharding(devices.make_mesh(1), P())
     checkpointer = runfiles.Checkpointer(run_dir / runfiles.CHECKPOINTS)
     restored = checkpointer.restore(loop.abstract_like(state, replicated))
@@ -63,11 +62,13 @@ def word_losses(run_dir: Path, corpus: brown.Corpus) -> dict[str, np.ndarray]:
     config, graphdef, params = load_best_params(run_dir, corpus)
     stride = config.eval_stride
     assert stride is not None
-    evaluate = lm_engine.make_evaluate(graphdef, 64, stride, per_word=True)
+    evaluate = train.make_evaluate(graphdef, 64, stride, per_word=True)
     losses = {}
     for split in SPLITS:
-        inputs, targets = lm_engine.pad_windows(
-            *lm_engine.eval_windows(corpus.ids, getattr(corpus, split), config.context, stride),
+        inputs, targets = input_pipeline.pad_windows(
+            *input_pipeline.eval_windows(
+                corpus.ids, getattr(corpus, split), config.context, stride
+            ),
             multiple=64,
         )
         per_position, _ = evaluate(params, inputs, targets)

@@ -1,4 +1,5 @@
-"""Fast checks of the MNIST experiments: smoke runs, resume, determinism, data parallelism.
+"""Fast checks of the MNIST example (experiments/mnist/): smoke runs, resume, determinism, data
+parallelism, the command line.
 
 Tiny models on a few hundred images (real MNIST when cached, synthetic otherwise); no network.
 """
@@ -7,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import os
 import signal
 import subprocess
 import sys
@@ -17,19 +19,18 @@ import jax
 import numpy as np
 import pytest
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "experiments"))
+from experiments.common import cli, runfiles, signals
+from experiments.data import mnist as mnist_data
+from experiments.mnist import main
+from experiments.mnist.configs import LeNet5Config, MLPConfig
+from experiments.mnist.train import FitResult, train_and_evaluate
 
-import five_clusters
-import mnist_lenet5
-import mnist_mlp
-import runfiles
-import signals
-from data import mnist as mnist_data
-from engine import FitResult
-
-EXPERIMENTS = Path(__file__).resolve().parents[1] / "experiments"
+ROOT = Path(__file__).resolve().parents[2]
+# A child interpreter imports ``experiments.`` from the repository root (pytest's ``pythonpath``
+# setting puts the root on this process's path only).
+PYTHONPATH = os.pathsep.join(p for p in (str(ROOT), os.environ.get("PYTHONPATH")) if p)
 RUN_FILES = ("config.json", "metrics.jsonl", "curves.png", "confusion.png", "mistakes.png")
-TINY = mnist_mlp.Config(
+TINY = MLPConfig(
     epochs=2, batch_size=32, hidden=(32,), chunk_steps=4, learning_rate=3e-3, max_shift=1
 )
 
@@ -58,7 +59,7 @@ def data() -> mnist_data.MNIST:
 def reference(tmp_path_factory, data) -> tuple[Path, FitResult]:
     """One uninterrupted tiny run (with plots) that several tests compare against."""
     run_dir = tmp_path_factory.mktemp("reference")
-    return run_dir, mnist_mlp.train(TINY, run_dir, data=data, progress=False)
+    return run_dir, train_and_evaluate(TINY, run_dir, data=data, progress=False)
 
 
 def assert_trees_equal(a, b) -> None:
@@ -86,7 +87,7 @@ def test_mlp_smoke_run_learns_and_leaves_every_artefact(reference):
 
 
 def test_same_seed_gives_identical_metrics_and_params(tmp_path, data, reference):
-    again = mnist_mlp.train(TINY, tmp_path, data=data, progress=False, plots=False)
+    again = train_and_evaluate(TINY, tmp_path, data=data, progress=False, plots=False)
     assert without_timings(again.records) == without_timings(reference[1].records)
     assert_trees_equal(again.params, reference[1].params)
 
@@ -102,13 +103,13 @@ def test_resume_after_signal_matches_uninterrupted_run_bit_for_bit(
 
     stop = signals.StopRequest()
     with stop.installed():
-        first = mnist_mlp.train(
+        first = train_and_evaluate(
             TINY, tmp_path, data=data, progress=False, stop=stop, on_chunk=interrupt, plots=False
         )
     assert first.interrupted and first.exit_code == signals.EXIT_INTERRUPTED
     assert len(first.records) == interrupt_at[0] + (interrupt_at[1] == 12)
 
-    resumed = mnist_mlp.train(TINY, tmp_path, data=data, progress=False, resume=True)
+    resumed = train_and_evaluate(TINY, tmp_path, data=data, progress=False, resume=True)
     assert not resumed.interrupted
     assert_trees_equal(resumed.params, reference[1].params)
     assert without_timings(runfiles.read_metrics(tmp_path / "metrics.jsonl")) == without_timings(
@@ -119,7 +120,7 @@ def test_resume_after_signal_matches_uninterrupted_run_bit_for_bit(
 
 
 def test_optax_loss_trains_the_identical_model(tmp_path, data, reference):
-    theirs = mnist_mlp.train(
+    theirs = train_and_evaluate(
         dataclasses.replace(TINY, loss="optax"), tmp_path, data=data, progress=False, plots=False
     )
     for ours, their in zip(reference[1].records, theirs.records, strict=True):
@@ -133,7 +134,7 @@ def data_parallel_runs(tmp_path: Path) -> dict:
     out = {}
     for devices in (1, 4):
         config = dataclasses.replace(TINY, devices=devices, epochs=1)
-        result = mnist_mlp.train(
+        result = train_and_evaluate(
             config, tmp_path / str(devices), data=data, progress=False, plots=False
         )
         out[str(devices)] = dict(
@@ -147,18 +148,23 @@ def test_data_parallel_on_four_cpu_devices_matches_one_device(tmp_path):
     if len(jax.devices()) >= 4:  # tests/conftest.py asks JAX for 8 CPU devices
         out = data_parallel_runs(tmp_path)
     else:
-        # jax_num_cpu_devices only works before JAX starts its backend: a fresh interpreter.
+        # jax_num_cpu_devices only works before JAX starts its backend: a fresh interpreter,
+        # run in this folder (``-c`` imports test_mnist from the working directory).
         script = textwrap.dedent(f"""
-            import json, sys
+            import json
             import jax
             jax.config.update("jax_num_cpu_devices", 4)
-            sys.path.insert(0, {str(Path(__file__).parent)!r})
-            from test_experiments import data_parallel_runs
+            from test_mnist import data_parallel_runs
             from pathlib import Path
             print(json.dumps(data_parallel_runs(Path({str(tmp_path)!r}))))
         """)
         completed = subprocess.run(
-            [sys.executable, "-c", script], capture_output=True, text=True, timeout=300
+            [sys.executable, "-c", script],
+            cwd=Path(__file__).parent,
+            env={**os.environ, "PYTHONPATH": PYTHONPATH},
+            capture_output=True,
+            text=True,
+            timeout=300,
         )
         assert completed.returncode == 0, completed.stderr[-3000:]
         out = json.loads(completed.stdout.strip().splitlines()[-1])
@@ -172,39 +178,30 @@ def test_data_parallel_on_four_cpu_devices_matches_one_device(tmp_path):
 
 
 def test_lenet5_smoke_run(tmp_path, data):
-    config = mnist_lenet5.Config(epochs=2, batch_size=32, chunk_steps=6)
+    config = LeNet5Config(epochs=2, batch_size=32, chunk_steps=6)
     data = dataclasses.replace(data, train_images=data.train_images[:192])
     data = dataclasses.replace(data, train_labels=data.train_labels[:192])
-    result = mnist_lenet5.train(config, tmp_path, data=data, progress=False)
+    result = train_and_evaluate(config, tmp_path, data=data, progress=False)
     assert result.records[1]["train_loss"] < result.records[0]["train_loss"]
     for name in RUN_FILES:
         assert (tmp_path / name).exists(), name
 
 
-def test_five_clusters_writes_plot_and_adam_beats_the_tutorial_recipe(tmp_path):
-    report = five_clusters.run(tmp_path, n_per_cluster=60, epochs=300)
-    tutorial, good = report["test_accuracy"].values()
-    assert good > tutorial and good > 0.85
-    assert (tmp_path / "decision_boundary.png").stat().st_size > 0
-
-
 def test_mlp_command_line_help_exits_cleanly(capsys):
     with pytest.raises(SystemExit) as info:
-        mnist_mlp.main(["--help"])
+        main.main(["--help"], model="mlp")
     assert info.value.code == 0
     assert "--label-smoothing" in capsys.readouterr().out
 
 
 def test_resume_flags_must_match_the_saved_config_except_a_longer_epochs(tmp_path):
-    import cli
-
-    parser = mnist_mlp.make_parser()
+    parser = main.make_parser("mlp")
     run_dir = tmp_path / "run"
 
     def start(*argv: str):
         argv_list = list(argv)
         return cli.start_or_resume(
-            "mnist_mlp", mnist_mlp.Config, parser, argv_list, parser.parse_args(argv_list)
+            "mnist_mlp", MLPConfig, parser, argv_list, parser.parse_args(argv_list)
         )
 
     config, _, resume = start("--out-dir", str(run_dir), "--hidden", "64", "--epochs", "2")

@@ -7,16 +7,10 @@ import os
 import sys
 import threading
 from collections.abc import Callable
-from pathlib import Path
 from typing import Any
 
 import jax
 import numpy as np
-
-# Let `python experiments/<script>.py` find jxent in a plain checkout; an installed jxent wins.
-REPO_ROOT = Path(__file__).resolve().parent.parent
-if str(REPO_ROOT) not in sys.path:
-    sys.path.append(str(REPO_ROOT))
 
 
 def initialize_distributed(

@@ -1,11 +1,12 @@
 """A SIGKILL at any instant leaves a run that a resume completes, identically.
 
-Real kills of a real training process (``tests/kill_driver.py``): the test watches the run's
-progress lines and kills it at instants spread over the run (just after chunks, during an
-epoch's evaluation, while a checkpoint is being written, ...), resumes it, kills it again, and
-so on; the run finally completed must equal an uninterrupted one bit for bit, and after every
-kill ``metrics.jsonl`` must be whole. A deterministic test covers the case the random instants
-hit only sometimes: the epoch's record written, its checkpoint not (yet) complete.
+Real kills of a real training process (``kill_driver.py``, beside this file): the test watches
+the run's progress lines and kills it at instants spread over the run (just after chunks,
+during an epoch's evaluation, while a checkpoint is being written, ...), resumes it, kills it
+again, and so on; the run finally completed must equal an uninterrupted one bit for bit, and
+after every kill ``metrics.jsonl`` must be whole. A deterministic test covers the case the
+random instants hit only sometimes: the epoch's record written, its checkpoint not (yet)
+complete.
 """
 
 from __future__ import annotations
@@ -25,6 +26,10 @@ import pytest
 
 TESTS = Path(__file__).resolve().parent
 DRIVER = TESTS / "kill_driver.py"
+ROOT = TESTS.parents[1]
+# The driver imports ``experiments.`` from the repository root (pytest's ``pythonpath`` setting
+# puts the root on this process's path only).
+PYTHONPATH = os.pathsep.join(p for p in (str(ROOT), os.environ.get("PYTHONPATH")) if p)
 
 
 def launch(which: str, run_dir: Path, *extra: str) -> subprocess.Popen:
@@ -33,7 +38,7 @@ def launch(which: str, run_dir: Path, *extra: str) -> subprocess.Popen:
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         text=True,
-        env={**os.environ, "JAX_PLATFORMS": "cpu"},
+        env={**os.environ, "JAX_PLATFORMS": "cpu", "PYTHONPATH": PYTHONPATH},
     )
 
 
@@ -124,7 +129,7 @@ def test_checkpoint_position_is_a_snapshot_taken_at_save(tmp_path):
     that checkpoint repeated the record (a CI failure of the random-kill test)."""
     import jax.numpy as jnp
 
-    from experiments import runfiles
+    from experiments.common import runfiles
 
     checkpointer = runfiles.Checkpointer(tmp_path)
     records = [{"epoch": 1}]

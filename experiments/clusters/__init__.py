@@ -1,0 +1,1 @@
+"""The NumPy tutorial's five-cluster toy: its recipe against Adam, same MLP (README.md)."""
