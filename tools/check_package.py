@@ -27,7 +27,13 @@ import zipfile
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-SDIST_MUST_HOLD = ("LICENSE", "jxent/py.typed", "tests/conftest.py", "tests/reference.py")
+SDIST_MUST_HOLD = (
+    "LICENSE",
+    "jxent/py.typed",
+    "tests/conftest.py",
+    "tests/library/conftest.py",
+    "tests/library/reference.py",
+)
 USER_SCRIPT = """\
 import jxent
 

@@ -4,7 +4,7 @@ jxent picks some kernels per platform at lowering time (``lax.platform_dependent
 GPU and TPU the normaliser comes from one online (max, sum-of-exponentials) reduction and
 the integer CE picks the target logit inside it; on GPU long rows are reduced in blocks.
 The CI machine has no accelerator, so these tests make jxent take those branches on the
-CPU (``jxent._common.simulated_platform``).
+CPU (``jxent._reductions.simulated_platform``).
 
 Values and gradients are compared with float64 NumPy formulas (``reference.py``), the
 simulated paths and the real CPU path alike, within a bound on float32 rounding (see
@@ -23,7 +23,7 @@ from jax.sharding import AxisType, NamedSharding
 from jax.sharding import PartitionSpec as P
 
 import jxent
-from jxent import _common
+from jxent import _reductions
 
 PLATFORMS = ("cuda", "tpu")
 PATHS = (*PLATFORMS, None)  # None: the real CPU path
@@ -44,11 +44,11 @@ BF16_HALF_ULP = 2.0**-8  # bfloat16 outputs: one rounding, relative 2^-9, with m
 def _run(platform, fn, *args):
     """``fn(*args)`` traced for ``platform`` (None: the real CPU path), caches cleared."""
     jax.clear_caches()
-    _common.simulated_platform = platform
+    _reductions.simulated_platform = platform
     try:
         return jax.tree.map(np.asarray, fn(*args))
     finally:
-        _common.simulated_platform = None
+        _reductions.simulated_platform = None
         jax.clear_caches()
 
 

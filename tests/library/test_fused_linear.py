@@ -1,7 +1,7 @@
 """Tests for jxent's fused linear + cross-entropy against an unfused float64 reference.
 
 The reference forms the float64 logits ``x @ w + b`` (soft-capped when asked) with NumPy and
-hands them to the independent float64 cross-entropy reference in ``tests/reference.py``; the
+hands them to the independent float64 cross-entropy reference in ``tests/library/reference.py``; the
 gradients for ``x``, ``w`` and ``bias`` follow from its logits gradient by the chain rule.
 """
 
@@ -19,7 +19,8 @@ from jax.sharding import Mesh
 from jax.sharding import PartitionSpec as P
 
 from jxent import _fused_linear
-from jxent._fused_linear import default_chunk_size, fused_linear_cross_entropy, vocab_block_size
+from jxent._fused_linear import fused_linear_cross_entropy
+from jxent._fused_linear_kernels import default_chunk_size, vocab_block_size
 
 N, D, V = 29, 12, 37  # N is not a multiple of the chunk sizes below: padding is exercised.
 RTOL = 1e-5

@@ -12,7 +12,7 @@ import pytest
 from jax import export
 
 import jxent
-from jxent import _common, _fused_linear
+from jxent import _fused_linear, _reductions
 
 # name -> fn(logits, labels, targets) -> scalar
 LOSSES = {
@@ -159,13 +159,13 @@ def test_accelerators_recompute_exponentials_instead_of_saving_them():
 
 
 def test_block_size_rule():
-    assert _common.block_size(32000) is None
-    assert _common.block_size(65536) == 8192
-    assert _common.block_size(128256) == 8016  # a divisor near 8192
-    assert _common.block_size(50257) == 1733  # 29 blocks
-    assert _common.block_size(100277) == 673
-    assert _common.block_size(50261) is None  # a prime: no blocking
-    assert _common.block_size(export.symbolic_shape("v")[0]) is None
+    assert _reductions.block_size(32000) is None
+    assert _reductions.block_size(65536) == 8192
+    assert _reductions.block_size(128256) == 8016  # a divisor near 8192
+    assert _reductions.block_size(50257) == 1733  # 29 blocks
+    assert _reductions.block_size(100277) == 673
+    assert _reductions.block_size(50261) is None  # a prime: no blocking
+    assert _reductions.block_size(export.symbolic_shape("v")[0]) is None
 
 
 @pytest.mark.parametrize("classes", [50257, 100277])
