@@ -3,7 +3,8 @@
 Run by ``make test`` (``make package-check``); about 30 s, offline. Checks:
 
 * the wheel holds ``jxent/py.typed`` and the licence; the sdist holds the licence,
-  ``py.typed`` and the tests with their references and conftest;
+  ``py.typed`` and the library's tests (every file of tests/library) with their references
+  and conftests;
 * the wheel installs (``--no-deps --no-index``) into a fresh virtual environment, where
   ``import jxent`` finds the installed copy (JAX comes from this environment's
   site-packages on ``PYTHONPATH``) and computes;
@@ -69,7 +70,8 @@ def check_wheel_contents(wheel: Path) -> None:
 def check_sdist_contents(sdist: Path) -> None:
     with tarfile.open(sdist) as tar:
         names = {n.split("/", 1)[1] for n in tar.getnames() if "/" in n}
-    missing = [n for n in SDIST_MUST_HOLD if n not in names]
+    library_tests = [str(p.relative_to(ROOT)) for p in (ROOT / "tests" / "library").glob("*.py")]
+    missing = [n for n in (*SDIST_MUST_HOLD, *sorted(library_tests)) if n not in names]
     assert not missing, f"{sdist.name} lacks {missing}"
 
 

@@ -25,6 +25,8 @@ from jax.sharding import PartitionSpec as P
 import jxent
 from jxent import _reductions
 
+pytestmark = pytest.mark.numerics
+
 PLATFORMS = ("cuda", "tpu")
 PATHS = (*PLATFORMS, None)  # None: the real CPU path
 
@@ -413,6 +415,7 @@ def _vocab_parallel(y, t, g, mesh):
 
 
 # 8 x 9 classes: unblocked; 8 x 20000: each device's rows take the GPU block path.
+@pytest.mark.sharding
 @pytest.mark.parametrize("path", PATHS)
 @pytest.mark.parametrize("local_classes", [9, 20000])
 def test_vocab_parallel_axis_name_in_shard_map(path, local_classes):
@@ -428,6 +431,7 @@ def test_vocab_parallel_axis_name_in_shard_map(path, local_classes):
     _check_normalisers_and_dense_ce((dense, lse, soft, soft_vjp, log_soft, log_soft_vjp), x, t, g)
 
 
+@pytest.mark.sharding
 @pytest.mark.parametrize("platform", PLATFORMS)
 def test_vocab_parallel_all_masked_row_under_debug_nans(platform):
     mesh = _mesh((8,), ("v",))
@@ -464,6 +468,7 @@ EXPLICIT_LONG_ROWS = pytest.mark.xfail(
 @pytest.mark.parametrize(
     "axis_type", [pytest.param(AxisType.Explicit, marks=EXPLICIT_LONG_ROWS), AxisType.Auto]
 )
+@pytest.mark.sharding
 @pytest.mark.parametrize("layout", ["classes", "2d"])
 def test_sharded_logits_on_meshes(path, axis_type, layout):
     """Logits sharded on an explicit or auto mesh: jxent maps the shards itself."""

@@ -20,6 +20,8 @@ from jax.test_util import check_grads
 
 import jxent
 
+pytestmark = pytest.mark.numerics
+
 IGNORE = -100
 HALF = (jnp.bfloat16, jnp.float16)
 DTYPES = [jnp.float32, jnp.bfloat16, jnp.float16, jnp.float64]

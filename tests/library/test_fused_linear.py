@@ -22,6 +22,8 @@ from jxent import _fused_linear
 from jxent._fused_linear import fused_linear_cross_entropy
 from jxent._fused_linear_kernels import default_chunk_size, vocab_block_size
 
+pytestmark = pytest.mark.numerics
+
 N, D, V = 29, 12, 37  # N is not a multiple of the chunk sizes below: padding is exercised.
 RTOL = 1e-5
 
@@ -379,6 +381,7 @@ def _vocab_mesh():
     return Mesh(np.array(jax.devices()[:8]), ("vocab",))
 
 
+@pytest.mark.sharding
 @pytest.mark.parametrize("reduction", ["mean", "none"])
 def test_vocab_parallel_equals_single_device(kernel, reduction):
     mesh = _vocab_mesh()

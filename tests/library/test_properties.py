@@ -12,11 +12,14 @@ import hypothesis.extra.numpy as hnp
 import jax
 import jax.numpy as jnp
 import numpy as np
+import pytest
 import reference as ref
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import jxent
+
+pytestmark = pytest.mark.numerics
 
 FAST = settings(max_examples=25, deadline=None)
 # Op-by-op execution compiles every primitive: a few examples suffice there.

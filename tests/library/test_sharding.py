@@ -19,6 +19,8 @@ from jax.sharding import PartitionSpec as P
 import jxent
 from jxent import _fused_linear
 
+pytestmark = pytest.mark.sharding
+
 B, C, D = 16, 64, 8
 KEYS = jax.random.split(jax.random.key(7), 6)
 LOGITS = jax.random.normal(KEYS[0], (B, C)) * 3
