@@ -4,9 +4,10 @@ of :mod:`jxent._fused_linear_kernels` (where the algorithm is described).
 
 from __future__ import annotations
 
+import contextvars
 import functools
-from collections.abc import Hashable
-from typing import Literal
+from collections.abc import Callable, Hashable
+from typing import Any, Literal
 
 import jax
 import jax.numpy as jnp
@@ -22,6 +23,22 @@ from jxent import (
 )
 from jxent._fused_linear_kernels import KERNELS, Config, local_loss
 from jxent._jit import jitted
+
+_STATIC = (
+    "chunk_size",
+    "ignore_index",
+    "label_smoothing",
+    "z_loss",
+    "logit_softcap",
+    "reduction",
+    "axis_name",
+)
+
+# Test-only: the (kernel, vocab_block) that tracing uses, "auto" (per platform) by default;
+# see with_kernel.
+_FORCED_KERNEL: contextvars.ContextVar[tuple[str, int]] = contextvars.ContextVar(
+    "jxent_fused_linear_kernel", default=("auto", 0)
+)
 
 
 def _check_shapes(
@@ -73,6 +90,7 @@ def _check_chunk_size(chunk_size: int | None) -> None:
         raise ValueError(f"chunk_size must be a positive int or None, got {chunk_size!r}.")
 
 
+@jitted(*_STATIC)
 def fused_linear_cross_entropy(
     x: ArrayLike,
     w: ArrayLike,
@@ -177,53 +195,7 @@ def fused_linear_cross_entropy(
       Gemma Team, `Gemma 2 <https://arxiv.org/abs/2408.00118>`_, 2024 (logit soft-capping);
       Chowdhery et al., `PaLM <https://arxiv.org/abs/2204.02311>`_, 2022 (z-loss).
     """
-    return _fused_linear_cross_entropy(
-        x=x,
-        w=w,
-        labels=labels,
-        bias=bias,
-        chunk_size=chunk_size,
-        class_weights=class_weights,
-        ignore_index=ignore_index,
-        label_smoothing=label_smoothing,
-        z_loss=z_loss,
-        logit_softcap=logit_softcap,
-        reduction=reduction,
-        axis_name=axis_name,
-    )
-
-
-@jitted(
-    "chunk_size",
-    "ignore_index",
-    "label_smoothing",
-    "z_loss",
-    "logit_softcap",
-    "reduction",
-    "axis_name",
-    "kernel",
-    "vocab_block",
-)
-def _fused_linear_cross_entropy(
-    x: ArrayLike,
-    w: ArrayLike,
-    labels: ArrayLike,
-    *,
-    bias: ArrayLike | None = None,
-    chunk_size: int | None = None,
-    class_weights: ArrayLike | None = None,
-    ignore_index: int | None = None,
-    label_smoothing: float = 0.0,
-    z_loss: float = 0.0,
-    logit_softcap: float | None = None,
-    reduction: _validation.Reduction = "mean",
-    axis_name: Hashable | None = None,
-    kernel: str = "auto",
-    vocab_block: int = 0,
-) -> jax.Array:
     _validation.check_reduction(reduction)
-    if kernel not in KERNELS:
-        raise ValueError(f"kernel must be one of {KERNELS}, got {kernel!r}.")
     _validation.check_axis_name(axis_name)
     _validation.check_ignore_index(ignore_index)
     _check_chunk_size(chunk_size)
@@ -245,6 +217,7 @@ def _fused_linear_cross_entropy(
     if weights is not None:
         weights = lax.stop_gradient(weights)
 
+    kernel, vocab_block = _FORCED_KERNEL.get()
     # chunk_size 0 and num_rows 0 are filled in per device by local_loss.
     options = Config(
         chunk_size or 0,
@@ -274,3 +247,25 @@ def _fused_linear_cross_entropy(
     out_kind = _sharding.BATCH if reduction == "none" else _sharding.REPLICATED
     local = functools.partial(local_loss, options=options)
     return _sharding.map_shards(local, plan, args, out_kind)
+
+
+@functools.cache
+def with_kernel(kernel: str, vocab_block: int = 0) -> Callable[..., jax.Array]:
+    """Test-only: :func:`fused_linear_cross_entropy` with its kernel forced, e.g. the
+    vocabulary-blocked kernel of GPU and TPU (``"blocked"``, ``vocab_block`` classes per
+    block, 0: the default size) on the CPU. A jitted function of its own, so that its
+    compiled programs never mix with the public function's; it traces the same definition
+    with ``(kernel, vocab_block)`` set for the duration of the trace."""
+    if kernel not in KERNELS:
+        raise ValueError(f"kernel must be one of {KERNELS}, got {kernel!r}.")
+    definition = fused_linear_cross_entropy.__wrapped__  # type: ignore[attr-defined]
+
+    @functools.wraps(definition)
+    def forced(*args: Any, **kwargs: Any) -> jax.Array:
+        token = _FORCED_KERNEL.set((kernel, vocab_block))
+        try:
+            return definition(*args, **kwargs)  # type: ignore[no-any-return]
+        finally:
+            _FORCED_KERNEL.reset(token)
+
+    return jitted(*_STATIC)(forced)

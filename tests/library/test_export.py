@@ -71,9 +71,7 @@ def test_export_fused_linear_cross_entropy(reduction, kernel):
     symbolic ``V`` takes blocks of ``min(V, 1024)`` classes and a traced number of them."""
 
     def loss(x, w, y):
-        out = _fused_linear._fused_linear_cross_entropy(
-            x, w, y, label_smoothing=0.1, reduction=reduction, kernel=kernel
-        )
+        out = _fused_linear.with_kernel(kernel)(x, w, y, label_smoothing=0.1, reduction=reduction)
         return jnp.sum(out * jnp.cos(jnp.arange(out.size, dtype=out.dtype)))
 
     step = jax.jit(jax.value_and_grad(loss, argnums=(0, 1)))

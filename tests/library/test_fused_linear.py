@@ -42,7 +42,7 @@ def kernel(request):
 def _fused(kernel):
     if kernel == "auto":
         return fused_linear_cross_entropy
-    return functools.partial(_fused_linear._fused_linear_cross_entropy, **KERNELS[kernel])
+    return _fused_linear.with_kernel(**KERNELS[kernel])
 
 
 def _inputs(seed=0, n=N, d=D, v=V):
@@ -436,7 +436,7 @@ def test_vocab_block_size_rule():
 def _dw_error(kernel, x, w, y):
     """Largest |dw - dw_float64| relative to max |dw_float64|, for bfloat16 x and w."""
     x16, w16 = jnp.asarray(x, jnp.bfloat16), jnp.asarray(w, jnp.bfloat16)
-    loss = functools.partial(_fused_linear._fused_linear_cross_entropy, labels=y, kernel=kernel)
+    loss = functools.partial(_fused_linear.with_kernel(kernel), labels=y)
     dw = jax.jit(jax.grad(loss, argnums=1))(x16, w16)
     x32, w32 = np.asarray(x16, np.float32), np.asarray(w16, np.float32)
     want = reference(x32, w32, y, reduction="mean")[2]
@@ -456,7 +456,7 @@ def test_blocked_kernel_bfloat16_weight_gradient_is_as_accurate_as_chunked():
 
 
 def _gradient_program(kernel, n=512, d=256, v=4096, dtype=jnp.bfloat16, **options):
-    loss = functools.partial(_fused_linear._fused_linear_cross_entropy, kernel=kernel, **options)
+    loss = functools.partial(_fused_linear.with_kernel(kernel), **options)
     args = (
         jax.ShapeDtypeStruct((n, d), dtype),
         jax.ShapeDtypeStruct((d, v), dtype),

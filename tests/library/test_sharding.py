@@ -174,10 +174,12 @@ def test_fused_linear_cross_entropy(layout, axis_type, reduction, kernel):
     mesh, spec = make_mesh(layout, axis_type)
     batch_axis, vocab_axis = spec
     bias = jnp.linspace(-1.0, 1.0, C)
-    options = {} if kernel == "auto" else {"kernel": kernel, "vocab_block": 3}
+    fused = jxent.fused_linear_cross_entropy
+    if kernel != "auto":
+        fused = _fused_linear.with_kernel(kernel, vocab_block=3)
 
     def loss(x, w, b, y):
-        out = _fused_linear._fused_linear_cross_entropy(
+        out = fused(
             x,
             w,
             y,
@@ -186,7 +188,6 @@ def test_fused_linear_cross_entropy(layout, axis_type, reduction, kernel):
             ignore_index=5,
             label_smoothing=0.1,
             reduction=reduction,
-            **options,
         )
         return jnp.sum(out * jnp.cos(jnp.arange(B))) if reduction == "none" else out
 
