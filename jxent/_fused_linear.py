@@ -264,7 +264,7 @@ def with_kernel(kernel: str, vocab_block: int = 0) -> Callable[..., jax.Array]:
     def forced(*args: Any, **kwargs: Any) -> jax.Array:
         token = _FORCED_KERNEL.set((kernel, vocab_block))
         try:
-            return definition(*args, **kwargs)  # type: ignore[no-any-return]
+            return definition(*args, **kwargs)
         finally:
             _FORCED_KERNEL.reset(token)
 
