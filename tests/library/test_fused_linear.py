@@ -455,8 +455,8 @@ def test_blocked_kernel_bfloat16_weight_gradient_is_as_accurate_as_chunked():
     assert blocked <= 1.25 * chunked
 
 
-def _gradient_program(kernel, n=512, d=256, v=4096, dtype=jnp.bfloat16, **options):
-    loss = functools.partial(_fused_linear.with_kernel(kernel), **options)
+def _gradient_program(kernel, n=512, d=256, v=4096, dtype=jnp.bfloat16, vocab_block=0, **options):
+    loss = functools.partial(_fused_linear.with_kernel(kernel, vocab_block), **options)
     args = (
         jax.ShapeDtypeStruct((n, d), dtype),
         jax.ShapeDtypeStruct((d, v), dtype),
