@@ -46,6 +46,7 @@ def _round_trip(fn, *specs):
     return export.deserialize(exported.serialize())
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", LOSSES)
 def test_export_symbolic_batch_and_classes(name):
     step = jax.jit(jax.value_and_grad(LOSSES[name]))
@@ -64,6 +65,7 @@ def test_export_symbolic_batch_and_classes(name):
         np.testing.assert_allclose(got_grad, want_grad, rtol=1e-4, atol=1e-7)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("kernel", ["auto", "blocked"])
 @pytest.mark.parametrize("reduction", ["mean", "none"])
 def test_export_fused_linear_cross_entropy(reduction, kernel):
@@ -94,6 +96,7 @@ def test_export_fused_linear_cross_entropy(reduction, kernel):
             np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-6)
 
 
+@pytest.mark.slow
 def test_export_for_cpu_and_cuda_in_one_artifact():
     """One exported program carries both lowerings; the CPU one runs here."""
     step = jax.jit(jax.value_and_grad(LOSSES["cross_entropy"]))

@@ -218,6 +218,7 @@ def test_all_ignored_mean_is_zero_with_zero_gradient(kernel):
     assert not np.any(dx) and not np.any(dw)
 
 
+@pytest.mark.slow
 def test_vmap_matches_a_loop(kernel):
     xs = np.stack([X, _inputs(seed=5)[0]])
     ys = np.stack([Y, _inputs(seed=5)[3]])
@@ -236,6 +237,7 @@ def test_vmap_matches_a_loop(kernel):
         _assert_close(dws[i], want_dw)
 
 
+@pytest.mark.slow
 def test_bfloat16_inputs_accumulate_in_float32(kernel):
     x16, w16 = jnp.asarray(X, jnp.bfloat16), jnp.asarray(W, jnp.bfloat16)
     loss = functools.partial(_fused(kernel), labels=Y, chunk_size=8)
@@ -265,6 +267,7 @@ def test_labels_are_not_differentiated_and_forward_mode_is_refused():
         jax.jvp(lambda x: fused_linear_cross_entropy(x, W, Y), (X,), (X,))
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("argnum", [0, 1])
 @pytest.mark.parametrize("second_order", ["hessian", "jacrev_of_grad"])
 def test_second_derivatives_match_unfused(kernel, argnum, second_order):
@@ -381,6 +384,7 @@ def _vocab_mesh():
     return Mesh(np.array(jax.devices()[:8]), ("vocab",))
 
 
+@pytest.mark.slow
 @pytest.mark.sharding
 @pytest.mark.parametrize("reduction", ["mean", "none"])
 def test_vocab_parallel_equals_single_device(kernel, reduction):
@@ -443,6 +447,7 @@ def _dw_error(kernel, x, w, y):
     return np.max(np.abs(np.asarray(dw, np.float64) - want)) / np.max(np.abs(want))
 
 
+@pytest.mark.slow
 def test_blocked_kernel_bfloat16_weight_gradient_is_as_accurate_as_chunked():
     """The blocked kernel sums each dw column over all N tokens inside one GEMM (float32
     accumulation) and rounds once to bfloat16; the chunked one adds float32 chunk products.

@@ -11,6 +11,8 @@ import pytest
 
 import jxent
 
+pytestmark = pytest.mark.numerics
+
 LOGITS = jnp.array([[1.0, 2.0, 3.0, 0.5], [0.0, -1.0, 2.0, 1.0], [0.3, 0.2, 0.1, 0.0]])
 X = jnp.array([[1.0, 0.0], [0.0, 2.0], [1.0, -1.0]])
 W = jnp.array([[1.0, -1.0, 0.0, 0.5], [0.5, 0.0, 1.0, -0.5]])

@@ -102,6 +102,7 @@ def _total(fn):
     return total
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("axis_type", AXIS_TYPES)
 @pytest.mark.parametrize("layout", LAYOUTS)
 @pytest.mark.parametrize("name", CASES)
@@ -144,6 +145,7 @@ def test_explicit_mode_with_replicated_targets(name):
     assert _spec(grad) == tuple(spec)
 
 
+@pytest.mark.slow
 def test_explicit_mode_class_axes_first_and_batch_of_rank_two():
     """Class axis not last, two batch axes, and a where mask, under 2-D explicit sharding."""
     logits = LOGITS.reshape(4, 4, C).transpose(2, 0, 1)  # [C, 4, 4]
@@ -162,6 +164,7 @@ def test_explicit_mode_class_axes_first_and_batch_of_rank_two():
     assert _spec(grad) == ("v", "b", None)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("axis_type", AXIS_TYPES)
 @pytest.mark.parametrize("layout", LAYOUTS)
 @pytest.mark.parametrize("reduction", ["mean", "none"])
