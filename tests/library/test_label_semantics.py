@@ -79,6 +79,7 @@ def test_check_labels_reports_the_unsigned_value():
         jxent.cross_entropy(LOGITS, labels, ignore_index=-1, check_labels=True)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("axis", [(3, 2), (2, 3), (-1, -2), (1, 3)])
 def test_tuple_axes_flatten_in_the_order_given_as_optax(axis):
     """optax's own test_axes: axis=(3, 2) makes axis 3 the major one."""

@@ -235,6 +235,7 @@ def normaliser_cases(draw):
 class TestNormalisersMatchJaxNn:
     """Every normaliser equals ``jax.nn``'s in value, shape and dtype over random calls."""
 
+    @pytest.mark.slow
     @settings(max_examples=40, deadline=None)
     @given(normaliser_cases())
     def test_value_shape_and_dtype(self, case):
