@@ -501,6 +501,7 @@ def test_sharded_logits_on_meshes(path, axis_type, layout):
     _check_integer_ce(int_ce, x0, y0, {"label_smoothing": 0.1, "z_loss": 1e-3})
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("platform", PLATFORMS)
 def test_reverse_over_reverse_through_the_online_reduction(platform, x64):
     """``grad`` of ``grad``: reverse mode transposes the online normaliser's derivative
