@@ -9,8 +9,8 @@ import jax
 import jax.numpy as jnp
 from jax.typing import ArrayLike
 
-from jxent import _common as c
-from jxent import _sharding as sh
+from jxent import _dtypes, _elementwise, _loss_reduction, _sharding, _validation
+from jxent._jit import jitted
 
 
 def _softplus(x: jax.Array) -> jax.Array:
@@ -30,10 +30,12 @@ def _smooth(y: jax.Array, eps: float) -> jax.Array:
 def _bce_fwd(
     x: jax.Array, y: jax.Array, pos_weight: jax.Array, eps: float
 ) -> tuple[jax.Array, tuple[Any, ...]]:
-    dtype = c.compute_dtype(x.dtype)
+    dtype = _dtypes.compute_dtype(x.dtype)
     xf, t, pw = x.astype(dtype), _smooth(y.astype(dtype), eps), pos_weight.astype(dtype)
     # -log sigmoid(x) = softplus(-x) and -log(1 - sigmoid(x)) = softplus(x).
-    loss = c.weighted(pw * t, _softplus(-xf)) + c.weighted(1.0 - t, _softplus(xf))
+    loss = _elementwise.weighted(pw * t, _softplus(-xf)) + _elementwise.weighted(
+        1.0 - t, _softplus(xf)
+    )
     return loss, (x, y, pos_weight)
 
 
@@ -44,7 +46,7 @@ def _bce_bwd(eps: float, residuals: tuple[Any, ...], g: jax.Array) -> tuple[Any,
     sig = jax.nn.sigmoid(xf)
     dx = g * (pw * t * (sig - 1.0) + (1.0 - t) * sig)
     dy = g * (1.0 - eps) * (pw * _softplus(-xf) - _softplus(xf))
-    dpw = _sum_to_shape(g * c.weighted(t, _softplus(-xf)), pos_weight.shape)
+    dpw = _sum_to_shape(g * _elementwise.weighted(t, _softplus(-xf)), pos_weight.shape)
     return dx.astype(x.dtype), dy.astype(y.dtype), dpw.astype(pos_weight.dtype)
 
 
@@ -60,6 +62,7 @@ def _sum_to_shape(x: jax.Array, shape: tuple[int, ...]) -> jax.Array:
 _bce_impl.defvjp(_bce_fwd, _bce_bwd)
 
 
+@jitted("label_smoothing", "reduction")
 def sigmoid_binary_cross_entropy(
     logits: ArrayLike,
     labels: ArrayLike,
@@ -97,27 +100,9 @@ def sigmoid_binary_cross_entropy(
       >>> jxent.sigmoid_binary_cross_entropy(jnp.array([0.0, 100.0]), jnp.array([1.0, 0.0]))
       Array([  0.6931, 100.    ], dtype=float32)
     """
-    return _sigmoid_binary_cross_entropy(
-        logits=logits,
-        labels=labels,
-        pos_weight=pos_weight,
-        label_smoothing=label_smoothing,
-        reduction=reduction,
-    )
-
-
-@c.jit_with_static("label_smoothing", "reduction")
-def _sigmoid_binary_cross_entropy(
-    logits: ArrayLike,
-    labels: ArrayLike,
-    *,
-    pos_weight: ArrayLike | None = None,
-    label_smoothing: float = 0.0,
-    reduction: c.Reduction = "none",
-) -> jax.Array:
-    c.check_reduction(reduction)
-    eps = c.check_unit_interval(label_smoothing, "label_smoothing")
-    x = c.as_floating(logits, "logits")
+    _validation.check_reduction(reduction)
+    eps = _validation.check_unit_interval(label_smoothing, "label_smoothing")
+    x = _dtypes.as_floating(logits, "logits")
     y = jnp.asarray(labels)
     if y.shape != x.shape:
         raise ValueError(
@@ -125,8 +110,12 @@ def _sigmoid_binary_cross_entropy(
         )
     if not jnp.issubdtype(y.dtype, jnp.floating):
         y = y.astype(x.dtype)
-    y = sh.reshard_like(y, x)
-    pw = jnp.ones((), c.compute_dtype(x.dtype)) if pos_weight is None else jnp.asarray(pos_weight)
+    y = _sharding.reshard_like(y, x)
+    pw = (
+        jnp.ones((), _dtypes.compute_dtype(x.dtype))
+        if pos_weight is None
+        else jnp.asarray(pos_weight)
+    )
     # pos_weight stays small (e.g. [C]); the rules broadcast it and sum its cotangent back.
     try:
         fits = jnp.broadcast_shapes(pw.shape, x.shape) == x.shape
@@ -137,4 +126,4 @@ def _sigmoid_binary_cross_entropy(
             f"pos_weight of shape {pw.shape} is not broadcastable to the logits' shape {x.shape}."
         )
     loss = _bce_impl(x, y, pw, eps)
-    return c.reduce_loss(loss, jnp.ones_like(loss), reduction)
+    return _loss_reduction.reduce_loss(loss, jnp.ones_like(loss), reduction)

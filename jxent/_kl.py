@@ -8,8 +8,8 @@ import jax
 import jax.numpy as jnp
 from jax.typing import ArrayLike
 
-from jxent import _common as c
-from jxent import _sharding as sh
+from jxent import _dtypes, _elementwise, _layout, _reductions, _sharding, _validation
+from jxent._jit import jitted
 
 
 def _log_or_zero(t: jax.Array) -> jax.Array:
@@ -29,19 +29,19 @@ def _kl_impl(lp: jax.Array, t: jax.Array, where: jax.Array | None) -> jax.Array:
 def _kl_fwd(
     lp: jax.Array, t: jax.Array, where: jax.Array | None
 ) -> tuple[jax.Array, tuple[Any, ...]]:
-    dtype = c.compute_dtype(jnp.result_type(lp, t))
+    dtype = _dtypes.compute_dtype(jnp.result_type(lp, t))
     lpf, tf = lp.astype(dtype), t.astype(dtype)
-    terms = c.weighted(tf, _log_or_zero(tf) - lpf)
-    return c.class_sum(c.mask(terms, where, 0.0))[..., 0], (lp, t, where)
+    terms = _elementwise.weighted(tf, _log_or_zero(tf) - lpf)
+    return _reductions.class_sum(_elementwise.mask(terms, where, 0.0))[..., 0], (lp, t, where)
 
 
 def _kl_bwd(residuals: tuple[Any, ...], g: jax.Array) -> tuple[Any, ...]:
     lp, t, where = residuals
     g = g[..., None]
     lpf, tf = lp.astype(g.dtype), t.astype(g.dtype)
-    dlp = c.mask(-g * tf, where, 0.0)
+    dlp = _elementwise.mask(-g * tf, where, 0.0)
     # d/dt [t log t] = log t + 1 for t > 0; at t = 0 the 0·log 0 branch is constant (as optax).
-    dt = c.mask(
+    dt = _elementwise.mask(
         g * (jnp.where(tf == 0, jnp.zeros_like(tf), _log_or_zero(tf) + 1.0) - lpf), where, 0.0
     )
     return dlp.astype(lp.dtype), dt.astype(t.dtype), None
@@ -68,10 +68,10 @@ def _kl_log_impl(lp: jax.Array, lt: jax.Array, where: jax.Array | None) -> jax.A
 def _kl_log_fwd(
     lp: jax.Array, lt: jax.Array, where: jax.Array | None
 ) -> tuple[jax.Array, tuple[Any, ...]]:
-    dtype = c.compute_dtype(jnp.result_type(lp, lt))
+    dtype = _dtypes.compute_dtype(jnp.result_type(lp, lt))
     lpf, ltf = lp.astype(dtype), lt.astype(dtype)
     terms = jnp.where(jnp.isneginf(ltf), jnp.zeros_like(ltf), jnp.exp(ltf) * _log_ratio(ltf, lpf))
-    return c.class_sum(c.mask(terms, where, 0.0))[..., 0], (lp, lt, where)
+    return _reductions.class_sum(_elementwise.mask(terms, where, 0.0))[..., 0], (lp, lt, where)
 
 
 def _kl_log_bwd(residuals: tuple[Any, ...], g: jax.Array) -> tuple[Any, ...]:
@@ -79,9 +79,9 @@ def _kl_log_bwd(residuals: tuple[Any, ...], g: jax.Array) -> tuple[Any, ...]:
     g = g[..., None]
     lpf, ltf = lp.astype(g.dtype), lt.astype(g.dtype)
     t = jnp.exp(ltf)
-    dlp = c.mask(-g * t, where, 0.0)
+    dlp = _elementwise.mask(-g * t, where, 0.0)
     dlt = jnp.where(jnp.isneginf(ltf), jnp.zeros_like(t), g * t * (_log_ratio(ltf, lpf) + 1.0))
-    return dlp.astype(lp.dtype), c.mask(dlt, where, 0.0).astype(lt.dtype), None
+    return dlp.astype(lp.dtype), _elementwise.mask(dlt, where, 0.0).astype(lt.dtype), None
 
 
 _kl_log_impl.defvjp(_kl_log_fwd, _kl_log_bwd)
@@ -94,22 +94,23 @@ def _apply(
     impl: Any,
     log_predictions: ArrayLike,
     targets: ArrayLike,
-    axis: c.Axis,
+    axis: _validation.Axis,
     where: ArrayLike | None,
     target_name: str,
 ) -> jax.Array:
-    lp = c.as_floating(log_predictions, "log_predictions")
-    t = c.as_floating(targets, target_name)
+    lp = _dtypes.as_floating(log_predictions, "log_predictions")
+    t = _dtypes.as_floating(targets, target_name)
     if t.shape != lp.shape:
         raise ValueError(
             f"{target_name} of shape {t.shape} must match log_predictions of shape {lp.shape}."
         )
-    layout = c.ClassLayout(lp.shape, c.canonical_axes(axis, lp.ndim))
+    layout = _layout.ClassLayout(lp.shape, _validation.canonical_axes(axis, lp.ndim))
     lp, t = layout.to_last(lp), layout.to_last(t)
-    mask = sh.reshard_like(c.broadcast_where(where, layout), lp)
-    return impl(lp, sh.reshard_like(t, lp), mask)
+    mask = _sharding.reshard_like(_layout.broadcast_where(where, layout), lp)
+    return impl(lp, _sharding.reshard_like(t, lp), mask)
 
 
+@jitted("axis")
 def kl_divergence(
     log_predictions: ArrayLike,
     targets: ArrayLike,
@@ -139,14 +140,10 @@ def kl_divergence(
       >>> jxent.kl_divergence(jnp.log(jnp.array([0.5, 0.5])), jnp.array([1.0, 0.0]))
       Array(0.6931, dtype=float32)
     """
-    return _kl_divergence(
-        log_predictions=log_predictions,
-        targets=targets,
-        axis=axis,
-        where=where,
-    )
+    return _apply(_kl_impl, log_predictions, targets, axis, where, "targets")
 
 
+@jitted("axis")
 def kl_divergence_with_log_targets(
     log_predictions: ArrayLike,
     log_targets: ArrayLike,
@@ -176,29 +173,4 @@ def kl_divergence_with_log_targets(
       >>> jxent.kl_divergence_with_log_targets(lp, lp)
       Array(0., dtype=float32)
     """
-    return _kl_divergence_with_log_targets(
-        log_predictions=log_predictions,
-        log_targets=log_targets,
-        axis=axis,
-        where=where,
-    )
-
-
-@c.jit_with_static("axis")
-def _kl_divergence(
-    log_predictions: ArrayLike,
-    targets: ArrayLike,
-    axis: c.Axis = -1,
-    where: ArrayLike | None = None,
-) -> jax.Array:
-    return _apply(_kl_impl, log_predictions, targets, axis, where, "targets")
-
-
-@c.jit_with_static("axis")
-def _kl_divergence_with_log_targets(
-    log_predictions: ArrayLike,
-    log_targets: ArrayLike,
-    axis: c.Axis = -1,
-    where: ArrayLike | None = None,
-) -> jax.Array:
     return _apply(_kl_log_impl, log_predictions, log_targets, axis, where, "log_targets")

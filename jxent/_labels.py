@@ -23,7 +23,7 @@ from jax import lax
 from jax.experimental import checkify
 from jax.typing import ArrayLike
 
-from jxent import _common as c
+from jxent import _elementwise, _loss_reduction
 
 
 class Targets(NamedTuple):
@@ -70,9 +70,9 @@ def resolve(
     ``counted``: per-example flags of rows that take part (None: all). ``allowed``:
     ``[..., C]`` flags of the classes a label may point at (None: all), e.g. ``where``.
     """
-    local = labels - c.class_offset(num_local, axis_name)
+    local = labels - _loss_reduction.class_offset(num_local, axis_name)
     in_shard = (local >= 0) & (local < num_local)
-    valid = (labels >= 0) & (labels < c.global_num_classes(num_local, axis_name))
+    valid = (labels >= 0) & (labels < _loss_reduction.global_num_classes(num_local, axis_name))
     if allowed is not None:
         valid = valid & (take(allowed.astype(jnp.int32), local, in_shard, axis_name) > 0)
     counts = jnp.ones(labels.shape, bool) if counted is None else counted
@@ -103,9 +103,10 @@ def take(
 
 def nan_where_bad(targets: Targets, values: jax.Array) -> jax.Array:
     """``values`` (per example, or ``[..., C]`` per class) with NaN for examples whose
-    label is invalid (made without creating a NaN on valid input: see ``c.nan_where``)."""
+    label is invalid (made without creating a NaN on valid input: see
+    :func:`jxent._elementwise.nan_where`)."""
     bad = targets.bad.reshape(targets.bad.shape + (1,) * (values.ndim - targets.bad.ndim))
-    return c.nan_where(bad, values)
+    return _elementwise.nan_where(bad, values)
 
 
 def check_in_range(labels: ArrayLike, num_classes: int, ignore_index: int | None) -> None:

@@ -10,8 +10,8 @@ import jax
 import jax.numpy as jnp
 from jax.typing import ArrayLike
 
-from jxent import _common as c
-from jxent import _sharding as sh
+from jxent import _dtypes, _elementwise, _layout, _normaliser, _reductions, _sharding, _validation
+from jxent._jit import jitted
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(3,))
@@ -32,25 +32,25 @@ def _active(x: jax.Array, b: jax.Array | None, where: jax.Array | None) -> jax.A
 def _logsumexp_fwd(
     x: jax.Array, b: jax.Array | None, where: jax.Array | None, axis_name: Hashable | None
 ) -> tuple[tuple[jax.Array, jax.Array], tuple[Any, ...]]:
-    dtype = c.compute_dtype(x.dtype)
+    dtype = _dtypes.compute_dtype(x.dtype)
     xf, active = x.astype(dtype), _active(x, b, where)
     if b is None:
         # Keep the exponentials: the gradient is exp(x - lse) = e / Σe, no second exp.
-        e, norm, inverse = c.exponentials(xf, active, axis_name)
+        e, norm, inverse = _normaliser.exponentials(xf, active, axis_name)
         sign = jnp.where(jnp.isneginf(norm.log_sum), 0.0, 1.0).astype(dtype)
-        residuals = (c.exponentials_residual(x, e), None, where, norm, sign, inverse)
+        residuals = (_normaliser.exponentials_residual(x, e), None, where, norm, sign, inverse)
         return (norm.lse(), sign), residuals
     # Signed sum: log|Σ b·exp(x - m)| with its sign, shifted by the row max as usual.
-    m = c.row_shift(xf, active, axis_name)
-    total = c.class_reduce(
+    m = _reductions.row_shift(xf, active, axis_name)
+    total = _reductions.class_reduce(
         jnp.sum,
-        lambda b, x, active, m: b * jnp.exp(c.mask(x, active, -jnp.inf) - m),
+        lambda b, x, active, m: b * jnp.exp(_elementwise.mask(x, active, -jnp.inf) - m),
         *(b.astype(dtype), xf, active, m),
         num_classes=x.shape[-1],
         axis_name=axis_name,
     )
     sign = jnp.sign(total)
-    norm = c.Normaliser(m, jnp.log(jnp.abs(total)))
+    norm = _normaliser.Normaliser(m, jnp.log(jnp.abs(total)))
     return (norm.lse(), sign), (x, b, where, norm, sign, None)
 
 
@@ -61,16 +61,16 @@ def _logsumexp_bwd(
     x, b, where, norm, sign, inverse = residuals
     g, _ = cotangents  # the sign is piecewise constant: no gradient.
     dtype = sign.dtype
-    if b is None:  # x holds the saved exponentials (see c.exponentials_residual)
-        e = c.exponentials_from_residual(x, where, norm)
+    if b is None:  # x holds the saved exponentials (see _normaliser.exponentials_residual)
+        e = _normaliser.exponentials_from_residual(x, where, norm)
         return (g * sign * e * inverse).astype(x.dtype), None, None
     xf = x.astype(dtype)
     # exp(x - lse) is 0 for masked entries and for rows whose lse is -inf (all masked).
-    ratio = jnp.exp(norm.log_probs(c.mask(xf, _active(x, b, where), -jnp.inf)))
+    ratio = jnp.exp(norm.log_probs(_elementwise.mask(xf, _active(x, b, where), -jnp.inf)))
     scale = g * sign
     dx = scale * ratio * b.astype(dtype)
     # d/db_i includes entries with b_i == 0 (they still move the sum); masked ones do not.
-    db = scale * jnp.exp(norm.log_probs(c.mask(xf, where, -jnp.inf)))
+    db = scale * jnp.exp(norm.log_probs(_elementwise.mask(xf, where, -jnp.inf)))
     return dx.astype(x.dtype), db.astype(b.dtype), None
 
 
@@ -116,6 +116,7 @@ def logsumexp(
 ) -> jax.Array | tuple[jax.Array, jax.Array]: ...
 
 
+@jitted("axis", "keepdims", "return_sign", "axis_name")
 def logsumexp(
     a: ArrayLike,
     axis: int | tuple[int, ...] | None = None,
@@ -162,40 +163,15 @@ def logsumexp(
       1000.693
 
     Note:
-      Reverse mode only (a ``jax.custom_vjp``): ``jax.jvp`` and ``jax.jacfwd`` raise
-      ``TypeError: can't apply forward-mode autodiff (jvp) to a custom_vjp function``. Use
-      ``jax.jacrev`` for Jacobians and ``jax.hessian`` (forward over reverse, which works
-      because the backward rule is differentiable) or ``jax.jacrev(jax.jacrev(f))`` for
-      Hessians.
+      Reverse mode only (a ``jax.custom_vjp``): use ``jax.jacrev`` and ``jax.hessian``, not
+      ``jax.jvp`` / ``jax.jacfwd``; see :doc:`gradients`.
     """
-    return _logsumexp(
-        a,
-        b,
-        where,
-        axis=axis,
-        keepdims=keepdims,
-        return_sign=return_sign,
-        axis_name=axis_name,
-    )
-
-
-@c.jit_with_static("axis", "keepdims", "return_sign", "axis_name")
-def _logsumexp(
-    a: ArrayLike,
-    b: ArrayLike | None,
-    where: ArrayLike | None,
-    *,
-    axis: c.Axis,
-    keepdims: bool,
-    return_sign: bool,
-    axis_name: Hashable | None,
-) -> jax.Array | tuple[jax.Array, jax.Array]:
-    c.check_axis_name(axis_name)
+    _validation.check_axis_name(axis_name)
     x, b_arr = _promote(a, b)
-    layout = c.ClassLayout(x.shape, c.canonical_axes(axis, x.ndim))
+    layout = _layout.ClassLayout(x.shape, _validation.canonical_axes(axis, x.ndim))
     x_last = layout.to_last(x)
-    b_last = None if b_arr is None else sh.reshard_like(layout.to_last(b_arr), x_last)
-    where_last = sh.reshard_like(c.broadcast_where(where, layout), x_last)
+    b_last = None if b_arr is None else _sharding.reshard_like(layout.to_last(b_arr), x_last)
+    where_last = _sharding.reshard_like(_layout.broadcast_where(where, layout), x_last)
     lse, sign = _logsumexp_impl(x_last, b_last, where_last, axis_name)
     out_shape = layout.keepdims_shape() if keepdims else layout.batch_shape
     lse = lse.reshape(out_shape).astype(x.dtype)
@@ -203,7 +179,7 @@ def _logsumexp(
     if return_sign:
         return lse, sign
     if b is not None:
-        lse = c.nan_where(sign < 0, lse)  # log of a negative sum
+        lse = _elementwise.nan_where(sign < 0, lse)  # log of a negative sum
     return lse
 
 
@@ -211,13 +187,13 @@ def _promote(a: ArrayLike, b: ArrayLike | None) -> tuple[jax.Array, jax.Array | 
     """``a`` and ``b`` in their common floating dtype, broadcast against each other.
 
     As :func:`jax.nn.logsumexp`: the dtype is that of ``a`` and ``b`` promoted together
-    (integers becoming float, see :func:`~jxent._common.inexact_dtype`), and either may
+    (integers becoming float, see :func:`~jxent._dtypes.inexact_dtype`), and either may
     broadcast the other.
     """
     if b is None:
-        return c.as_inexact(a), None
+        return _dtypes.as_inexact(a), None
     x, b_arr = jnp.asarray(a), jnp.asarray(b)
-    dtype = c.inexact_dtype(jnp.result_type(x, b_arr))
+    dtype = _dtypes.inexact_dtype(jnp.result_type(x, b_arr))
     try:
         shape = jnp.broadcast_shapes(x.shape, b_arr.shape)
     except ValueError:

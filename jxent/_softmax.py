@@ -14,15 +14,17 @@ import jax
 import jax.numpy as jnp
 from jax.typing import ArrayLike
 
-from jxent import _common as c
-from jxent import _sharding as sh
+from jxent import _dtypes, _elementwise, _layout, _normaliser, _reductions, _sharding, _validation
+from jxent._jit import jitted
 
 
 def _masked(x: jax.Array, where: jax.Array | None) -> jax.Array:
-    return c.mask(x.astype(c.compute_dtype(x.dtype)), where, -jnp.inf)
+    return _elementwise.mask(x.astype(_dtypes.compute_dtype(x.dtype)), where, -jnp.inf)
 
 
-def _probabilities(x: jax.Array, where: jax.Array | None, norm: c.Normaliser) -> jax.Array:
+def _probabilities(
+    x: jax.Array, where: jax.Array | None, norm: _normaliser.Normaliser
+) -> jax.Array:
     """``exp(x - lse)`` in the compute dtype; 0 on masked entries and on all-masked rows."""
     return jnp.exp(norm.log_probs(_masked(x, where)))
 
@@ -38,7 +40,7 @@ def _softmax_impl(x: jax.Array, where: jax.Array | None, axis_name: Hashable | N
 def _softmax_fwd(
     x: jax.Array, where: jax.Array | None, axis_name: Hashable | None
 ) -> tuple[jax.Array, tuple[Any, ...]]:
-    norm = c.log_normaliser(x.astype(c.compute_dtype(x.dtype)), where, axis_name)
+    norm = _normaliser.log_normaliser(x.astype(_dtypes.compute_dtype(x.dtype)), where, axis_name)
     return _probabilities(x, where, norm).astype(x.dtype), (x, where, norm)
 
 
@@ -53,11 +55,15 @@ def _softmax_bwd(
 
 
 def _inner_with_probabilities(
-    g: jax.Array, x: jax.Array, where: jax.Array | None, norm: c.Normaliser, axis_name: Any
+    g: jax.Array,
+    x: jax.Array,
+    where: jax.Array | None,
+    norm: _normaliser.Normaliser,
+    axis_name: Any,
 ) -> jax.Array:
     """``<g, p>`` over the classes (keepdims), as ``exp(-lo) · Σ g·exp(x - hi)``.
 
-    With ``lse = hi + lo`` (:meth:`~jxent._common.Normaliser.lse_parts`) that is ``Σ g·p``,
+    With ``lse = hi + lo`` (:meth:`~jxent._normaliser.Normaliser.lse_parts`) that is ``Σ g·p``,
     but neither the product ``g·p`` nor the forward pass's ``exp(x - shift)``: XLA would merge
     either with the forward pass (``p·g`` appears there in an expected-value loss ``Σ p·r``,
     whose cotangent is ``r``) and materialise the shared product as a logits-sized array.
@@ -67,7 +73,7 @@ def _inner_with_probabilities(
         return g * jnp.exp(_masked(x, where) - hi)
 
     hi, lo = norm.lse_parts()
-    total = c.class_reduce(
+    total = _reductions.class_reduce(
         jnp.sum, weighted, g, x, where, hi, num_classes=x.shape[-1], axis_name=axis_name
     )
     # Empty rows (all masked) have hi = +inf, so total = 0; their p, and gradient, is 0.
@@ -90,7 +96,7 @@ def _log_softmax_impl(
 def _log_softmax_fwd(
     x: jax.Array, where: jax.Array | None, axis_name: Hashable | None
 ) -> tuple[jax.Array, tuple[Any, ...]]:
-    norm = c.log_normaliser(x.astype(c.compute_dtype(x.dtype)), where, axis_name)
+    norm = _normaliser.log_normaliser(x.astype(_dtypes.compute_dtype(x.dtype)), where, axis_name)
     return norm.log_probs(_masked(x, where)).astype(x.dtype), (x, where, norm)
 
 
@@ -100,8 +106,8 @@ def _log_softmax_bwd(
     # d log p_i / d x_j = δ_ij - p_j, so Jᵀ g = g - p Σ g (masked entries take no part).
     x, where, norm = residuals
     p = _probabilities(x, where, norm)
-    g = c.mask(g.astype(p.dtype), where, 0.0)
-    dx = g - p * c.class_sum(g, axis_name)
+    g = _elementwise.mask(g.astype(p.dtype), where, 0.0)
+    dx = g - p * _reductions.class_sum(g, axis_name)
     return dx.astype(x.dtype), None
 
 
@@ -114,34 +120,19 @@ _log_softmax_impl.defvjp(_log_softmax_fwd, _log_softmax_bwd)
 def _apply(
     impl: Any,
     x: ArrayLike,
-    axis: c.Axis,
+    axis: _validation.Axis,
     where: ArrayLike | None,
     axis_name: Hashable | None,
 ) -> jax.Array:
-    c.check_axis_name(axis_name)
-    x = c.as_inexact(x)
-    layout = c.ClassLayout(x.shape, c.canonical_axes(axis, x.ndim))
+    _validation.check_axis_name(axis_name)
+    x = _dtypes.as_inexact(x)
+    layout = _layout.ClassLayout(x.shape, _validation.canonical_axes(axis, x.ndim))
     x = layout.to_last(x)
-    out = impl(x, sh.reshard_like(c.broadcast_where(where, layout), x), axis_name)
+    out = impl(x, _sharding.reshard_like(_layout.broadcast_where(where, layout), x), axis_name)
     return layout.from_last(out)
 
 
-# The jitted cores; the public functions below are plain typed defs over them, so that
-# type checkers and help() see their real signatures.
-@c.jit_with_static("axis", "axis_name")
-def _softmax(
-    x: ArrayLike, where: ArrayLike | None, *, axis: c.Axis, axis_name: Hashable | None
-) -> jax.Array:
-    return _apply(_softmax_impl, x, axis, where, axis_name)
-
-
-@c.jit_with_static("axis", "axis_name")
-def _log_softmax(
-    x: ArrayLike, where: ArrayLike | None, *, axis: c.Axis, axis_name: Hashable | None
-) -> jax.Array:
-    return _apply(_log_softmax_impl, x, axis, where, axis_name)
-
-
+@jitted("axis", "axis_name")
 def softmax(
     x: ArrayLike,
     axis: int | tuple[int, ...] | None = -1,
@@ -176,19 +167,17 @@ def softmax(
       Array([0., 0., 1.], dtype=float32)
 
     Note:
-      Reverse mode only (a ``jax.custom_vjp``): ``jax.jvp`` and ``jax.jacfwd`` raise
-      ``TypeError: can't apply forward-mode autodiff (jvp) to a custom_vjp function``. Use
-      ``jax.jacrev`` for Jacobians and ``jax.hessian`` (forward over reverse, which works
-      because the backward rule is differentiable) or ``jax.jacrev(jax.jacrev(f))`` for
-      Hessians.
+      Reverse mode only (a ``jax.custom_vjp``): use ``jax.jacrev`` and ``jax.hessian``, not
+      ``jax.jvp`` / ``jax.jacfwd``; see :doc:`gradients`.
 
     References:
       Milakov & Gimelshein, `Online normalizer calculation for softmax
       <https://arxiv.org/abs/1805.02867>`_, 2018.
     """
-    return _softmax(x, where, axis=axis, axis_name=axis_name)
+    return _apply(_softmax_impl, x, axis, where, axis_name)
 
 
+@jitted("axis", "axis_name")
 def log_softmax(
     x: ArrayLike,
     axis: int | tuple[int, ...] | None = -1,
@@ -220,10 +209,7 @@ def log_softmax(
       Array([-0.6931472, -0.6931472], dtype=float32)
 
     Note:
-      Reverse mode only (a ``jax.custom_vjp``): ``jax.jvp`` and ``jax.jacfwd`` raise
-      ``TypeError: can't apply forward-mode autodiff (jvp) to a custom_vjp function``. Use
-      ``jax.jacrev`` for Jacobians and ``jax.hessian`` (forward over reverse, which works
-      because the backward rule is differentiable) or ``jax.jacrev(jax.jacrev(f))`` for
-      Hessians.
+      Reverse mode only (a ``jax.custom_vjp``): use ``jax.jacrev`` and ``jax.hessian``, not
+      ``jax.jvp`` / ``jax.jacfwd``; see :doc:`gradients`.
     """
-    return _log_softmax(x, where, axis=axis, axis_name=axis_name)
+    return _apply(_log_softmax_impl, x, axis, where, axis_name)

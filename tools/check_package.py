@@ -3,8 +3,9 @@
 Run by ``make test`` (``make package-check``); about 30 s, offline. Checks:
 
 * the wheel holds ``jxent/py.typed`` and the licence; the sdist holds the licence,
-  ``py.typed`` and the tests with their references and conftest, and not the tests that need
-  the repository's ``experiments/`` or ``benchmarks/`` (``tests/experiments/``, ...);
+  ``py.typed`` and the library's tests (every file of tests/library) with their references
+  and conftests, and not the tests that need the repository's ``experiments/``,
+  ``benchmarks/`` or ``tools/`` (``tests/experiments/``, ...);
 * the wheel installs (``--no-deps --no-index``) into a fresh virtual environment, where
   ``import jxent`` finds the installed copy (JAX comes from this environment's
   site-packages on ``PYTHONPATH``) and computes;
@@ -28,12 +29,17 @@ import zipfile
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-SDIST_MUST_HOLD = ("LICENSE", "jxent/py.typed", "tests/conftest.py", "tests/reference.py")
+SDIST_MUST_HOLD = (
+    "LICENSE",
+    "jxent/py.typed",
+    "tests/conftest.py",
+    "tests/library/conftest.py",
+    "tests/library/reference.py",
+)
 # Tests of folders outside the package (MANIFEST.in leaves them out): they could not import.
 SDIST_MUST_NOT_HOLD = (
     "tests/experiments/",
-    "tests/test_benchmarks.py",
-    "tests/test_aot.py",
+    "tests/benchmarks/",
     "tests/test_check_package.py",
 )
 USER_SCRIPT = """\
@@ -71,7 +77,8 @@ def check_wheel_contents(wheel: Path) -> None:
 def check_sdist_contents(sdist: Path) -> None:
     with tarfile.open(sdist) as tar:
         names = {n.split("/", 1)[1] for n in tar.getnames() if "/" in n}
-    missing = [n for n in SDIST_MUST_HOLD if n not in names]
+    library_tests = [str(p.relative_to(ROOT)) for p in (ROOT / "tests" / "library").glob("*.py")]
+    missing = [n for n in (*SDIST_MUST_HOLD, *sorted(library_tests)) if n not in names]
     assert not missing, f"{sdist.name} lacks {missing}"
     extra = sorted(n for n in names if n.startswith(SDIST_MUST_NOT_HOLD))
     assert not extra, f"{sdist.name} holds {extra}, which need folders outside the package"

@@ -18,6 +18,8 @@ from jax.test_util import check_grads
 
 import jxent
 
+pytestmark = pytest.mark.numerics
+
 DTYPES = [jnp.float32, jnp.bfloat16, jnp.float64]
 DTYPE_IDS = ["f32", "bf16", "f64"]
 

@@ -19,6 +19,8 @@ from jax.sharding import PartitionSpec as P
 import jxent
 from jxent import _fused_linear
 
+pytestmark = pytest.mark.sharding
+
 B, C, D = 16, 64, 8
 KEYS = jax.random.split(jax.random.key(7), 6)
 LOGITS = jax.random.normal(KEYS[0], (B, C)) * 3
@@ -100,6 +102,7 @@ def _total(fn):
     return total
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("axis_type", AXIS_TYPES)
 @pytest.mark.parametrize("layout", LAYOUTS)
 @pytest.mark.parametrize("name", CASES)
@@ -142,6 +145,7 @@ def test_explicit_mode_with_replicated_targets(name):
     assert _spec(grad) == tuple(spec)
 
 
+@pytest.mark.slow
 def test_explicit_mode_class_axes_first_and_batch_of_rank_two():
     """Class axis not last, two batch axes, and a where mask, under 2-D explicit sharding."""
     logits = LOGITS.reshape(4, 4, C).transpose(2, 0, 1)  # [C, 4, 4]
@@ -160,6 +164,7 @@ def test_explicit_mode_class_axes_first_and_batch_of_rank_two():
     assert _spec(grad) == ("v", "b", None)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("axis_type", AXIS_TYPES)
 @pytest.mark.parametrize("layout", LAYOUTS)
 @pytest.mark.parametrize("reduction", ["mean", "none"])
@@ -172,10 +177,12 @@ def test_fused_linear_cross_entropy(layout, axis_type, reduction, kernel):
     mesh, spec = make_mesh(layout, axis_type)
     batch_axis, vocab_axis = spec
     bias = jnp.linspace(-1.0, 1.0, C)
-    options = {} if kernel == "auto" else {"kernel": kernel, "vocab_block": 3}
+    fused = jxent.fused_linear_cross_entropy
+    if kernel != "auto":
+        fused = _fused_linear.with_kernel(kernel, vocab_block=3)
 
     def loss(x, w, b, y):
-        out = _fused_linear._fused_linear_cross_entropy(
+        out = fused(
             x,
             w,
             y,
@@ -184,7 +191,6 @@ def test_fused_linear_cross_entropy(layout, axis_type, reduction, kernel):
             ignore_index=5,
             label_smoothing=0.1,
             reduction=reduction,
-            **options,
         )
         return jnp.sum(out * jnp.cos(jnp.arange(B))) if reduction == "none" else out
 

@@ -12,11 +12,14 @@ import hypothesis.extra.numpy as hnp
 import jax
 import jax.numpy as jnp
 import numpy as np
+import pytest
 import reference as ref
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import jxent
+
+pytestmark = pytest.mark.numerics
 
 FAST = settings(max_examples=25, deadline=None)
 # Op-by-op execution compiles every primitive: a few examples suffice there.
@@ -232,6 +235,7 @@ def normaliser_cases(draw):
 class TestNormalisersMatchJaxNn:
     """Every normaliser equals ``jax.nn``'s in value, shape and dtype over random calls."""
 
+    @pytest.mark.slow
     @settings(max_examples=40, deadline=None)
     @given(normaliser_cases())
     def test_value_shape_and_dtype(self, case):

@@ -56,6 +56,6 @@ def test_import_jxent_fails_with_that_message_under_an_old_jax():
 
 
 def test_the_floor_matches_pyproject():
-    pyproject = (Path(__file__).resolve().parents[1] / "pyproject.toml").read_text()
+    pyproject = (Path(__file__).resolve().parents[2] / "pyproject.toml").read_text()
     floor = _jax_version.MIN_JAX
     assert f'dependencies = ["jax>={floor}", "jaxlib>={floor}"]' in pyproject

@@ -10,6 +10,8 @@ import pytest
 
 import jxent
 
+pytestmark = pytest.mark.numerics
+
 NEG_INF = -jnp.inf
 HUGE = 3e38
 

@@ -8,6 +8,8 @@ from jax.test_util import check_grads
 
 import jxent
 
+pytestmark = pytest.mark.numerics
+
 AXES = [None, 0, 1, -1, (0, 2), (1, 2)]
 
 

@@ -8,6 +8,8 @@ from jax.test_util import check_grads
 
 import jxent
 
+pytestmark = pytest.mark.numerics
+
 AXES = [0, -1, (1, 2), None]
 DTYPES = [(jnp.float32, 1e-6), (jnp.bfloat16, 1e-2), (jnp.float16, 1e-3)]
 

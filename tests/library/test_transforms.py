@@ -145,6 +145,7 @@ def _mesh(name):
     return Mesh(np.array(jax.devices()[:8]), (name,))
 
 
+@pytest.mark.sharding
 class TestDataParallel:
     """Batch sharded over 8 devices with NamedSharding: same numbers as one device."""
 
@@ -165,6 +166,7 @@ class TestDataParallel:
         assert grad.sharding.is_equivalent_to(x.sharding, 2)
 
 
+@pytest.mark.sharding
 class TestVocabParallel:
     """Class axis sharded over 8 devices inside shard_map, combined with collectives."""
 

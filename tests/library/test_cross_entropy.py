@@ -20,6 +20,8 @@ from jax.test_util import check_grads
 
 import jxent
 
+pytestmark = pytest.mark.numerics
+
 IGNORE = -100
 HALF = (jnp.bfloat16, jnp.float16)
 DTYPES = [jnp.float32, jnp.bfloat16, jnp.float16, jnp.float64]
@@ -226,6 +228,7 @@ class TestSoftmaxCrossEntropyWithIntegerLabels:
         case = IntCase(shape, axis, weights=True, ignore=True, smoothing=0.1, where=where)
         check_integer(case, "none")
 
+    @pytest.mark.slow
     @pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)
     def test_dtypes(self, dtype):
         """Losses are float32 for half inputs (float64 for float64), gradients come back in
@@ -240,6 +243,7 @@ class TestSoftmaxCrossEntropyWithIntegerLabels:
         """ε = 1 puts all mass on the uniform (weighted) target; ε = 0 is plain CE."""
         check_integer(IntCase(weights=True, smoothing=smoothing, seed=5), "mean")
 
+    @pytest.mark.slow
     def test_matches_optax(self):
         """Per-example losses and logits gradients equal optax's, with a tuple axis and a
         per-class mask (no row fully masked: optax's rule there differs only in gradient)."""
@@ -324,6 +328,7 @@ class TestSoftmaxCrossEntropyWithIntegerLabels:
             assert loss.dtype == jnp.float64
             assert_close(loss, expected.value, jnp.float64)
 
+    @pytest.mark.slow
     @pytest.mark.parametrize("bad", [7, -1, -100])
     def test_invalid_label_gives_nan_for_its_example_only(self, bad):
         """An id outside [0, C) that is not ignore_index gives NaN there (never wrapped);
@@ -382,6 +387,7 @@ class TestSoftmaxCrossEntropyWithIntegerLabels:
         np.testing.assert_allclose(f(logits), (expected[0] + expected[2]) / 4.0, rtol=1e-6)
         assert np.all(np.asarray(jax.grad(f)(logits))[1] == 0)
 
+    @pytest.mark.slow
     @pytest.mark.parametrize("case", ["all_ignored", "all_masked"])
     def test_mean_over_no_valid_target_is_zero_with_zero_gradient(self, case):
         """PyTorch gives NaN; jxent documents 0, with zero gradients (logits and weights)."""
@@ -420,6 +426,7 @@ class TestSoftmaxCrossEntropyWithIntegerLabels:
         loss = jxent.softmax_cross_entropy_with_integer_labels(logits, jnp.array([2]), z_loss=0.5)
         np.testing.assert_allclose(loss, [lse - 3.0 + 0.5 * lse**2], rtol=1e-6)
 
+    @pytest.mark.slow
     def test_second_order_gradients_in_float64(self):
         """Reverse mode to second order agrees with finite differences (float64)."""
         with jax.enable_x64(True):
@@ -439,6 +446,7 @@ class TestSoftmaxCrossEntropyWithIntegerLabels:
 
             check_grads(jax.jit(f), (case.logits, case.weights), order=2, modes=["rev"])
 
+    @pytest.mark.slow
     def test_gradient_matches_autodiff_of_plain_formula(self):
         """Second opinion: ``jax.grad`` of a plain-jnp float64 formula of the same loss."""
         with jax.enable_x64(True):
@@ -750,6 +758,7 @@ class TestSoftmaxCrossEntropy:
         expected = ref.dense_cross_entropy(np.asarray(logits), np.broadcast_to(target, (3, 4)))
         assert_close(jxent.softmax_cross_entropy(logits, target), expected.value)
 
+    @pytest.mark.slow
     def test_second_order_gradients_in_float64(self):
         with jax.enable_x64(True):
             case = DenseCase((3, 5), -1, jnp.float64, **DENSE_OPTIONS["everything"], seed=9)

@@ -1,7 +1,7 @@
 """Tests for jxent's fused linear + cross-entropy against an unfused float64 reference.
 
 The reference forms the float64 logits ``x @ w + b`` (soft-capped when asked) with NumPy and
-hands them to the independent float64 cross-entropy reference in ``tests/reference.py``; the
+hands them to the independent float64 cross-entropy reference in ``tests/library/reference.py``; the
 gradients for ``x``, ``w`` and ``bias`` follow from its logits gradient by the chain rule.
 """
 
@@ -19,7 +19,10 @@ from jax.sharding import Mesh
 from jax.sharding import PartitionSpec as P
 
 from jxent import _fused_linear
-from jxent._fused_linear import default_chunk_size, fused_linear_cross_entropy, vocab_block_size
+from jxent._fused_linear import fused_linear_cross_entropy
+from jxent._fused_linear_kernels import default_chunk_size, vocab_block_size
+
+pytestmark = pytest.mark.numerics
 
 N, D, V = 29, 12, 37  # N is not a multiple of the chunk sizes below: padding is exercised.
 RTOL = 1e-5
@@ -39,7 +42,7 @@ def kernel(request):
 def _fused(kernel):
     if kernel == "auto":
         return fused_linear_cross_entropy
-    return functools.partial(_fused_linear._fused_linear_cross_entropy, **KERNELS[kernel])
+    return _fused_linear.with_kernel(**KERNELS[kernel])
 
 
 def _inputs(seed=0, n=N, d=D, v=V):
@@ -215,6 +218,7 @@ def test_all_ignored_mean_is_zero_with_zero_gradient(kernel):
     assert not np.any(dx) and not np.any(dw)
 
 
+@pytest.mark.slow
 def test_vmap_matches_a_loop(kernel):
     xs = np.stack([X, _inputs(seed=5)[0]])
     ys = np.stack([Y, _inputs(seed=5)[3]])
@@ -233,6 +237,7 @@ def test_vmap_matches_a_loop(kernel):
         _assert_close(dws[i], want_dw)
 
 
+@pytest.mark.slow
 def test_bfloat16_inputs_accumulate_in_float32(kernel):
     x16, w16 = jnp.asarray(X, jnp.bfloat16), jnp.asarray(W, jnp.bfloat16)
     loss = functools.partial(_fused(kernel), labels=Y, chunk_size=8)
@@ -262,6 +267,7 @@ def test_labels_are_not_differentiated_and_forward_mode_is_refused():
         jax.jvp(lambda x: fused_linear_cross_entropy(x, W, Y), (X,), (X,))
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("argnum", [0, 1])
 @pytest.mark.parametrize("second_order", ["hessian", "jacrev_of_grad"])
 def test_second_derivatives_match_unfused(kernel, argnum, second_order):
@@ -378,6 +384,8 @@ def _vocab_mesh():
     return Mesh(np.array(jax.devices()[:8]), ("vocab",))
 
 
+@pytest.mark.slow
+@pytest.mark.sharding
 @pytest.mark.parametrize("reduction", ["mean", "none"])
 def test_vocab_parallel_equals_single_device(kernel, reduction):
     mesh = _vocab_mesh()
@@ -432,13 +440,14 @@ def test_vocab_block_size_rule():
 def _dw_error(kernel, x, w, y):
     """Largest |dw - dw_float64| relative to max |dw_float64|, for bfloat16 x and w."""
     x16, w16 = jnp.asarray(x, jnp.bfloat16), jnp.asarray(w, jnp.bfloat16)
-    loss = functools.partial(_fused_linear._fused_linear_cross_entropy, labels=y, kernel=kernel)
+    loss = functools.partial(_fused_linear.with_kernel(kernel), labels=y)
     dw = jax.jit(jax.grad(loss, argnums=1))(x16, w16)
     x32, w32 = np.asarray(x16, np.float32), np.asarray(w16, np.float32)
     want = reference(x32, w32, y, reduction="mean")[2]
     return np.max(np.abs(np.asarray(dw, np.float64) - want)) / np.max(np.abs(want))
 
 
+@pytest.mark.slow
 def test_blocked_kernel_bfloat16_weight_gradient_is_as_accurate_as_chunked():
     """The blocked kernel sums each dw column over all N tokens inside one GEMM (float32
     accumulation) and rounds once to bfloat16; the chunked one adds float32 chunk products.
@@ -451,8 +460,8 @@ def test_blocked_kernel_bfloat16_weight_gradient_is_as_accurate_as_chunked():
     assert blocked <= 1.25 * chunked
 
 
-def _gradient_program(kernel, n=512, d=256, v=4096, dtype=jnp.bfloat16, **options):
-    loss = functools.partial(_fused_linear._fused_linear_cross_entropy, kernel=kernel, **options)
+def _gradient_program(kernel, n=512, d=256, v=4096, dtype=jnp.bfloat16, vocab_block=0, **options):
+    loss = functools.partial(_fused_linear.with_kernel(kernel, vocab_block), **options)
     args = (
         jax.ShapeDtypeStruct((n, d), dtype),
         jax.ShapeDtypeStruct((d, v), dtype),

@@ -12,7 +12,7 @@ import pytest
 from jax import export
 
 import jxent
-from jxent import _common, _fused_linear
+from jxent import _fused_linear, _reductions
 
 # name -> fn(logits, labels, targets) -> scalar
 LOSSES = {
@@ -46,6 +46,7 @@ def _round_trip(fn, *specs):
     return export.deserialize(exported.serialize())
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", LOSSES)
 def test_export_symbolic_batch_and_classes(name):
     step = jax.jit(jax.value_and_grad(LOSSES[name]))
@@ -64,6 +65,7 @@ def test_export_symbolic_batch_and_classes(name):
         np.testing.assert_allclose(got_grad, want_grad, rtol=1e-4, atol=1e-7)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("kernel", ["auto", "blocked"])
 @pytest.mark.parametrize("reduction", ["mean", "none"])
 def test_export_fused_linear_cross_entropy(reduction, kernel):
@@ -71,9 +73,7 @@ def test_export_fused_linear_cross_entropy(reduction, kernel):
     symbolic ``V`` takes blocks of ``min(V, 1024)`` classes and a traced number of them."""
 
     def loss(x, w, y):
-        out = _fused_linear._fused_linear_cross_entropy(
-            x, w, y, label_smoothing=0.1, reduction=reduction, kernel=kernel
-        )
+        out = _fused_linear.with_kernel(kernel)(x, w, y, label_smoothing=0.1, reduction=reduction)
         return jnp.sum(out * jnp.cos(jnp.arange(out.size, dtype=out.dtype)))
 
     step = jax.jit(jax.value_and_grad(loss, argnums=(0, 1)))
@@ -96,6 +96,7 @@ def test_export_fused_linear_cross_entropy(reduction, kernel):
             np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-6)
 
 
+@pytest.mark.slow
 def test_export_for_cpu_and_cuda_in_one_artifact():
     """One exported program carries both lowerings; the CPU one runs here."""
     step = jax.jit(jax.value_and_grad(LOSSES["cross_entropy"]))
@@ -159,13 +160,13 @@ def test_accelerators_recompute_exponentials_instead_of_saving_them():
 
 
 def test_block_size_rule():
-    assert _common.block_size(32000) is None
-    assert _common.block_size(65536) == 8192
-    assert _common.block_size(128256) == 8016  # a divisor near 8192
-    assert _common.block_size(50257) == 1733  # 29 blocks
-    assert _common.block_size(100277) == 673
-    assert _common.block_size(50261) is None  # a prime: no blocking
-    assert _common.block_size(export.symbolic_shape("v")[0]) is None
+    assert _reductions.block_size(32000) is None
+    assert _reductions.block_size(65536) == 8192
+    assert _reductions.block_size(128256) == 8016  # a divisor near 8192
+    assert _reductions.block_size(50257) == 1733  # 29 blocks
+    assert _reductions.block_size(100277) == 673
+    assert _reductions.block_size(50261) is None  # a prime: no blocking
+    assert _reductions.block_size(export.symbolic_shape("v")[0]) is None
 
 
 @pytest.mark.parametrize("classes", [50257, 100277])

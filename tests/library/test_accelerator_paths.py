@@ -4,7 +4,7 @@ jxent picks some kernels per platform at lowering time (``lax.platform_dependent
 GPU and TPU the normaliser comes from one online (max, sum-of-exponentials) reduction and
 the integer CE picks the target logit inside it; on GPU long rows are reduced in blocks.
 The CI machine has no accelerator, so these tests make jxent take those branches on the
-CPU (``jxent._common.simulated_platform``).
+CPU (``jxent._reductions.simulated_platform``).
 
 Values and gradients are compared with float64 NumPy formulas (``reference.py``), the
 simulated paths and the real CPU path alike, within a bound on float32 rounding (see
@@ -23,7 +23,9 @@ from jax.sharding import AxisType, NamedSharding
 from jax.sharding import PartitionSpec as P
 
 import jxent
-from jxent import _common
+from jxent import _reductions
+
+pytestmark = pytest.mark.numerics
 
 PLATFORMS = ("cuda", "tpu")
 PATHS = (*PLATFORMS, None)  # None: the real CPU path
@@ -44,11 +46,11 @@ BF16_HALF_ULP = 2.0**-8  # bfloat16 outputs: one rounding, relative 2^-9, with m
 def _run(platform, fn, *args):
     """``fn(*args)`` traced for ``platform`` (None: the real CPU path), caches cleared."""
     jax.clear_caches()
-    _common.simulated_platform = platform
+    _reductions.simulated_platform = platform
     try:
         return jax.tree.map(np.asarray, fn(*args))
     finally:
-        _common.simulated_platform = None
+        _reductions.simulated_platform = None
         jax.clear_caches()
 
 
@@ -413,6 +415,7 @@ def _vocab_parallel(y, t, g, mesh):
 
 
 # 8 x 9 classes: unblocked; 8 x 20000: each device's rows take the GPU block path.
+@pytest.mark.sharding
 @pytest.mark.parametrize("path", PATHS)
 @pytest.mark.parametrize("local_classes", [9, 20000])
 def test_vocab_parallel_axis_name_in_shard_map(path, local_classes):
@@ -428,6 +431,7 @@ def test_vocab_parallel_axis_name_in_shard_map(path, local_classes):
     _check_normalisers_and_dense_ce((dense, lse, soft, soft_vjp, log_soft, log_soft_vjp), x, t, g)
 
 
+@pytest.mark.sharding
 @pytest.mark.parametrize("platform", PLATFORMS)
 def test_vocab_parallel_all_masked_row_under_debug_nans(platform):
     mesh = _mesh((8,), ("v",))
@@ -469,6 +473,7 @@ def _path_and_axis_type_cases():
 
 
 @pytest.mark.parametrize(("path", "axis_type"), list(_path_and_axis_type_cases()))
+@pytest.mark.sharding
 @pytest.mark.parametrize("layout", ["classes", "2d"])
 def test_sharded_logits_on_meshes(path, axis_type, layout):
     """Logits sharded on an explicit or auto mesh: jxent maps the shards itself."""
@@ -501,6 +506,7 @@ def test_sharded_logits_on_meshes(path, axis_type, layout):
     _check_integer_ce(int_ce, x0, y0, {"label_smoothing": 0.1, "z_loss": 1e-3})
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("platform", PLATFORMS)
 def test_reverse_over_reverse_through_the_online_reduction(platform, x64):
     """``grad`` of ``grad``: reverse mode transposes the online normaliser's derivative

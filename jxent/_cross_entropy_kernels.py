@@ -1,0 +1,520 @@
+"""The ``custom_vjp`` kernels of the cross-entropy losses (integer and dense labels, NLL).
+
+The public functions are in :mod:`jxent._cross_entropy`; each kernel here is a
+``custom_vjp`` trio (``impl`` / ``fwd`` / ``bwd``) on class-last arrays.
+
+Conventions shared by every loss here (they are PyTorch's ``cross_entropy`` / ``nll_loss``):
+
+* per example ``n`` with class weights ``w`` (all 1 without ``class_weights``) and smoothing
+  ``ε`` over the ``C`` classes of its row, with ``lp = log_softmax(logits)``:
+
+  - integer label ``y``:
+    ``loss = (1 - ε)·(-w_y·lp_y) + (ε / C)·Σ_c (-w_c·lp_c)``, and the example's weight is ``w_y``;
+  - dense labels ``t``: ``loss = -Σ_c w_c·t'_c·lp_c`` with ``t' = (1 - ε)·t + ε / C``, and the
+    example's weight is 1;
+  - ``z_loss=ζ`` adds ``ζ·lse²`` (``lse`` the log-normaliser), PaLM's auxiliary loss;
+
+* ``reduction="mean"`` divides the sum of the losses by the sum of the examples' weights; a
+  mean over zero total weight is 0 with zero gradient when no counted label is invalid (all
+  ignored, all masked, zero class weights, empty batch), and an invalid label's NaN is never
+  hidden by a mean or sum (see :mod:`jxent._labels`);
+* ignored examples and rows masked out entirely by ``where`` give loss 0, gradient 0 and
+  weight 0. With ``where``, ``C`` counts the row's unmasked classes.
+
+The kernels work on class-last arrays ``[..., C]``. Their backward rules form
+``softmax - target`` (with weights, smoothing and z-loss folded in) in one elementwise
+expression that XLA fuses; no one-hot or log-softmax array of the logits' size is made.
+"""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Hashable
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+
+from jxent import (
+    _dtypes,
+    _elementwise,
+    _labels,
+    _loss_reduction,
+    _normaliser,
+    _reductions,
+    _sharding,
+)
+
+# ----------------------------------------------------------------------------- targets
+
+
+def _resolve_targets(
+    labels: jax.Array,
+    where: jax.Array | None,
+    weights: jax.Array | None,
+    ignore_index: int | None,
+    axis_name: Hashable | None,
+    dtype: Any,
+    num_local: int,
+) -> _labels.Targets:
+    """Labels against ``num_local`` classes, masked by ``where``: a row masked out entirely
+    does not count, and a label pointing at a masked-out class is invalid."""
+    return _labels.resolve(
+        labels,
+        num_local=num_local,
+        axis_name=axis_name,
+        ignore_index=ignore_index,
+        class_weights=weights,
+        dtype=dtype,
+        counted=None if where is None else _reductions.class_any(where, axis_name)[..., 0],
+        allowed=where,
+    )
+
+
+def _target_mask(targets: _labels.Targets, num_local: int) -> jax.Array:
+    """Boolean ``[..., C]`` "this is the target class"; an iota compare that XLA fuses."""
+    classes = jax.lax.broadcasted_iota(
+        targets.local.dtype, (*targets.local.shape, num_local), targets.local.ndim
+    )
+    return classes == targets.local[..., None]
+
+
+def _add_at_targets(values: jax.Array, targets: _labels.Targets, amounts: jax.Array) -> jax.Array:
+    """``values[..., y] += amounts`` for each example whose label lives on this device.
+
+    On CPU a scatter of one value per example: cheaper than an iota compare and a select
+    over every class, and done in place on ``values``. On GPU and TPU the compare, which
+    XLA fuses into the elementwise pass that forms ``values`` (one kernel writes the
+    gradient) instead of a separate scatter kernel.
+    """
+
+    def scatter() -> jax.Array:
+        num_local = values.shape[-1]
+        rows = values.reshape(-1, num_local)
+        # Labels on other devices (or out of range) point past the end and are dropped.
+        cols = jnp.where(targets.in_shard, targets.local, num_local).reshape(-1)
+        rows = rows.at[jnp.arange(rows.shape[0]), cols].add(amounts.reshape(-1), mode="drop")
+        return rows.reshape(values.shape)
+
+    def compare() -> jax.Array:
+        is_target = _target_mask(targets, values.shape[-1]) & targets.in_shard[..., None]
+        return values + jnp.where(is_target, amounts[..., None], jnp.zeros_like(values))
+
+    return _reductions.on_cpu(scatter, compare)
+
+
+def _scatter_to_classes(
+    values: jax.Array, targets: _labels.Targets, num_local: int, dtype: Any
+) -> jax.Array:
+    """``Σ_n values_n · [y_n = c]`` for each local class ``c`` (a segment sum)."""
+    values = jnp.where(targets.in_shard, values, jnp.zeros_like(values))
+    index = jnp.clip(targets.local, 0, num_local - 1)
+    return jnp.zeros((num_local,), dtype).at[index.reshape(-1)].add(values.reshape(-1))
+
+
+def _batch_sum(x: jax.Array) -> jax.Array:
+    """Sums a ``[..., C]`` array over everything but the class axis."""
+    return jnp.sum(x, axis=tuple(range(x.ndim - 1)))
+
+
+def _row_class_count(x: jax.Array, where: jax.Array | None, axis_name: Hashable | None) -> Any:
+    """Number of classes taking part in each row (``C``, or the unmasked count)."""
+    if where is None:
+        return _loss_reduction.global_num_classes(x.shape[-1], axis_name)
+    # At least 1: a fully masked row counts for nothing, and ε/0 = inf would turn the zeros
+    # that mask it (0·inf) into NaN in its gradient and in the class-weight gradient.
+    return jnp.maximum(_reductions.class_sum(where.astype(jnp.int32), axis_name)[..., 0], 1)
+
+
+def _expand(x: Any) -> Any:
+    return x[..., None] if isinstance(x, jax.Array) else x
+
+
+# ----------------------------------------------------------------------------- integer labels
+
+
+class IntegerConfig(NamedTuple):
+    ignore_index: int | None
+    label_smoothing: float
+    z_loss: float
+    axis_name: Hashable | None
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(4,))
+def integer_ce(
+    logits: jax.Array,
+    labels: jax.Array,
+    where: jax.Array | None,
+    weights: jax.Array | None,
+    cfg: IntegerConfig,
+) -> tuple[jax.Array, jax.Array]:
+    return _integer_ce_fwd(logits, labels, where, weights, cfg)[0]
+
+
+def _smoothing_weights(
+    weights: jax.Array | None, where: jax.Array | None, shape: tuple[int, ...], dtype: Any
+) -> jax.Array:
+    """``w_c`` broadcast over the batch, 0 on masked classes: where the smoothing mass goes."""
+    w = jnp.ones((), dtype) if weights is None else weights.astype(dtype)
+    return _elementwise.mask(jnp.broadcast_to(w, shape), where, 0.0)
+
+
+def _neg_log_probs(x: jax.Array, lse_hi: jax.Array, lse_lo: jax.Array) -> jax.Array:
+    """``-log p = (hi - x) + lo`` from :meth:`~jxent._normaliser.Normaliser.lse_parts`.
+
+    Written so that XLA:CPU fuses it into the class sums that consume it (no subexpression
+    shared with the exponentials, no select). Rows whose ``log_sum`` is ``-inf`` (all
+    masked) come out ``+inf`` here; the callers zero those rows after the reduction.
+    """
+    return (lse_hi - x) + lse_lo
+
+
+def _gather_then_normalise(
+    logits: jax.Array, where: jax.Array | None, targets: _labels.Targets, axis_name: Hashable | None
+) -> tuple[jax.Array, jax.Array, _normaliser.Normaliser, jax.Array]:
+    """CPU: the target logit by a gather, then :func:`~jxent._normaliser.exponentials`.
+
+    The gather reads the half-precision logits and converts one value per row. Its
+    result also orders the gather before any pass that may overwrite the logits'
+    buffer (``read_first``, see :func:`~jxent._reductions.row_shift`).
+    """
+    x_y = _labels.take(logits, targets.local, targets.in_shard, axis_name)
+    x_y = x_y.astype(_dtypes.compute_dtype(logits.dtype))
+    active_x_y = jnp.where(targets.active, x_y, jnp.full_like(x_y, -jnp.inf))
+    x = logits.astype(x_y.dtype)
+    e, norm, inverse = _normaliser.exponentials(x, where, axis_name, read_first=active_x_y)
+    return x_y, e, norm, inverse
+
+
+def _normalise_and_pick(
+    logits: jax.Array, where: jax.Array | None, targets: _labels.Targets, axis_name: Hashable | None
+) -> tuple[jax.Array, jax.Array, _normaliser.Normaliser, jax.Array]:
+    """GPU / TPU: the normaliser and the target logit in one pass over the logits.
+
+    The target logit is a third sum of the online reduction (the logit where the class
+    id equals the label, else 0): one kernel reads the logits once, where a gather
+    fused into another elementwise kernel would count as a second read of the whole
+    array (and, on TPU, made XLA store a float32 copy of bf16 logits).
+    """
+    x = logits.astype(_dtypes.compute_dtype(logits.dtype))
+    is_target = _target_mask(targets, x.shape[-1]) & targets.in_shard[..., None]
+    picked = jnp.where(is_target, x, jnp.zeros_like(x))
+    norm, inverse, (x_y,) = _normaliser.online_normaliser(x, where, axis_name, sums=(picked,))
+    x_y = _loss_reduction.psum_over(x_y, axis_name)
+    e = jnp.exp(
+        _elementwise.mask(x, where, -jnp.inf) - norm.shift
+    )  # unused: the residual is the logits
+    return x_y, e, norm, inverse
+
+
+def _integer_ce_fwd(
+    logits: jax.Array,
+    labels: jax.Array,
+    where: jax.Array | None,
+    weights: jax.Array | None,
+    cfg: IntegerConfig,
+) -> tuple[tuple[jax.Array, jax.Array], tuple[Any, ...]]:
+    dtype = _dtypes.compute_dtype(logits.dtype)
+    num_local = logits.shape[-1]
+    targets = _resolve_targets(
+        labels, where, weights, cfg.ignore_index, cfg.axis_name, dtype, num_local
+    )
+    # Only O(batch) values: the target's -log p from the target logit, no log-softmax array.
+    x_y, e, norm, inverse = _reductions.on_cpu(
+        lambda: _gather_then_normalise(logits, where, targets, cfg.axis_name),
+        lambda: _normalise_and_pick(logits, where, targets, cfg.axis_name),
+    )
+    x = logits.astype(dtype)
+    eps = cfg.label_smoothing
+    target_nll = norm.log_sum[..., 0] + (norm.shift[..., 0] - x_y)
+    loss = (1.0 - eps) * _elementwise.weighted(targets.weight, target_nll)
+    num_classes = _row_class_count(x, where, cfg.axis_name)
+    smoothing_mass = jnp.zeros_like(loss)
+    if eps:
+        w = jnp.ones((), dtype) if weights is None else weights.astype(dtype)
+
+        def smoothing_terms(w: Any, where: Any, x: Any, lse_hi: Any, lse_lo: Any) -> Any:
+            neg_log_p = _neg_log_probs(_elementwise.mask(x, where, -jnp.inf), lse_hi, lse_lo)
+            return _elementwise.mask(w, where, 0.0) * _elementwise.capped(neg_log_p)
+
+        spread = _reductions.class_reduce(
+            jnp.sum,
+            smoothing_terms,
+            *(w, where, x, *norm.lse_parts()),
+            num_classes=num_local,
+            axis_name=cfg.axis_name,
+        )[..., 0]
+        loss = loss + eps / num_classes * spread
+        smoothing_mass = _reductions.class_sum(
+            _smoothing_weights(weights, where, x.shape, dtype), cfg.axis_name
+        )[..., 0]
+    if cfg.z_loss:
+        loss = loss + cfg.z_loss * norm.lse()[..., 0] ** 2
+    loss = _labels.nan_where_bad(targets, jnp.where(targets.active, loss, jnp.zeros_like(loss)))
+    # The logits themselves are needed again only for the class-weight gradient's smoothing
+    # term; otherwise the exponentials e (the one logits-sized residual) suffice.
+    keep_logits = logits if (weights is not None and eps) else None
+    residuals = (
+        keep_logits,
+        _normaliser.exponentials_residual(logits, e),
+        where,
+        weights,
+        norm,
+        inverse,
+        targets,
+        target_nll,
+        num_classes,
+        smoothing_mass,
+    )
+    return (loss, targets.weight), residuals
+
+
+def _integer_ce_bwd(
+    cfg: IntegerConfig, residuals: tuple[Any, ...], cotangents: tuple[jax.Array, jax.Array]
+) -> tuple[Any, ...]:
+    (
+        logits,
+        saved_e,
+        where,
+        weights,
+        norm,
+        inverse,
+        targets,
+        target_nll,
+        num_classes,
+        smoothing_mass,
+    ) = residuals
+    g_loss, g_weight = cotangents
+    dtype = norm.shift.dtype
+    num_local = saved_e.shape[-1]
+    eps = cfg.label_smoothing
+    w_y = targets.weight  # already 0 for inactive examples
+    coef = _labels.nan_where_bad(targets, jnp.where(targets.active, g_loss, jnp.zeros_like(g_loss)))
+    # d loss / d x_c = p_c·A - (1-ε)·w_y·[c = y] - (ε/C)·w_c, with A the total target mass.
+    mass = (1.0 - eps) * w_y + eps / num_classes * smoothing_mass
+    if cfg.z_loss:
+        mass = mass + 2.0 * cfg.z_loss * _elementwise.finite_or_zero(norm.lse()[..., 0])
+    mass = jnp.where(targets.active, mass, jnp.zeros_like(mass))
+    p_scale = (coef * mass * inverse[..., 0])[..., None]
+    e = _normaliser.exponentials_from_residual(saved_e, where, norm)
+    grad = e * p_scale
+    if eps:
+        w = _smoothing_weights(weights, where, e.shape, dtype)
+        grad = grad - _expand(coef * eps / num_classes) * w
+    grad = _add_at_targets(grad, targets, -coef * (1.0 - eps) * w_y)
+    dlogits = grad.astype(saved_e.dtype)
+
+    dweights = None
+    if weights is not None:
+        # loss_n depends on w through w_y (the NLL term, and the mean's weight) and, with
+        # smoothing, on every unmasked w_c.
+        # (Inactive rows' target_nll may be infinite: zeroed first, so 0·inf never forms.)
+        nll = jnp.where(targets.active, target_nll, jnp.zeros_like(target_nll))
+        per_example = jnp.where(
+            targets.active, coef * (1.0 - eps) * nll + g_weight, jnp.zeros_like(coef)
+        )
+        dw = _scatter_to_classes(per_example, targets, num_local, dtype)
+        if eps:
+            spread = _elementwise.mask(
+                _neg_log_probs(logits.astype(dtype), *norm.lse_parts()), where, 0.0
+            )
+            dw = dw + _batch_sum(_expand(coef * eps / num_classes) * spread)
+        dweights = _sharding.sum_to_primal(dw, weights).astype(weights.dtype)
+    return dlogits, None, None, dweights
+
+
+integer_ce.defvjp(_integer_ce_fwd, _integer_ce_bwd)
+
+
+# ----------------------------------------------------------------------------- dense labels
+
+
+class DenseConfig(NamedTuple):
+    label_smoothing: float
+    z_loss: float
+    axis_name: Hashable | None
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(4,))
+def dense_ce(
+    logits: jax.Array,
+    labels: jax.Array,
+    where: jax.Array | None,
+    weights: jax.Array | None,
+    cfg: DenseConfig,
+) -> tuple[jax.Array, jax.Array]:
+    return _dense_ce_fwd(logits, labels, where, weights, cfg)[0]
+
+
+def _smoothed_weighted_targets(
+    labels: jax.Array,
+    where: jax.Array | None,
+    weights: jax.Array | None,
+    num_classes: Any,
+    cfg: DenseConfig,
+    dtype: Any,
+) -> jax.Array:
+    """``w_c·t'_c`` with ``t' = (1-ε)·t + ε/C``, 0 on masked classes.
+
+    Elementwise: ``num_classes`` is a scalar or keeps its class axis (``[..., 1]``).
+    """
+    t = labels.astype(dtype)
+    eps = cfg.label_smoothing
+    if eps:
+        t = (1.0 - eps) * t + eps / num_classes
+    if weights is not None:
+        t = t * weights.astype(dtype)
+    return _elementwise.mask(t, where, 0.0)
+
+
+def _dense_ce_fwd(
+    logits: jax.Array,
+    labels: jax.Array,
+    where: jax.Array | None,
+    weights: jax.Array | None,
+    cfg: DenseConfig,
+) -> tuple[tuple[jax.Array, jax.Array], tuple[Any, ...]]:
+    dtype = _dtypes.compute_dtype(logits.dtype)
+    x = logits.astype(dtype)
+    e, norm, inverse = _normaliser.exponentials(x, where, cfg.axis_name)
+    num_classes = _row_class_count(x, where, cfg.axis_name)
+
+    def targets(labels: Any, where: Any, weights: Any, num_classes: Any) -> Any:
+        return _smoothed_weighted_targets(labels, where, weights, num_classes, cfg, dtype)
+
+    def loss_terms(*args: Any) -> Any:
+        *target_args, x, lse_hi, lse_lo = args
+        neg_log_p = _neg_log_probs(_elementwise.mask(x, args[1], -jnp.inf), lse_hi, lse_lo)
+        # 0·log 0 = 0: a class with no target mass contributes nothing, even at x_c = -inf.
+        return targets(*target_args) * _elementwise.capped(neg_log_p)
+
+    target_args = (labels, where, weights, _expand(num_classes))
+    reduce = functools.partial(
+        _reductions.class_reduce, jnp.sum, num_classes=x.shape[-1], axis_name=cfg.axis_name
+    )
+    loss = reduce(loss_terms, *target_args, x, *norm.lse_parts())[..., 0]
+    mass = reduce(targets, *target_args)[..., 0]
+    if cfg.z_loss:
+        loss = loss + cfg.z_loss * norm.lse()[..., 0] ** 2
+    row_valid = (
+        jnp.ones(loss.shape, bool)
+        if where is None
+        else _reductions.class_any(where, cfg.axis_name)[..., 0]
+    )
+    # A counted row whose logits are all -inf has no log-probabilities: NaN, as in the
+    # integer CE (the capped class sum alone would give mass · 3.4e38).
+    loss = _elementwise.nan_where(row_valid & jnp.isneginf(norm.log_sum[..., 0]), loss)
+    loss = jnp.where(row_valid, loss, jnp.zeros_like(loss))
+    if _reductions.block_size(x.shape[-1]):
+        # Long rows: the backward pass recomputes e from the logits and can write the
+        # gradient over them. + min(|loss|, 0) is +0 (NaN only for a NaN loss, whose row's
+        # gradient is NaN anyway), a data dependency that makes XLA finish the loss' read of
+        # the logits first instead of copying them (see _reductions.row_shift). Short rows keep e,
+        # and the gradient overwrites e instead.
+        mass = mass + jnp.minimum(jnp.abs(loss), 0.0)
+    residuals = (
+        logits,
+        _normaliser.exponentials_residual(logits, e),
+        labels,
+        where,
+        weights,
+        norm,
+        inverse,
+        mass,
+        num_classes,
+        row_valid,
+    )
+    return (loss, row_valid.astype(dtype)), residuals
+
+
+def _dense_ce_bwd(
+    cfg: DenseConfig, residuals: tuple[Any, ...], cotangents: tuple[jax.Array, jax.Array]
+) -> tuple[Any, ...]:
+    logits, e, labels, where, weights, norm, inverse, mass, num_classes, row_valid = residuals
+    g_loss, _ = cotangents  # the example weight (row valid or not) is piecewise constant
+    dtype = norm.shift.dtype
+    coef = jnp.where(row_valid, g_loss, jnp.zeros_like(g_loss))[..., None]
+    wt = _smoothed_weighted_targets(labels, where, weights, _expand(num_classes), cfg, dtype)
+    if cfg.z_loss:
+        mass = mass + 2.0 * cfg.z_loss * _elementwise.finite_or_zero(norm.lse()[..., 0])
+    p_scale = coef * (mass * inverse[..., 0])[..., None]
+    e = _normaliser.exponentials_from_residual(e, where, norm)
+    dlogits = (e * p_scale - coef * wt).astype(logits.dtype)
+    # d loss / d t_c = (1-ε)·w_c·(-log p_c): the negative log-probability, for distillation.
+    # (XLA drops this computation when the labels' gradient is not used.)
+    neg_log_p = _elementwise.mask(
+        _neg_log_probs(logits.astype(dtype), *norm.lse_parts()), where, 0.0
+    )
+    w = jnp.ones((), dtype) if weights is None else weights.astype(dtype)
+    dlabels = (coef * (1.0 - cfg.label_smoothing) * w * neg_log_p).astype(labels.dtype)
+    dweights = None
+    if weights is not None:
+        t = _smoothed_weighted_targets(labels, where, None, _expand(num_classes), cfg, dtype)
+        dw = _batch_sum(coef * _elementwise.weighted(t, neg_log_p))
+        dweights = _sharding.sum_to_primal(dw, weights).astype(weights.dtype)
+    return dlogits, dlabels, None, dweights
+
+
+dense_ce.defvjp(_dense_ce_fwd, _dense_ce_bwd)
+
+
+# ----------------------------------------------------------------------------- NLL
+
+
+class NLLConfig(NamedTuple):
+    ignore_index: int | None
+    axis_name: Hashable | None
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(4,))
+def nll(
+    log_probs: jax.Array,
+    labels: jax.Array,
+    where: jax.Array | None,
+    weights: jax.Array | None,
+    cfg: NLLConfig,
+) -> tuple[jax.Array, jax.Array]:
+    return _nll_fwd(log_probs, labels, where, weights, cfg)[0]
+
+
+def _nll_fwd(
+    log_probs: jax.Array,
+    labels: jax.Array,
+    where: jax.Array | None,
+    weights: jax.Array | None,
+    cfg: NLLConfig,
+) -> tuple[tuple[jax.Array, jax.Array], tuple[Any, ...]]:
+    dtype = _dtypes.compute_dtype(log_probs.dtype)
+    num_local = log_probs.shape[-1]
+    targets = _resolve_targets(
+        labels, where, weights, cfg.ignore_index, cfg.axis_name, dtype, num_local
+    )
+    # Gather, then convert one value per row: converting first made XLA:TPU store a float32
+    # copy of bfloat16 log-probabilities (1,000 MiB of temporaries at 8192 x 32000).
+    lp_y = _labels.take(log_probs, targets.local, targets.in_shard, cfg.axis_name).astype(dtype)
+    loss = jnp.where(targets.active, -targets.weight * lp_y, jnp.zeros_like(lp_y))
+    loss = _labels.nan_where_bad(targets, loss)
+    return (loss, targets.weight), (log_probs, weights, targets, lp_y)
+
+
+def _nll_bwd(
+    cfg: NLLConfig, residuals: tuple[Any, ...], cotangents: tuple[jax.Array, jax.Array]
+) -> tuple[Any, ...]:
+    log_probs, weights, targets, lp_y = residuals
+    g_loss, g_weight = cotangents
+    num_local = log_probs.shape[-1]
+    coef = _labels.nan_where_bad(targets, jnp.where(targets.active, g_loss, jnp.zeros_like(g_loss)))
+    is_target = _target_mask(targets, num_local)
+    scale = (-coef * targets.weight)[..., None]
+    dlog_probs = jnp.where(is_target, scale, jnp.zeros_like(scale))
+    # A row with an invalid label has no target entry to carry its NaN: mark the whole row.
+    dlog_probs = _labels.nan_where_bad(targets, dlog_probs).astype(log_probs.dtype)
+    dweights = None
+    if weights is not None:
+        per_example = -coef * lp_y + jnp.where(targets.active, g_weight, 0.0)
+        dw = _scatter_to_classes(per_example, targets, num_local, lp_y.dtype)
+        dweights = _sharding.sum_to_primal(dw, weights).astype(weights.dtype)
+    return dlog_probs, None, None, dweights
+
+
+nll.defvjp(_nll_fwd, _nll_bwd)

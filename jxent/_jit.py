@@ -1,0 +1,65 @@
+"""The ``jitted`` decorator: one typed, documented definition per public function.
+
+``jax.jit`` with ``static_argnames`` (given by name, passed positionally or by keyword), where
+a static option passed as an array (or any unhashable value) gets jxent's error naming it
+instead of JAX's "Non-hashable static arguments". The decorated function keeps its signature
+and docstring for type checkers, ``help()`` and Sphinx.
+"""
+
+from __future__ import annotations
+
+import functools
+import inspect
+from collections.abc import Callable, Hashable
+from typing import Any, ParamSpec, TypeVar
+
+import jax
+import numpy as np
+
+P = ParamSpec("P")
+R = TypeVar("R")
+
+# An eager step run on the bound arguments before the jitted call (it may rewrite them): for
+# checks that can only be done on concrete values, such as ``check_labels``.
+EagerStep = Callable[[dict[str, Any]], None]
+
+
+def jitted(
+    *static: str, eager: EagerStep | None = None
+) -> Callable[[Callable[P, R]], Callable[P, R]]:
+    """Decorates ``fn`` as ``jax.jit(fn, static_argnames=static)``, validating the static
+    options first. Static options select the compiled program, so they must be Python values.
+    ``eager``, when given, sees (and may change) the bound arguments before the call."""
+
+    def decorate(fn: Callable[P, R]) -> Callable[P, R]:
+        signature = inspect.signature(fn)
+        unknown = [name for name in static if name not in signature.parameters]
+        if unknown:  # a typo here would silently trace the option instead
+            raise TypeError(f"jitted: {fn.__name__} has no parameters {unknown}.")
+        compiled = jax.jit(fn, static_argnames=static)
+
+        @functools.wraps(fn)
+        def call(*args: P.args, **kwargs: P.kwargs) -> R:
+            bound = signature.bind(*args, **kwargs)
+            for name in static:
+                if name in bound.arguments:
+                    _check_static(name, bound.arguments[name])
+            if eager is None:
+                return compiled(*args, **kwargs)
+            bound.apply_defaults()
+            eager(bound.arguments)
+            return compiled(*bound.args, **bound.kwargs)
+
+        call._cache_size = compiled._cache_size  # type: ignore[attr-defined]
+        return call
+
+    return decorate
+
+
+def _check_static(name: str, value: Any) -> None:
+    if isinstance(value, jax.Array | np.ndarray) or not isinstance(value, Hashable):
+        raise TypeError(
+            f"{name} must be a static Python value (it selects the compiled program), got "
+            f"{type(value).__name__} {value!r}; pass a Python number, tuple or string, e.g. "
+            f"float(...) of a concrete scalar."
+        )
