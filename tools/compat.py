@@ -12,7 +12,8 @@ the repository root. Environments (see docs/compatibility.md):
 * ``lock-py3.13`` and ``floor-py3.13``: pyenv's Python 3.13.0 with either set.
 
 ``--ci`` (``make compat-ci``, part of ``make test``) runs ``floor-py3.11`` and
-``lock-py3.13``: the JAX floor and a Python other than the main environment's.
+``lock-py3.13``: the JAX floor and a Python other than the main environment's; the Makefile
+passes ``-m "not slow"`` there, so the slow-marked tests run at the lock only, in CI's time.
 
 Usage: ``python tools/compat.py [--ci] [--env NAME ...] [--workers N] [PYTEST_ARGS...]``;
 exits non-zero if any environment fails to install or has a failing test.
