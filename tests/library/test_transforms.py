@@ -260,6 +260,7 @@ def _mean_ce_case(kind, shape):
     return logits, labels, lambda x, y: jnp.mean(loss_fn(x, y))
 
 
+@pytest.mark.compiled_memory
 class TestGradientReusesTheLogitsBuffer:
     """With the logits donated, XLA can write the logits gradient over them. It does so
     without first copying the logits only if every read of them (the target-logit gather,
@@ -286,6 +287,7 @@ class TestGradientReusesTheLogitsBuffer:
         np.testing.assert_allclose(grad, expected[1], rtol=1e-6, atol=1e-9)
 
 
+@pytest.mark.compiled_memory
 class TestEvaluationMemory:
     """The loss alone (no gradient) holds no logits-sized scratch, short rows or blocked
     long rows. (Regression: a ``-log p`` sharing ``x - shift`` with the exponentials ran
