@@ -155,7 +155,7 @@ def _input_grad_accumulator_growth(base: tuple[int, int, int], bigger: tuple[int
 # --------------------------------------------------------------------------------------------
 
 # Most excesses are O(batch) (a few KB: per-row statistics read or written once more); the v5e
-# bfloat16 softmax's 525 MB at 8192 x 32000 is a float32 copy of half the logits' size.
+# bfloat16 softmax's 525 MB at 8192 x 32000 is one more read of the bf16 logits (524 MB).
 PARITY_FAILURES: dict[str, str] = {
     "h100-bfloat16-ce_dense-small": "bytes +73,732 B over optax",
     "h100-bfloat16-kl-small": "bytes +8,194 B over optax",
