@@ -37,13 +37,27 @@ def batch_total(values: jax.Array, batch_axes: tuple[Hashable, ...] = ()) -> jax
     return lax.psum(total, batch_axes) if batch_axes else total
 
 
+def with_token_weights(
+    loss: jax.Array, weight: jax.Array, token_weights: jax.Array | None
+) -> tuple[jax.Array, jax.Array]:
+    """Per-example losses and mean weights times the per-token ``weights`` (unchanged
+    without them): ``mean`` then divides by the sum of the counted weights. Plain JAX, so
+    the token weights get their exact gradient by autodiff."""
+    if token_weights is None:
+        return loss, weight
+    token_weights = token_weights.astype(loss.dtype)
+    return loss * token_weights, weight * token_weights
+
+
 def reduce_loss(
     loss: jax.Array,
     weight: jax.Array | None,
     reduction: str,
     batch_axes: tuple[Hashable, ...] = (),
+    normalizer: jax.Array | None = None,
 ) -> jax.Array:
-    """Applies ``reduction``; ``mean`` divides by the total weight.
+    """Applies ``reduction``; ``mean`` divides by the total weight, or by ``normalizer``
+    when one is given (the caller's denominator, e.g. a global token count; 0 gives 0).
 
     A mean over zero total weight is 0 with zero gradient (PyTorch gives NaN) when every
     example was ignored, masked or weighted 0, but NaN when any loss is NaN: an invalid
@@ -54,7 +68,9 @@ def reduce_loss(
     total = batch_total(loss, batch_axes)
     if reduction == "sum":
         return total
-    if weight is None:
+    if normalizer is not None:
+        denominator = normalizer.astype(total.dtype)
+    elif weight is None:
         denominator = jnp.asarray(loss.size, loss.dtype)
     else:
         denominator = batch_total(weight, batch_axes)

@@ -67,3 +67,13 @@ def check_nonnegative(value: float, name: str) -> float:
 def check_ignore_index(ignore_index: int | None) -> None:
     if ignore_index is not None and not isinstance(ignore_index, int | np.integer):
         raise TypeError(f"ignore_index must be an int or None, got {ignore_index!r}.")
+
+
+def check_positive(value: float, name: str) -> float:
+    """A static Python float ``> 0`` (e.g. ``temperature``)."""
+    if isinstance(value, jax.core.Tracer):
+        raise TypeError(f"{name} must be a static Python float, got a traced value {value}.")
+    value = float(value)
+    if not value > 0.0 or value == float("inf"):
+        raise ValueError(f"{name} must be a finite float > 0, got {value}.")
+    return value

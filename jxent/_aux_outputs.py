@@ -1,0 +1,79 @@
+"""What the cross-entropy losses return beside the loss on request (``return_aux=True``).
+
+One definition for :func:`jxent.softmax_cross_entropy_with_integer_labels`,
+:func:`jxent.cross_entropy` and :func:`jxent.fused_linear_cross_entropy`: every kernel
+computes the same per-row statistics in the passes it already makes over the classes and
+hands them to :func:`assemble`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Hashable
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+
+from jxent import _labels
+
+
+class CrossEntropyAux(NamedTuple):
+    r"""Auxiliary outputs of a cross-entropy loss, returned as ``(loss, aux)`` when
+    ``return_aux=True``.
+
+    Every field but ``z_loss`` has the labels' shape (one value per example, whatever the
+    ``reduction``); ``z_loss`` is reduced exactly as the loss is, so that ``loss - z_loss``
+    is the cross-entropy alone. With ``temperature=T`` the distribution is
+    :math:`p = \operatorname{softmax}(x / T)` and every field refers to it.
+
+    Attributes:
+      lse: :math:`\operatorname{lse}(x_n / T)`, the log-normaliser (float32, or float64
+        for float64 inputs). Gradient: :math:`p_n / T` times its cotangent.
+      z_loss: the z-loss term :math:`\zeta\,\operatorname{lse}^2` (times the example's
+        ``weights``), reduced like the loss; 0 for examples that do not count. Its
+        gradient is that term's share of the loss's.
+      entropy: :math:`H_n = -\sum_c p_{n,c} \log p_{n,c}`; exact gradient
+        :math:`-p_{n,c}(\log p_{n,c} + H_n) / T`.
+      argmax: the predicted class id (int32; the first of equal maxima; a global id under
+        vocabulary parallelism). No gradient.
+      correct: ``argmax == label`` for examples that count (not ``ignore_index``, not
+        masked out by ``where``, valid label), else ``False``. No gradient.
+      counted: whether the example counts (as above). No gradient.
+    """
+
+    lse: jax.Array
+    z_loss: jax.Array
+    entropy: jax.Array
+    argmax: jax.Array
+    correct: jax.Array
+    counted: jax.Array
+
+    @property
+    def accuracy(self) -> jax.Array:
+        """Token accuracy: the fraction of counted examples predicted correctly (0 when none
+        counts); unweighted, over the examples this device holds."""
+        total = jnp.sum(self.counted)
+        return jnp.sum(self.correct) / jnp.maximum(total, 1).astype(jnp.float32)
+
+
+def global_argmax(
+    local_max: jax.Array, local_argmax: jax.Array, axis_name: Hashable | None, num_local: int
+) -> jax.Array:
+    """The global class id of each row's maximum under vocabulary parallelism: the lowest id
+    among the shards that hold the global maximum (as ``jnp.argmax`` on the whole row).
+
+    ``local_argmax`` is this shard's first maximum as a local index."""
+    if axis_name is None:
+        return local_argmax.astype(jnp.int32)
+    offset = lax.axis_index(axis_name) * num_local
+    top = lax.pmax(local_max, axis_name)
+    mine = jnp.where(local_max == top, local_argmax + offset, jnp.iinfo(jnp.int32).max)
+    return lax.pmin(mine.astype(jnp.int32), axis_name)
+
+
+def correct_predictions(
+    argmax: jax.Array, labels: jax.Array, targets: _labels.Targets
+) -> jax.Array:
+    """``argmax == label`` where the example counts (``targets.active``)."""
+    return (argmax == labels) & targets.active
