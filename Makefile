@@ -8,12 +8,13 @@
 #   make docs  - the documentation site (Sphinx + MyST, warnings are errors) into docs/_build/html
 #   make docs-check - screenshots of the built site in headless Chromium (docs/_build/screenshots)
 #   make aot   - compile every case for CPU, H100 and TPU v5e without a device (benchmarks/aot.py)
+#   make vocab-blocks - the fused loss's vocabulary block per platform, compiled (vocab_blocks.py)
 PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: run test test-aot lint package-check compat compat-ci docs docs-check bench device-check aot clean
+.PHONY: run test test-aot lint package-check compat compat-ci docs docs-check bench device-check aot vocab-blocks clean
 
 # The deviceless accelerator compiles get their own venv (.venv-aot, requirements-aot.lock):
 # the CUDA and TPU compiler plugins stay out of .venv and out of jxent's dependencies.
@@ -88,6 +89,10 @@ device-check: $(STAMP)
 # docs/bench/aot.{json,md,png}; ARGS="--quick" or filters (see benchmarks/aot.py --help).
 aot: $(AOT_STAMP)
 	$(AOT_ENV) $(AOT_BIN)/python benchmarks/aot.py $(ARGS)
+
+# docs/bench/vocab_blocks.{json,md}: the fused loss's block size per platform, compiled.
+vocab-blocks: $(AOT_STAMP)
+	$(AOT_ENV) $(AOT_BIN)/python benchmarks/vocab_blocks.py $(ARGS)
 
 clean:
 	rm -rf $(VENV) $(AOT_VENV) .compat .pytest_cache .mypy_cache .ruff_cache .hypothesis docs/_build

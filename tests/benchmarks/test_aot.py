@@ -304,3 +304,30 @@ def test_make_aot_writes_json_table_and_plot_labelled_compiled_not_run(aot, tmp_
     dumped = sorted(p.name for p in (tmp_path / "hlo").iterdir())
     assert len(dumped) == len(records) and "h100_ce_int_64x256_float32_fwdbwd_jxent.hlo" in dumped
     assert "ENTRY" in (tmp_path / "hlo" / dumped[0]).read_text()
+
+
+# --------------------------------------------------------------------------------------------
+# The vocabulary-block sweep (benchmarks/vocab_blocks.py) that sets the blocked kernel's budgets
+# --------------------------------------------------------------------------------------------
+
+
+def test_vocab_block_sweep_compiles_and_reports_each_block(aot, tmp_path):
+    vocab_blocks = importlib.import_module("benchmarks.vocab_blocks")
+    argv = ["--targets", "v5e,h100", "--dtypes", "bfloat16", "--rows", "256"]
+    assert (
+        vocab_blocks.main(
+            [*argv, "--features", "128", "--blocks", "128,256", "--out", str(tmp_path)]
+        )
+        == 0
+    )
+    records = json.loads((tmp_path / "vocab_blocks.json").read_text())["records"]
+    assert [(r["target"], r["block"]) for r in records] == [
+        ("v5e", 128),
+        ("v5e", 256),
+        ("h100", 128),
+        ("h100", 256),
+    ]
+    assert all(r["forward_us_per_1k"] > 0 for r in records if r["target"] == "v5e")
+    # A bigger block re-reads x fewer times per class.
+    assert records[1]["forward_gb_per_1k"] < records[0]["forward_gb_per_1k"]
+    assert "| v5e | bfloat16 | 256x256 |" in (tmp_path / "vocab_blocks.md").read_text()
