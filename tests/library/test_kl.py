@@ -6,8 +6,6 @@ as float64 NumPy in ``reference.py``; and optax's functions of the same names.
 
 from __future__ import annotations
 
-import contextlib
-
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -15,6 +13,7 @@ import optax
 import pytest
 import reference as ref
 from jax.test_util import check_grads
+from tolerances import as64, assert_close, compute_dtype, x64_if
 
 import jxent
 
@@ -22,32 +21,6 @@ pytestmark = pytest.mark.numerics
 
 DTYPES = [jnp.float32, jnp.bfloat16, jnp.float64]
 DTYPE_IDS = ["f32", "bf16", "f64"]
-
-
-def x64_if(dtype):
-    return jax.enable_x64(True) if dtype == jnp.float64 else contextlib.nullcontext()
-
-
-def compute_dtype(dtype):
-    return np.float64 if dtype == jnp.float64 else np.float32
-
-
-def as64(x):
-    x = jnp.asarray(x)
-    return np.asarray(x.astype(compute_dtype(x.dtype)), np.float64)
-
-
-def assert_close(actual, expected, dtype=jnp.float32, kind="value"):
-    actual = as64(actual)
-    tol = (
-        1e-10
-        if dtype == jnp.float64
-        else 2e-2
-        if kind == "grad" and dtype in (jnp.bfloat16,)
-        else 2e-5
-    )
-    scale = max(1.0, float(np.max(np.abs(expected))))
-    np.testing.assert_allclose(actual, expected, rtol=tol, atol=tol * scale)
 
 
 def make(shape=(4, 6), axis=-1, dtype=jnp.float32, seed=0, zeros=True):
