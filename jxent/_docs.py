@@ -40,7 +40,7 @@ def with_parts(fn: F) -> F:
     def part(match: re.Match[str]) -> str:
         indent, name = match.groups()
         if name not in PARTS:  # a typo would otherwise show as "{name}" in the docs
-            raise KeyError(f"{fn.__name__}'s docstring names {name!r}, not one of {list(PARTS)}.")
+            raise ValueError(f"{fn.__name__}'s docstring names {name!r}, not one of {list(PARTS)}.")
         return textwrap.indent(PARTS[name], indent)
 
     fn.__doc__ = _MARKER.sub(part, fn.__doc__ or "")
