@@ -90,10 +90,10 @@ def _inner_with_probabilities(
     GPU and TPU: ``Σ g·p`` with ``p`` exactly the forward's :func:`_probabilities`. Nothing
     per row is left to compute after the sum, so the row sum depends only on what the forward
     output depends on, and XLA can fuse it with a reduction of that output (the loss
-    ``Σ p·r``: one read of ``r`` and ``x`` for both, as for ``jax.nn.softmax``). The CPU form's
-    rescaling after the sum was merged by XLA:TPU with the forward's per-row values into one
-    fusion, which made the loss wait for the row sum: a second read of ``r`` (+525 MB at
-    8192 x 32000 bf16 on v5e).
+    ``Σ p·r``: one read of ``r`` and ``x`` for both, as for ``jax.nn.softmax``). XLA:TPU
+    merged the CPU form's rescaling after the sum with the forward's per-row values into one
+    fusion, so the loss waited for the row sum and read ``r`` and ``x`` again; the sum's
+    dtype must match too (see :func:`_row_sum_like_a_loss`).
     """
 
     def cpu() -> jax.Array:
@@ -115,7 +115,7 @@ def _inner_with_probabilities(
 
 
 def _row_sum_like_a_loss(v: jax.Array, dtype: Any) -> jax.Array:
-    """``Σ v`` over the classes (keepdims) on GPU and TPU, accumulated in ``v``'s dtype.
+    """``Σ v`` over the classes (keepdims) on GPU and TPU, in ``v``'s (float32) dtype.
 
     On TPU, for half-precision inputs (``dtype``), ``v`` is first rounded to ``dtype`` and
     the sum (accumulated in float32, as ``jnp.sum`` does) rounded to it: the types of the
