@@ -37,15 +37,22 @@ def jitted(
         if unknown:  # a typo here would silently trace the option instead
             raise TypeError(f"jitted: {fn.__name__} has no parameters {unknown}.")
         compiled = jax.jit(fn, static_argnames=static)
+        positions = _positions(signature, static)
 
         @functools.wraps(fn)
         def call(*args: P.args, **kwargs: P.kwargs) -> R:
-            bound = signature.bind(*args, **kwargs)
+            # No signature.bind on this path (it cost about as much as the jitted call's own
+            # dispatch): a static option is either at its known position or among kwargs.
+            # Wrong arguments still get Python's errors, from jax.jit's own binding.
             for name in static:
-                if name in bound.arguments:
-                    _check_static(name, bound.arguments[name])
+                index = positions.get(name)
+                if index is not None and index < len(args):
+                    _check_static(name, args[index])
+                elif name in kwargs:
+                    _check_static(name, kwargs[name])
             if eager is None:
                 return compiled(*args, **kwargs)
+            bound = signature.bind(*args, **kwargs)
             bound.apply_defaults()
             eager(bound.arguments)
             return compiled(*bound.args, **bound.kwargs)
@@ -54,6 +61,16 @@ def jitted(
         return call
 
     return decorate
+
+
+def _positions(signature: inspect.Signature, names: tuple[str, ...]) -> dict[str, int]:
+    """The positional index of each of ``names`` that can be passed positionally."""
+    positional = []
+    for param in signature.parameters.values():
+        if param.kind not in (param.POSITIONAL_ONLY, param.POSITIONAL_OR_KEYWORD):
+            break  # after *args or at the keyword-only ones: no more positions
+        positional.append(param.name)
+    return {name: positional.index(name) for name in names if name in positional}
 
 
 def _check_static(name: str, value: Any) -> None:

@@ -2,102 +2,92 @@
 
 from __future__ import annotations
 
-from typing import Any
+import functools
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
 from jax.typing import ArrayLike
 
 from jxent import _dtypes, _elementwise, _layout, _reductions, _sharding, _validation
+from jxent._docs import with_parts
 from jxent._jit import jitted
 
 
-def _log_or_zero(t: jax.Array) -> jax.Array:
-    """``log t`` where ``t != 0``, else 0: the ``0·log 0 = 0`` convention, NaN-free."""
-    safe = jnp.where(t == 0, jnp.ones_like(t), t)
-    return jnp.where(t == 0, jnp.zeros_like(t), jnp.log(safe))
+class _Targets(NamedTuple):
+    """The target distribution, whichever way it was given."""
+
+    probs: jax.Array  # t
+    logs: jax.Array  # log t, but 0 where dropped (finite: no NaN from it below)
+    dropped: jax.Array  # t = 0 (log t = -inf): 0·log 0 = 0, the class takes no part
 
 
-# ----------------------------------------------------------------------------- probabilities
+def _targets(t: jax.Array, log_targets: bool) -> _Targets:
+    if log_targets:
+        dropped = jnp.isneginf(t)
+        return _Targets(jnp.exp(t), jnp.where(dropped, jnp.zeros_like(t), t), dropped)
+    dropped = t == 0
+    return _Targets(t, jnp.log(jnp.where(dropped, jnp.ones_like(t), t)), dropped)
 
 
-@jax.custom_vjp
-def _kl_impl(lp: jax.Array, t: jax.Array, where: jax.Array | None) -> jax.Array:
-    return _kl_fwd(lp, t, where)[0]
+def _log_ratio(targets: _Targets, lp: jax.Array) -> jax.Array:
+    """``log t - lp``, but 0 for dropped classes: never ``-inf - (-inf)`` nor, after it,
+    ``0 · inf``, whose NaN ``jax.debug_nans`` reports even in a discarded branch. One select
+    over one difference: XLA:CPU fuses it into the reduction's operand (a select of the
+    logs and one of ``lp`` were two logits-sized arrays there)."""
+    return jnp.where(targets.dropped, jnp.zeros_like(lp), targets.logs - lp)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(3,))
+def _kl(lp: jax.Array, t: jax.Array, where: jax.Array | None, log_targets: bool) -> jax.Array:
+    """``Σ_c t_c (log t_c - lp_c)`` over the last axis; ``t`` given as logs if ``log_targets``."""
+    return _kl_fwd(lp, t, where, log_targets)[0]
 
 
 def _kl_fwd(
-    lp: jax.Array, t: jax.Array, where: jax.Array | None
+    lp: jax.Array, t: jax.Array, where: jax.Array | None, log_targets: bool
 ) -> tuple[jax.Array, tuple[Any, ...]]:
     dtype = _dtypes.compute_dtype(jnp.result_type(lp, t))
-    lpf, tf = lp.astype(dtype), t.astype(dtype)
-    terms = _elementwise.weighted(tf, _log_or_zero(tf) - lpf)
+    targets = _targets(t.astype(dtype), log_targets)
+    terms = targets.probs * _log_ratio(targets, lp.astype(dtype))
     return _reductions.class_sum(_elementwise.mask(terms, where, 0.0))[..., 0], (lp, t, where)
 
 
-def _kl_bwd(residuals: tuple[Any, ...], g: jax.Array) -> tuple[Any, ...]:
+def _kl_bwd(log_targets: bool, residuals: tuple[Any, ...], g: jax.Array) -> tuple[Any, ...]:
     lp, t, where = residuals
     g = g[..., None]
-    lpf, tf = lp.astype(g.dtype), t.astype(g.dtype)
-    dlp = _elementwise.mask(-g * tf, where, 0.0)
-    # d/dt [t log t] = log t + 1 for t > 0; at t = 0 the 0·log 0 branch is constant (as optax).
-    dt = _elementwise.mask(
-        g * (jnp.where(tf == 0, jnp.zeros_like(tf), _log_or_zero(tf) + 1.0) - lpf), where, 0.0
+    lpf = lp.astype(g.dtype)
+    targets = _targets(t.astype(g.dtype), log_targets)
+    dlp = -g * targets.probs
+    if log_targets:  # d/d(log t) = t · d/dt, 0 at t = 0
+        dt = jnp.where(
+            targets.dropped, jnp.zeros_like(lpf), targets.probs * g * (_log_ratio(targets, lpf) + 1)
+        )
+    else:
+        # d/dt [t (log t - lp)] = log t + 1 - lp for t > 0; at t = 0 the 0·log 0 branch is
+        # constant (as optax), leaving -lp.
+        dt = g * (jnp.where(targets.dropped, jnp.zeros_like(lpf), targets.logs + 1.0) - lpf)
+    return (
+        _elementwise.mask(dlp, where, 0.0).astype(lp.dtype),
+        _elementwise.mask(dt, where, 0.0).astype(t.dtype),
+        None,
     )
-    return dlp.astype(lp.dtype), dt.astype(t.dtype), None
 
 
-_kl_impl.defvjp(_kl_fwd, _kl_bwd)
-
-
-# ----------------------------------------------------------------------------- log-probabilities
-
-
-def _log_ratio(lt: jax.Array, lp: jax.Array) -> jax.Array:
-    """``lt - lp``, but 0 where ``lt = -inf`` (those terms are dropped): never forms
-    ``-inf - (-inf)``, whose NaN ``jax.debug_nans`` reports even in a discarded branch."""
-    skip = jnp.isneginf(lt)
-    return jnp.where(skip, jnp.zeros_like(lt), lt) - jnp.where(skip, jnp.zeros_like(lp), lp)
-
-
-@jax.custom_vjp
-def _kl_log_impl(lp: jax.Array, lt: jax.Array, where: jax.Array | None) -> jax.Array:
-    return _kl_log_fwd(lp, lt, where)[0]
-
-
-def _kl_log_fwd(
-    lp: jax.Array, lt: jax.Array, where: jax.Array | None
-) -> tuple[jax.Array, tuple[Any, ...]]:
-    dtype = _dtypes.compute_dtype(jnp.result_type(lp, lt))
-    lpf, ltf = lp.astype(dtype), lt.astype(dtype)
-    terms = jnp.where(jnp.isneginf(ltf), jnp.zeros_like(ltf), jnp.exp(ltf) * _log_ratio(ltf, lpf))
-    return _reductions.class_sum(_elementwise.mask(terms, where, 0.0))[..., 0], (lp, lt, where)
-
-
-def _kl_log_bwd(residuals: tuple[Any, ...], g: jax.Array) -> tuple[Any, ...]:
-    lp, lt, where = residuals
-    g = g[..., None]
-    lpf, ltf = lp.astype(g.dtype), lt.astype(g.dtype)
-    t = jnp.exp(ltf)
-    dlp = _elementwise.mask(-g * t, where, 0.0)
-    dlt = jnp.where(jnp.isneginf(ltf), jnp.zeros_like(t), g * t * (_log_ratio(ltf, lpf) + 1.0))
-    return dlp.astype(lp.dtype), _elementwise.mask(dlt, where, 0.0).astype(lt.dtype), None
-
-
-_kl_log_impl.defvjp(_kl_log_fwd, _kl_log_bwd)
+_kl.defvjp(_kl_fwd, _kl_bwd)
 
 
 # ----------------------------------------------------------------------------- public
 
 
 def _apply(
-    impl: Any,
     log_predictions: ArrayLike,
     targets: ArrayLike,
     axis: _validation.Axis,
     where: ArrayLike | None,
-    target_name: str,
+    log_targets: bool,
 ) -> jax.Array:
+    target_name = "log_targets" if log_targets else "targets"
     lp = _dtypes.as_floating(log_predictions, "log_predictions")
     t = _dtypes.as_floating(targets, target_name)
     if t.shape != lp.shape:
@@ -107,10 +97,11 @@ def _apply(
     layout = _layout.ClassLayout(lp.shape, _validation.canonical_axes(axis, lp.ndim))
     lp, t = layout.to_last(lp), layout.to_last(t)
     mask = _sharding.reshard_like(_layout.broadcast_where(where, layout), lp)
-    return impl(lp, _sharding.reshard_like(t, lp), mask)
+    return _kl(lp, _sharding.reshard_like(t, lp), mask, log_targets)
 
 
 @jitted("axis")
+@with_parts
 def kl_divergence(
     log_predictions: ArrayLike,
     targets: ArrayLike,
@@ -129,21 +120,21 @@ def kl_divergence(
     Args:
       log_predictions: floating log-probabilities of the prediction.
       targets: target probabilities of the same shape.
-      axis: class axis or tuple of axes (``None``: all).
-      where: boolean mask broadcastable to the inputs; ``False`` entries take no part.
+      {kl_args}
 
     Returns:
-      float32 divergences (float64 for float64 inputs) of the batch shape.
+      {kl_returns}
 
     Example:
       >>> import jax.numpy as jnp, jxent
       >>> jxent.kl_divergence(jnp.log(jnp.array([0.5, 0.5])), jnp.array([1.0, 0.0]))
       Array(0.6931, dtype=float32)
     """
-    return _apply(_kl_impl, log_predictions, targets, axis, where, "targets")
+    return _apply(log_predictions, targets, axis, where, log_targets=False)
 
 
 @jitted("axis")
+@with_parts
 def kl_divergence_with_log_targets(
     log_predictions: ArrayLike,
     log_targets: ArrayLike,
@@ -161,11 +152,10 @@ def kl_divergence_with_log_targets(
     Args:
       log_predictions: floating log-probabilities of the prediction.
       log_targets: floating log-probabilities of the target, same shape.
-      axis: class axis or tuple of axes (``None``: all).
-      where: boolean mask broadcastable to the inputs; ``False`` entries take no part.
+      {kl_args}
 
     Returns:
-      float32 divergences (float64 for float64 inputs) of the batch shape.
+      {kl_returns}
 
     Example:
       >>> import jax.numpy as jnp, jxent
@@ -173,4 +163,4 @@ def kl_divergence_with_log_targets(
       >>> jxent.kl_divergence_with_log_targets(lp, lp)
       Array(0., dtype=float32)
     """
-    return _apply(_kl_log_impl, log_predictions, log_targets, axis, where, "log_targets")
+    return _apply(log_predictions, log_targets, axis, where, log_targets=True)

@@ -11,6 +11,7 @@ import jax.numpy as jnp
 from jax.typing import ArrayLike
 
 from jxent import _dtypes, _elementwise, _layout, _normaliser, _reductions, _sharding, _validation
+from jxent._docs import with_parts
 from jxent._jit import jitted
 
 
@@ -116,7 +117,10 @@ def logsumexp(
 ) -> jax.Array | tuple[jax.Array, jax.Array]: ...
 
 
+# The overloads give logsumexp's return type for each return_sign; PEP 484 wants the
+# implementation's own signature besides them, so the parameter list stands four times.
 @jitted("axis", "keepdims", "return_sign", "axis_name")
+@with_parts
 def logsumexp(
     a: ArrayLike,
     axis: int | tuple[int, ...] | None = None,
@@ -163,8 +167,7 @@ def logsumexp(
       1000.693
 
     Note:
-      Reverse mode only (a ``jax.custom_vjp``): use ``jax.jacrev`` and ``jax.hessian``, not
-      ``jax.jvp`` / ``jax.jacfwd``; see :doc:`gradients`.
+      {reverse_mode_only}
     """
     _validation.check_axis_name(axis_name)
     x, b_arr = _promote(a, b)

@@ -1,6 +1,6 @@
 """The log-normaliser ``log Σ exp(x)`` and the exponentials, per platform.
 
-On CPU a max pass then a sum of exponentials (:func:`_two_pass_exponentials`); on GPU and
+On CPU a max pass then a sum of exponentials (:func:`exponentials`); on GPU and
 TPU one pass (:func:`online_normaliser`, Milakov & Gimelshein's online normaliser).
 """
 
@@ -95,54 +95,42 @@ def exponentials(
 ) -> tuple[jax.Array, Normaliser, jax.Array]:
     """``e = exp(x - shift)`` (0 where masked), the :class:`Normaliser` and ``1 / Σ e``.
 
+    ``e · (1 / Σ e)`` is the softmax; ``1 / Σ e`` is 0 for an empty row (so that its zeros
+    stay zeros) and NaN stays NaN.
+
+    On CPU, a max pass then a sum of exponentials. The losses keep ``e`` for their backward
+    pass: on CPU recomputing the exponentials costs more than storing them, and XLA writes
+    the gradient over ``e`` in place, so no extra memory is held. For long rows everything
+    is computed on the blocked view (see :func:`class_reduce`). ``read_first`` (see
+    :func:`row_shift`) orders a gather from ``x`` before the passes that may overwrite
+    ``x``'s buffer.
+
     On GPU and TPU the normaliser comes from one pass over ``x`` (see
     :func:`online_normaliser`) and ``e`` is only a formula: the callers save the logits
-    there (see :func:`exponentials_residual`), so XLA drops it. On CPU, see
-    :func:`_two_pass_exponentials`.
+    there (see :func:`exponentials_residual`), so XLA drops it.
     """
-
-    def accelerator() -> tuple[jax.Array, Normaliser, jax.Array]:
-        norm, inverse, _ = online_normaliser(x, where, axis_name)
-        return jnp.exp(mask(x, where, -jnp.inf) - norm.shift), norm, inverse
-
-    return on_cpu(
-        lambda: _two_pass_exponentials(x, where, axis_name, read_first=read_first), accelerator
-    )
-
-
-def _two_pass_exponentials(
-    x: jax.Array,
-    where: jax.Array | None = None,
-    axis_name: Hashable | None = None,
-    *,
-    read_first: jax.Array | None = None,
-) -> tuple[jax.Array, Normaliser, jax.Array]:
-    """The CPU form of :func:`exponentials`: a max pass, then a sum of exponentials.
-
-    ``read_first`` (see :func:`row_shift`) orders a gather from ``x`` before the passes
-    that may overwrite ``x``'s buffer.
-
-    ``e · (1 / Σ e)`` is the softmax; ``1 / Σ e`` is 0 for an empty row (so that its zeros
-    stay zeros) and NaN stays NaN. The losses keep ``e`` for their backward pass: on CPU
-    recomputing the exponentials costs more than storing them, and XLA writes the
-    gradient over ``e`` in place, so no extra memory is held. For long rows everything is
-    computed on the blocked view (see :func:`class_reduce`).
-    """
-    shift = row_shift(x, where, axis_name, read_first=read_first)
 
     def exp_shifted(x: Any, where: Any, shift: Any) -> Any:
         return jnp.exp(mask(x, where, -jnp.inf) - shift)
 
-    e = exp_shifted(x, where, shift)
-    if block_size(x.shape[-1]) is None:
-        total = jnp.sum(e, axis=-1, keepdims=True)
-    else:
-        # Long rows: the sum recomputes the exponentials block by block (on CPU); the
-        # callers then drop e (see exponentials_residual), so it is never materialised.
-        total = class_reduce(jnp.sum, exp_shifted, x, where, shift, num_classes=x.shape[-1])
-    if axis_name is not None:
-        total = lax.psum(total, axis_name)
-    return e, Normaliser(shift, jnp.log(total)), safe_reciprocal(total)
+    def two_pass() -> tuple[jax.Array, Normaliser, jax.Array]:
+        shift = row_shift(x, where, axis_name, read_first=read_first)
+        e = exp_shifted(x, where, shift)
+        if block_size(x.shape[-1]) is None:
+            total = jnp.sum(e, axis=-1, keepdims=True)
+        else:
+            # Long rows: the sum recomputes the exponentials block by block (on CPU); the
+            # callers then drop e (see exponentials_residual), so it is never materialised.
+            total = class_reduce(jnp.sum, exp_shifted, x, where, shift, num_classes=x.shape[-1])
+        if axis_name is not None:
+            total = lax.psum(total, axis_name)
+        return e, Normaliser(shift, jnp.log(total)), safe_reciprocal(total)
+
+    def online() -> tuple[jax.Array, Normaliser, jax.Array]:
+        norm, inverse, _ = online_normaliser(x, where, axis_name)
+        return exp_shifted(x, where, norm.shift), norm, inverse
+
+    return on_cpu(two_pass, online)
 
 
 def _online_combine(a: tuple[jax.Array, ...], b: tuple[jax.Array, ...]) -> tuple[jax.Array, ...]:
@@ -239,7 +227,7 @@ def online_normaliser(
     a sum-of-exponentials pass read it twice; half-precision ``x`` is converted inside the
     kernel, never stored as float32.
 
-    Same values as :func:`_two_pass_exponentials`: the shift is the row max clipped to the
+    Same values as the CPU form of :func:`exponentials`: the shift is the row max clipped to the
     finite floats (constant under autodiff), ``log_sum = log Σ exp(x - shift)`` is ``-inf``
     on empty rows and ``+inf`` on rows holding ``+inf``. ``log_sum`` is differentiable
     (see :func:`_online_stats`), for ``grad`` of ``grad`` and ``jax.hessian``.

@@ -281,6 +281,42 @@ def test_dense_ce_and_normalisers_match_float64(path, classes):
     _check_normalisers_and_dense_ce(got, x, t, g)
 
 
+@pytest.mark.parametrize("path", PATHS)
+def test_half_precision_normaliser_vjps_match_float64(path):
+    """bfloat16 softmax and log_softmax backward passes. On TPU their row sums are rounded to
+    bfloat16 (see ``jxent._softmax._row_sum_like_a_loss``): each term and the sum once, so
+    within 2^-8 of the terms' scale beyond the output's own rounding; a sum accumulated in
+    bfloat16 would be off by about sqrt(C)·2^-9 of it."""
+    x = _logits((4, 4096), jnp.bfloat16)
+    g = _logits((4, 4096), jnp.bfloat16, seed=3)
+
+    def vjps(x):
+        return jax.vjp(jxent.softmax, x)[1](g)[0], jax.vjp(jxent.log_softmax, x)[1](g)[0]
+
+    soft, log_soft = _run(path, vjps, x)
+    x64, g64 = _f64(x), _f64(g)
+    p = np.exp(ref.log_softmax(x64))
+    abs_g = np.abs(g64)
+    for got, want, scale, what in (
+        (
+            soft,
+            p * (g64 - np.sum(g64 * p, -1, keepdims=True)),
+            p * (abs_g + np.sum(p * abs_g, -1, keepdims=True)),
+            "softmax vjp",
+        ),
+        (
+            log_soft,
+            g64 - p * g64.sum(-1, keepdims=True),
+            abs_g + p * abs_g.sum(-1, keepdims=True),
+            "log_softmax vjp",
+        ),
+    ):
+        assert got.dtype == jnp.bfloat16, (what, got.dtype)
+        error = np.abs(_f64(got) - want)
+        bound = BF16_HALF_ULP * (np.abs(want) + scale)
+        assert np.all(error <= bound), (what, float(np.max(error / bound)))
+
+
 # ----------------------------------------------------------------------------- debug_nans
 
 

@@ -7,8 +7,6 @@ Reference: PyTorch's ``binary_cross_entropy_with_logits(x, t', pos_weight=pw)`` 
 
 from __future__ import annotations
 
-import contextlib
-
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -16,6 +14,7 @@ import optax
 import pytest
 import reference as ref
 from jax.test_util import check_grads
+from tolerances import assert_close, compute_dtype, x64_if
 
 import jxent
 
@@ -23,33 +22,6 @@ pytestmark = pytest.mark.numerics
 
 DTYPES = [jnp.float32, jnp.bfloat16, jnp.float16, jnp.float64]
 DTYPE_IDS = ["f32", "bf16", "f16", "f64"]
-
-
-def x64_if(dtype):
-    return jax.enable_x64(True) if dtype == jnp.float64 else contextlib.nullcontext()
-
-
-def compute_dtype(dtype):
-    return np.float64 if dtype == jnp.float64 else np.float32
-
-
-def tolerance(dtype, kind):
-    if dtype == jnp.float64:
-        return 1e-10
-    if kind == "grad" and dtype == jnp.bfloat16:
-        return 2e-2
-    if kind == "grad" and dtype == jnp.float16:
-        return 2e-3
-    return 2e-5
-
-
-def assert_close(actual, expected, dtype=jnp.float32, kind="value"):
-    actual = np.asarray(jnp.asarray(actual).astype(compute_dtype(dtype)), np.float64)
-    expected = np.asarray(expected, np.float64)
-    assert actual.shape == expected.shape, (actual.shape, expected.shape)
-    tol = tolerance(dtype, kind)
-    scale = max(1.0, float(np.max(np.abs(expected))))
-    np.testing.assert_allclose(actual, expected, rtol=tol, atol=tol * scale)
 
 
 def make(shape=(4, 5), dtype=jnp.float32, *, pos_weight=None, seed=0):

@@ -7,8 +7,6 @@ where optax defines the same quantity, against optax as well.
 
 from __future__ import annotations
 
-import contextlib
-
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -17,6 +15,7 @@ import pytest
 import reference as ref
 from jax.experimental import checkify
 from jax.test_util import check_grads
+from tolerances import as64, assert_close, compute_dtype, x64_if
 
 import jxent
 
@@ -60,41 +59,10 @@ OPTIONS = {
 # ----------------------------------------------------------------------------- helpers
 
 
-def x64_if(dtype):
-    """float64 arrays need x64; enabled only inside the test that asks for it."""
-    return jax.enable_x64(True) if dtype == jnp.float64 else contextlib.nullcontext()
-
-
-def compute_dtype(dtype):
-    return np.float64 if dtype == jnp.float64 else np.float32
-
-
 def as_input(x, dtype):
     """Returns (jax array in ``dtype``, its exact values as float64 for the reference)."""
     arr = jnp.asarray(x, dtype)
-    return arr, np.asarray(arr.astype(compute_dtype(dtype)), np.float64)
-
-
-def tolerance(dtype, kind):
-    """Relative tolerance. Half-precision losses are accumulated in float32, so only their
-    gradients (returned in the input dtype) are loose."""
-    if dtype == jnp.float64:
-        return 1e-10
-    if kind == "grad" and dtype == jnp.bfloat16:
-        return 2e-2
-    if kind == "grad" and dtype == jnp.float16:
-        return 2e-3
-    return 2e-5
-
-
-def assert_close(actual, expected, dtype=jnp.float32, kind="value"):
-    actual = np.asarray(jnp.asarray(actual).astype(compute_dtype(dtype)), np.float64)
-    expected = np.asarray(expected, np.float64)
-    assert actual.shape == expected.shape, (actual.shape, expected.shape)
-    tol = tolerance(dtype, kind)
-    finite = expected[np.isfinite(expected)]
-    scale = max(1.0, float(np.max(np.abs(finite)))) if finite.size else 1.0
-    np.testing.assert_allclose(actual, expected, rtol=tol, atol=tol * scale)
+    return arr, as64(arr)
 
 
 class IntCase:

@@ -6,8 +6,6 @@ as float64 NumPy in ``reference.py``; and optax's functions of the same names.
 
 from __future__ import annotations
 
-import contextlib
-
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -15,6 +13,7 @@ import optax
 import pytest
 import reference as ref
 from jax.test_util import check_grads
+from tolerances import as64, assert_close, compute_dtype, x64_if
 
 import jxent
 
@@ -22,32 +21,6 @@ pytestmark = pytest.mark.numerics
 
 DTYPES = [jnp.float32, jnp.bfloat16, jnp.float64]
 DTYPE_IDS = ["f32", "bf16", "f64"]
-
-
-def x64_if(dtype):
-    return jax.enable_x64(True) if dtype == jnp.float64 else contextlib.nullcontext()
-
-
-def compute_dtype(dtype):
-    return np.float64 if dtype == jnp.float64 else np.float32
-
-
-def as64(x):
-    x = jnp.asarray(x)
-    return np.asarray(x.astype(compute_dtype(x.dtype)), np.float64)
-
-
-def assert_close(actual, expected, dtype=jnp.float32, kind="value"):
-    actual = as64(actual)
-    tol = (
-        1e-10
-        if dtype == jnp.float64
-        else 2e-2
-        if kind == "grad" and dtype in (jnp.bfloat16,)
-        else 2e-5
-    )
-    scale = max(1.0, float(np.max(np.abs(expected))))
-    np.testing.assert_allclose(actual, expected, rtol=tol, atol=tol * scale)
 
 
 def make(shape=(4, 6), axis=-1, dtype=jnp.float32, seed=0, zeros=True):
@@ -67,6 +40,22 @@ def make(shape=(4, 6), axis=-1, dtype=jnp.float32, seed=0, zeros=True):
 CASES = {"last": ((4, 6), -1), "middle": ((3, 5, 2), 1), "tuple": ((2, 3, 4), (1, 2))}
 
 
+def check_against_reference(fn, reference, lp, t, axes, where, target_name):
+    """Value and both gradients of ``Σ cot·fn(lp, t)`` (a random per-example cotangent)
+    against the float64 ``reference``."""
+    cot = np.random.default_rng(3).uniform(0.5, 1.5, size=ref.Rows(lp.shape, axes).batch_shape)
+
+    def f(lp, t):
+        loss = fn(lp, t, axes, where)
+        return jnp.sum(loss * cot), loss
+
+    (_, loss), grads = jax.jit(jax.value_and_grad(f, (0, 1), has_aux=True))(lp, t)
+    expected = reference(as64(lp), as64(t), axis=axes, where=where, cotangent=cot)
+    assert_close(loss, expected.value)
+    assert_close(grads[0], expected.grads["log_predictions"], kind="grad")
+    assert_close(grads[1], expected.grads[target_name], kind="grad")
+
+
 class TestKLDivergence:
     """``Σ t·(log t - lp)``, ``0·log 0 = 0``; ``d/dlp = -t``, ``d/dt = log t + 1 - lp``."""
 
@@ -76,17 +65,9 @@ class TestKLDivergence:
         shape, axis = CASES[layout]
         lp, t, axes = make(shape, axis, seed=1)
         where = np.random.default_rng(2).random(shape) < 0.7 if masked else None
-        cot = np.random.default_rng(3).uniform(0.5, 1.5, size=ref.Rows(shape, axis).batch_shape)
-
-        def f(lp, t):
-            loss = jxent.kl_divergence(lp, t, axes, where)
-            return jnp.sum(loss * cot), loss
-
-        (_, loss), grads = jax.jit(jax.value_and_grad(f, (0, 1), has_aux=True))(lp, t)
-        expected = ref.kl_divergence(as64(lp), as64(t), axis=axes, where=where, cotangent=cot)
-        assert_close(loss, expected.value)
-        assert_close(grads[0], expected.grads["log_predictions"], kind="grad")
-        assert_close(grads[1], expected.grads["targets"], kind="grad")
+        check_against_reference(
+            jxent.kl_divergence, ref.kl_divergence, lp, t, axes, where, "targets"
+        )
 
     @pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)
     def test_dtypes(self, dtype):
@@ -154,19 +135,15 @@ class TestKLDivergenceWithLogTargets:
         lp, t, axes = make(shape, axis, seed=8, zeros=False)
         lt = jnp.log(t)
         where = np.random.default_rng(9).random(shape) < 0.7 if masked else None
-        cot = np.random.default_rng(3).uniform(0.5, 1.5, size=ref.Rows(shape, axis).batch_shape)
-
-        def f(lp, lt):
-            loss = jxent.kl_divergence_with_log_targets(lp, lt, axes, where)
-            return jnp.sum(loss * cot), loss
-
-        (_, loss), grads = jax.jit(jax.value_and_grad(f, (0, 1), has_aux=True))(lp, lt)
-        expected = ref.kl_divergence_with_log_targets(
-            as64(lp), as64(lt), axis=axes, where=where, cotangent=cot
+        check_against_reference(
+            jxent.kl_divergence_with_log_targets,
+            ref.kl_divergence_with_log_targets,
+            lp,
+            lt,
+            axes,
+            where,
+            "log_targets",
         )
-        assert_close(loss, expected.value)
-        assert_close(grads[0], expected.grads["log_predictions"], kind="grad")
-        assert_close(grads[1], expected.grads["log_targets"], kind="grad")
 
     def test_matches_optax(self):
         lp, t, _ = make(seed=10, zeros=False)

@@ -7,6 +7,7 @@ from __future__ import annotations
 import inspect
 import os
 import pydoc
+import re
 import subprocess
 import sys
 import typing
@@ -85,6 +86,25 @@ def test_signature_is_user_facing(fn):
     if "axis" in signature.parameters:
         shown = pydoc.render_doc(fn, renderer=pydoc.plaintext)
         assert "axis: 'int | tuple[int, ...] | None'" in shown, shown[:300]
+
+
+def test_shared_docstring_parts_are_filled_in():
+    """Docstring parts written once (jxent._docs) reach help(), Sphinx and the doctests; a
+    part's name that does not exist is an error at import, not a "{name}" in the docs."""
+    from jxent import _docs
+
+    for fn in PUBLIC:
+        assert not re.search(r"^ *\{\w+\}$", fn.__doc__, re.MULTILINE), fn.__name__
+    assert "Reverse mode only" in jxent.softmax.__doc__
+    assert "axis_name: vocabulary parallelism" in jxent.log_softmax.__doc__
+
+    def documented():
+        """Args:
+        {no_such_part}
+        """
+
+    with pytest.raises(ValueError, match="documented's docstring names 'no_such_part'"):
+        _docs.with_parts(documented)
 
 
 def test_logsumexp_overloads_on_return_sign():
