@@ -18,10 +18,12 @@ from jax.typing import ArrayLike
 from jxent import (
     _dtypes,
     _layout,
+    _loss_reduction,
     _sharding,
     _validation,
 )
-from jxent._fused_linear_kernels import KERNELS, Config, local_loss
+from jxent._aux_outputs import CrossEntropyAux
+from jxent._fused_linear_kernels import KERNELS, W_LAYOUTS, Config, local_loss, vocab_axis
 from jxent._jit import jitted
 
 _STATIC = (
@@ -32,6 +34,9 @@ _STATIC = (
     "logit_softcap",
     "reduction",
     "axis_name",
+    "temperature",
+    "return_aux",
+    "w_layout",
 )
 
 # Test-only: the (kernel, vocab_block) that tracing uses, "auto" (per platform) by default;
@@ -46,30 +51,70 @@ def _check_shapes(
     w: jax.Array,
     labels: jax.Array,
     bias: jax.Array | None,
+    w_layout: str,
 ) -> None:
+    shape_name = "[D, V]" if w_layout == "dv" else "[V, D]"
+    v_axis = vocab_axis(w_layout)
     if x.ndim < 1:
         raise ValueError(f"x must have shape [..., D], got a scalar of shape {x.shape}.")
     if w.ndim != 2:
-        raise ValueError(f"w must have shape [D, V], got shape {w.shape}.")
-    if w.shape[1] == 0:
         raise ValueError(
-            f"w must have at least one class (shape [D, V] with V >= 1), got {w.shape}."
+            f"w must have shape {shape_name} (w_layout={w_layout!r}), got shape {w.shape}."
         )
-    if x.shape[-1] != w.shape[0]:
+    if w.shape[v_axis] == 0:
         raise ValueError(
-            f"x's last dimension must equal w's first dimension (D): got x of shape "
-            f"{x.shape} and w of shape {w.shape}."
+            f"w must have at least one class (shape {shape_name} with V >= 1, "
+            f"w_layout={w_layout!r}), got {w.shape}."
+        )
+    if x.shape[-1] != w.shape[1 - v_axis]:
+        raise ValueError(
+            f"x's last dimension must equal w's D dimension (axis {1 - v_axis} for "
+            f"w_layout={w_layout!r}): got x of shape {x.shape} and w of shape {w.shape}."
         )
     if labels.shape != x.shape[:-1]:
         raise ValueError(
             f"labels must have x's shape without its last dimension, {x.shape[:-1]}; "
             f"got labels of shape {labels.shape} (x has shape {x.shape})."
         )
-    if bias is not None and bias.shape != (w.shape[1],):
+    if bias is not None and bias.shape != (w.shape[v_axis],):
         raise ValueError(
-            f"bias must have shape ({w.shape[1]},) (w's vocabulary dimension), "
+            f"bias must have shape ({w.shape[v_axis]},) (w's vocabulary dimension), "
             f"got shape {bias.shape}."
         )
+
+
+def _check_w_layout(w_layout: str) -> None:
+    if w_layout not in W_LAYOUTS:
+        raise ValueError(f"w_layout must be one of {W_LAYOUTS}, got {w_layout!r}.")
+
+
+def _token_weights(weights: ArrayLike | None, labels: jax.Array, dtype: Any) -> jax.Array | None:
+    """The per-token weights as a float array of the labels' shape (None: all 1)."""
+    if weights is None:
+        return None
+    token_weights = jnp.asarray(weights)
+    if token_weights.shape != labels.shape:
+        raise ValueError(
+            f"weights must have the labels' shape {labels.shape} (one weight per token), "
+            f"got shape {token_weights.shape}."
+        )
+    if not jnp.issubdtype(token_weights.dtype, jnp.floating):
+        token_weights = token_weights.astype(dtype)
+    return token_weights
+
+
+def _normalizer(normalizer: ArrayLike | None, reduction: str) -> jax.Array | None:
+    if normalizer is None:
+        return None
+    if reduction != "mean":
+        raise ValueError(
+            f"normalizer is the denominator of reduction='mean'; got reduction={reduction!r} "
+            f"with a normalizer. Pass reduction='mean', or drop the normalizer."
+        )
+    value = jnp.asarray(normalizer)
+    if value.shape != ():
+        raise ValueError(f"normalizer must be a scalar, got shape {value.shape}.")
+    return value
 
 
 def _check_softcap(logit_softcap: float | None) -> float | None:
@@ -105,7 +150,12 @@ def fused_linear_cross_entropy(
     logit_softcap: float | None = None,
     reduction: Literal["none", "sum", "mean"] = "mean",
     axis_name: Hashable | None = None,
-) -> jax.Array:
+    weights: ArrayLike | None = None,
+    normalizer: ArrayLike | None = None,
+    temperature: float = 1.0,
+    return_aux: bool = False,
+    w_layout: Literal["dv", "vd"] = "dv",
+) -> Any:
     r"""Cross-entropy of ``x @ w + bias`` against integer labels, without forming the logits.
 
     With logits :math:`z = x w + b` (soft-capped to :math:`s \tanh(z / s)` when
@@ -199,26 +249,31 @@ def fused_linear_cross_entropy(
     _validation.check_axis_name(axis_name)
     _validation.check_ignore_index(ignore_index)
     _check_chunk_size(chunk_size)
+    _check_w_layout(w_layout)
     smoothing = _validation.check_unit_interval(label_smoothing, "label_smoothing")
     z_coef = _validation.check_nonnegative(z_loss, "z_loss")
     softcap = _check_softcap(logit_softcap)
+    temp = _validation.check_positive(temperature, "temperature")
+    denominator = _normalizer(normalizer, reduction)
     x = _dtypes.as_floating(x, "x")
     w = _dtypes.as_floating(w, "w")
     labels = _dtypes.as_integer_labels(labels)
     bias_arr = None if bias is None else _dtypes.as_floating(bias, "bias")
-    _check_shapes(x, w, labels, bias_arr)
+    _check_shapes(x, w, labels, bias_arr, w_layout)
     # One operand dtype for the matmuls; astype's transpose returns each gradient in its
     # input's dtype.
     operand_dtype = jnp.result_type(x.dtype, w.dtype)
     x, w = x.astype(operand_dtype), w.astype(operand_dtype)
-    weights = _layout.class_weights_vector(
-        class_weights, w.shape[1], _dtypes.compute_dtype(operand_dtype)
-    )
-    if weights is not None:
-        weights = lax.stop_gradient(weights)
+    compute_dtype = _dtypes.compute_dtype(operand_dtype)
+    v_axis = vocab_axis(w_layout)
+    class_weights_arr = _layout.class_weights_vector(class_weights, w.shape[v_axis], compute_dtype)
+    if class_weights_arr is not None:
+        class_weights_arr = lax.stop_gradient(class_weights_arr)
+    token_weights = _token_weights(weights, labels, compute_dtype)
 
     kernel, vocab_block = _FORCED_KERNEL.get()
-    # chunk_size 0 and num_rows 0 are filled in per device by local_loss.
+    # chunk_size 0 and num_rows 0 are filled in per device by local_loss. With a normalizer
+    # the kernels sum, and the sum is divided below (one rule: reduce_loss's).
     options = Config(
         chunk_size or 0,
         0,
@@ -226,31 +281,59 @@ def fused_linear_cross_entropy(
         smoothing,
         z_coef,
         softcap,
-        reduction,
+        "sum" if denominator is not None else reduction,
         axis_name,
         kernel=kernel,
         vocab_block=vocab_block,
+        temperature=temp,
+        return_aux=bool(return_aux),
+        w_layout=w_layout,
     )
-    plan = _sharding.matmul_plan(x, w)
+    arrays = (x, w, bias_arr, labels, class_weights_arr, token_weights)
+    out = _sharded_loss(arrays, options, v_axis)
+    if denominator is None:
+        return out
+    if not return_aux:
+        return _loss_reduction.reduce_loss(out, None, "mean", normalizer=denominator)
+    loss, aux = out
+    return (
+        _loss_reduction.reduce_loss(loss, None, "mean", normalizer=denominator),
+        aux._replace(
+            z_loss=_loss_reduction.reduce_loss(aux.z_loss, None, "mean", normalizer=denominator)
+        ),
+    )
+
+
+def _sharded_loss(arrays: tuple[Any, ...], options: Config, v_axis: int) -> Any:
+    """``local_loss`` on the whole arrays, or, when they are sharded over explicit mesh
+    axes, once per shard: each device runs the kernel over its rows and its slice of the
+    vocabulary; only per-row statistics and the reduced loss cross devices."""
+    x, w, bias, labels, class_weights, token_weights = arrays
+    plan = _sharding.matmul_plan(x, w, v_axis)
     if plan is None:
-        return local_loss(x, w, bias_arr, labels, weights, options)
-    # Explicit mesh axes: each device runs the chunked loss over its rows and its slice of
-    # the vocabulary; only per-row statistics and the reduced loss cross devices.
+        return local_loss(x, w, bias, labels, class_weights, token_weights, options)
     options = options._replace(axis_name=plan.axis_name, batch_axes=plan.batch_axes())
+    w_spec = P(None, plan.classes) if v_axis == 1 else P(plan.classes, None)
     args = (
         (x, P(*plan.batch, None)),
-        (w, P(None, plan.classes)),
-        (bias_arr, _sharding.CLASSES),
+        (w, w_spec),
+        (bias, _sharding.CLASSES),
         (labels, _sharding.BATCH),
-        (weights, _sharding.CLASSES),
+        (class_weights, _sharding.CLASSES),
+        (token_weights, _sharding.BATCH),
     )
-    out_kind = _sharding.BATCH if reduction == "none" else _sharding.REPLICATED
+    loss_kind = _sharding.BATCH if options.reduction == "none" else _sharding.REPLICATED
+    out_kind: Any = loss_kind
+    if options.return_aux:
+        batch = _sharding.BATCH
+        kinds: Any = (batch, loss_kind, batch, batch, batch, batch)
+        out_kind = (loss_kind, CrossEntropyAux(*kinds))
     local = functools.partial(local_loss, options=options)
     return _sharding.map_shards(local, plan, args, out_kind)
 
 
 @functools.cache
-def with_kernel(kernel: str, vocab_block: int = 0) -> Callable[..., jax.Array]:
+def with_kernel(kernel: str, vocab_block: int = 0) -> Callable[..., Any]:
     """Test-only: :func:`fused_linear_cross_entropy` with its kernel forced, e.g. the
     vocabulary-blocked kernel of GPU and TPU (``"blocked"``, ``vocab_block`` classes per
     block, 0: the default size) on the CPU. A jitted function of its own, so that its
@@ -261,7 +344,7 @@ def with_kernel(kernel: str, vocab_block: int = 0) -> Callable[..., jax.Array]:
     definition = fused_linear_cross_entropy.__wrapped__  # type: ignore[attr-defined]
 
     @functools.wraps(definition)
-    def forced(*args: Any, **kwargs: Any) -> jax.Array:
+    def forced(*args: Any, **kwargs: Any) -> Any:
         token = _FORCED_KERNEL.set((kernel, vocab_block))
         try:
             return definition(*args, **kwargs)
