@@ -309,22 +309,36 @@ def _row_losses(
 
 
 def _entropy_and_max(
-    z: jax.Array, lse: jax.Array, fresh: jax.Array | None = None
+    z: jax.Array, lse: jax.Array, fresh: jax.Array | None = None, own_lse: bool = True
 ) -> tuple[jax.Array, jax.Array, jax.Array]:
     """Over the columns of ``z`` (those ``fresh`` marks): ``Σ_c p_c (lse - z_c)`` with
     ``p = exp(z - lse)``, and each row's first maximum and its column.
 
     With the row's full log-normaliser this is the row's share of the entropy
     ``H = -Σ p log p``; with a block's own, the block's entropy to merge (:func:`_rebased`).
-    Written as a sum of non-negative terms ``p·(lse - z)`` rather than ``lse - Σ p z``, which
-    would cancel to noise for large logits.
+    Written around the maximum ``m`` as ``e^{m - lse}·((lse - m)·Σ e^{z-m} + Σ e^{z-m}(m - z))``,
+    sums of non-negative terms (``lse - Σ p z`` would cancel to noise for large logits). When
+    ``lse`` is over these very columns (``own_lse``), ``Σ e^{z-m} = e^{lse - m}`` and one sum
+    is left. Each sum reads ``z`` through its own expression: XLA:CPU stores an elementwise
+    result that two consumers share (``exp(z - lse)`` with the gradient's ``p``, say) as one
+    more ``[T, V]`` array, but fuses one that feeds a single reduction.
     """
-    log_p = z - _elementwise.finite_or_zero(lse)[:, None]
-    terms = -jnp.exp(log_p) * log_p
+    if fresh is not None:
+        z = jnp.where(fresh, z, jnp.asarray(-jnp.inf, z.dtype))
+    top = jnp.max(z, axis=1)
+    shift = _elementwise.finite_or_zero(top)
+    below = shift[:, None] - z  # >= 0; +inf in the columns not counted
+    terms = jnp.exp(-below) * below
     if fresh is not None:
         terms = jnp.where(fresh, terms, jnp.zeros_like(terms))
-        z = jnp.where(fresh, z, jnp.asarray(-jnp.inf, z.dtype))
-    return jnp.sum(terms, axis=1), jnp.max(z, axis=1), jnp.argmax(z, axis=1)
+    spread = jnp.sum(terms, axis=1)
+    offset = _elementwise.finite_or_zero(lse) - shift
+    if own_lse:
+        entropy = offset + jnp.exp(-offset) * spread
+    else:
+        total = jnp.sum(jnp.exp(z - shift[:, None]), axis=1)
+        entropy = jnp.exp(-offset) * (offset * total + spread)
+    return entropy, top, jnp.argmax(z, axis=1)
 
 
 def _rebased(lse: jax.Array, entropy: jax.Array, total: jax.Array) -> jax.Array:
@@ -337,7 +351,7 @@ def _rebased(lse: jax.Array, entropy: jax.Array, total: jax.Array) -> jax.Array:
 
 def _chunk_row_stats(z: jax.Array, lse: jax.Array, num_local: Any, cfg: Config) -> RowStats:
     """One chunk's aux statistics from its logits and full log-normalisers."""
-    entropy, top, arg = _entropy_and_max(z, lse)
+    entropy, top, arg = _entropy_and_max(z, lse, own_lse=cfg.axis_name is None)
     entropy = _loss_reduction.psum_over(entropy, cfg.axis_name)
     return RowStats(lse, entropy, _aux_outputs.global_argmax(top, arg, cfg.axis_name, num_local))
 
