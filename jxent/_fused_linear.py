@@ -88,21 +88,6 @@ def _check_w_layout(w_layout: str) -> None:
         raise ValueError(f"w_layout must be one of {W_LAYOUTS}, got {w_layout!r}.")
 
 
-def _token_weights(weights: ArrayLike | None, labels: jax.Array, dtype: Any) -> jax.Array | None:
-    """The per-token weights as a float array of the labels' shape (None: all 1)."""
-    if weights is None:
-        return None
-    token_weights = jnp.asarray(weights)
-    if token_weights.shape != labels.shape:
-        raise ValueError(
-            f"weights must have the labels' shape {labels.shape} (one weight per token), "
-            f"got shape {token_weights.shape}."
-        )
-    if not jnp.issubdtype(token_weights.dtype, jnp.floating):
-        token_weights = token_weights.astype(dtype)
-    return token_weights
-
-
 def _normalizer(normalizer: ArrayLike | None, reduction: str) -> jax.Array | None:
     if normalizer is None:
         return None
@@ -158,22 +143,33 @@ def fused_linear_cross_entropy(
 ) -> Any:
     r"""Cross-entropy of ``x @ w + bias`` against integer labels, without forming the logits.
 
-    With logits :math:`z = x w + b` (soft-capped to :math:`s \tanh(z / s)` when
-    ``logit_softcap=s``), :math:`lp = \operatorname{log\_softmax}(z)`, class weights
-    :math:`w_c` (all 1 by default), smoothing :math:`\varepsilon` over the ``V`` classes and
-    z-loss coefficient :math:`\zeta`:
+    With logits :math:`z = (x w + b) / T` (soft-capped to :math:`s \tanh(\cdot / s)` when
+    ``logit_softcap=s`` before the division by the temperature :math:`T`),
+    :math:`lp = \operatorname{log\_softmax}(z)`, class weights :math:`w_c` (all 1 by
+    default), token weights :math:`t_n` (``weights``, all 1 by default), smoothing
+    :math:`\varepsilon` over the ``V`` classes and z-loss coefficient :math:`\zeta`:
 
     .. math::
         \ell_n = (1-\varepsilon)\,w_{y_n}\,(-lp_{n,y_n})
                  + \frac{\varepsilon}{V} \sum_c w_c\,(-lp_{n,c})
                  + \zeta \operatorname{lse}(z_n)^2,
         \qquad
-        \text{mean} = \frac{\sum_n \ell_n}{\sum_{n \text{ not ignored}} w_{y_n}} .
+        \text{mean} = \frac{\sum_n t_n \ell_n}{\sum_{n \text{ not ignored}} t_n w_{y_n}}
+        \ \text{(or over } \texttt{normalizer}\text{)},
+
+    ``"sum"`` is :math:`\sum_n t_n \ell_n` and ``"none"`` gives :math:`t_n \ell_n`. The
+    gradient for the logits is :math:`t_n (p A_n - (1-\varepsilon) w_{y_n} e_{y_n} -
+    \tfrac{\varepsilon}{V} w) / T` with :math:`A_n = (1-\varepsilon) w_{y_n} +
+    \tfrac{\varepsilon}{V} \sum_c w_c + 2\zeta \operatorname{lse}(z_n)` (times the mean's
+    :math:`1 / \sum t w_y`, and the soft cap's :math:`1 - \tanh^2`); the token weights get
+    their exact gradient, :math:`\ell_n` for ``"sum"`` and
+    :math:`(\ell_n - \text{mean}\cdot w_{y_n}) / \sum_m t_m w_{y_m}` for ``"mean"``.
 
     This equals ``softmax_cross_entropy_with_integer_labels(x @ w + bias, labels, ...)``
     (PyTorch's ``cross_entropy`` semantics for ``weight``, ``ignore_index``,
     ``label_smoothing`` and ``reduction``, plus PaLM's z-loss) in value and in the gradients
-    for ``x``, ``w`` and ``bias``, but never holds the ``[N, V]`` logits or their gradient:
+    for ``x``, ``w``, ``bias`` and ``weights``, but never holds the ``[N, V]`` logits or their
+    gradient:
     on the CPU the ``N`` tokens are processed in chunks of ``chunk_size`` rows in a
     ``lax.scan``. For ``reduction="mean"``/``"sum"`` the gradients are formed chunk by chunk
     during the forward pass (three matmuls in all, like the unfused computation);
@@ -184,6 +180,16 @@ def fused_linear_cross_entropy(
     and writes its slice of ``w``'s gradient once, in ``w``'s dtype (four matmuls), so that
     no float32 copy of ``w`` is held. Calling it without differentiating does no gradient
     work.
+
+    ``return_aux=True`` returns ``(loss, aux)``, a :class:`jxent.CrossEntropyAux` of per-token
+    ``lse``, ``entropy``, ``argmax``, ``correct`` and ``counted`` and the z-loss term reduced
+    like the loss (``loss - aux.z_loss`` is the cross-entropy alone; ``aux.accuracy`` the
+    token accuracy), computed in the same passes over the vocabulary: a running first maximum
+    and an entropy merged block by block like the log-normaliser, no ``[N, V]`` array.
+    ``lse`` and ``entropy`` are differentiable (``g·p/T`` and ``-g·p(log p + H)/T`` for the
+    logits). Aux outputs that are only logged cost nothing in the backward pass; when their
+    gradients are used, the CPU kernel with ``"mean"``/``"sum"`` re-forms each chunk's
+    logits in the backward pass (three more matmuls; the other paths re-form anyway).
 
     Ignored examples give loss 0 and no weight in the mean; a mean over zero total weight is
     0 with zero gradient (PyTorch: NaN) when no label is invalid. A label outside ``[0, V)``
@@ -216,11 +222,23 @@ def fused_linear_cross_entropy(
         ``[i·V_local, (i+1)·V_local)``). The per-row max, sum of exponentials and target
         logit are combined with ``pmax`` / ``psum``; the vocabulary is never gathered.
         ``x``'s gradient is summed over the axis.
+      weights: optional per-token float weights of the labels' shape: each example's loss
+        and its weight in the mean are multiplied by them. Differentiable.
+      normalizer: optional scalar denominator of ``reduction="mean"`` in place of the total
+        weight (e.g. a global token count; 0 gives 0); an error with another reduction.
+      temperature: ``T > 0``; the softmax is taken of the logits over ``T`` (after the
+        soft cap), and every aux output refers to that distribution.
+      return_aux: also return a :class:`jxent.CrossEntropyAux` (see above).
+      w_layout: ``"dv"``: ``w`` is ``[D, V]``; ``"vd"``: ``w`` is ``[V, D]`` (PyTorch's
+        ``Linear``, a tied embedding table), used as it is by every product (no transposed
+        copy) and its gradient returned as ``[V, D]``. Under explicit sharding the
+        vocabulary axis of ``w`` is then axis 0.
 
     Returns:
       The float32 loss (float64 for float64 inputs): a scalar, or per-example losses of the
-      labels' shape for ``reduction="none"``. Gradients come in the inputs' dtypes; bf16
-      inputs are multiplied with float32 accumulation.
+      labels' shape for ``reduction="none"``; with ``return_aux``, ``(loss, aux)``.
+      Gradients come in the inputs' dtypes; bf16 inputs are multiplied with float32
+      accumulation.
 
     Example:
       >>> import jax, jax.numpy as jnp, jxent
@@ -232,6 +250,10 @@ def fused_linear_cross_entropy(
       >>> dx, dw = loss_grad(x, w, jnp.array([0, 2]))
       >>> dw.shape
       (2, 3)
+      >>> loss, aux = jxent.fused_linear_cross_entropy(
+      ...     x, w.T, jnp.array([0, 2]), w_layout="vd", return_aux=True)
+      >>> aux.argmax, aux.accuracy
+      (Array([0, 2], dtype=int32), Array(1., dtype=float32))
 
     Note:
       Reverse mode only (a ``jax.custom_vjp``): use ``jax.jacrev`` and ``jax.hessian``, not
@@ -269,7 +291,9 @@ def fused_linear_cross_entropy(
     class_weights_arr = _layout.class_weights_vector(class_weights, w.shape[v_axis], compute_dtype)
     if class_weights_arr is not None:
         class_weights_arr = lax.stop_gradient(class_weights_arr)
-    token_weights = _token_weights(weights, labels, compute_dtype)
+    token_weights = _layout.weights_array(
+        weights, labels.shape, compute_dtype, "weights", "the labels' shape: one weight per token"
+    )
 
     kernel, vocab_block = _FORCED_KERNEL.get()
     # chunk_size 0 and num_rows 0 are filled in per device by local_loss. With a normalizer

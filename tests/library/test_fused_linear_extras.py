@@ -470,7 +470,11 @@ def test_export_round_trip():
     [
         (dict(temperature=0.0), r"temperature must be a finite float > 0, got 0.0"),
         (dict(w_layout="dt"), r"w_layout must be one of \('dv', 'vd'\), got 'dt'"),
-        (dict(weights=np.ones(3)), r"weights must have the labels' shape \(29,\).*\(3,\)"),
+        (
+            dict(weights=np.ones(3)),
+            r"weights must have shape \(29,\) \(the labels' shape: one weight per token\), "
+            r"got shape \(3,\)",
+        ),
         (dict(normalizer=2.0, reduction="sum"), r"normalizer .* got reduction='sum'"),
         (dict(w_layout="vd"), r"x's last dimension must equal w's D dimension \(axis 1"),
     ],
