@@ -187,9 +187,13 @@ def fused_linear_cross_entropy(
     token accuracy), computed in the same passes over the vocabulary: a running first maximum
     and an entropy merged block by block like the log-normaliser, no ``[N, V]`` array.
     ``lse`` and ``entropy`` are differentiable (``g·p/T`` and ``-g·p(log p + H)/T`` for the
-    logits). Aux outputs that are only logged cost nothing in the backward pass; when their
-    gradients are used, the CPU kernel with ``"mean"``/``"sum"`` re-forms each chunk's
-    logits in the backward pass (three more matmuls; the other paths re-form anyway).
+    logits). ``argmax`` is taken of ``x @ w + bias`` before the soft cap and the temperature,
+    which keep the order (so that ties the cap's rounding would make do not count); a row
+    with a NaN logit gives an id outside ``[0, V)`` (never correct). Aux outputs that are
+    only logged cost nothing in the backward pass (and XLA drops unused ones, such as the
+    entropy); when their gradients are used, the CPU kernel with ``"mean"``/``"sum"``
+    re-forms each chunk's logits in the backward pass (three more matmuls; the other paths
+    re-form anyway).
 
     Ignored examples give loss 0 and no weight in the mean; a mean over zero total weight is
     0 with zero gradient (PyTorch: NaN) when no label is invalid. A label outside ``[0, V)``
