@@ -257,6 +257,32 @@ def test_resume_after_sigint_mid_epoch_matches_uninterrupted_run(tmp_path, corpu
     assert math.isfinite(resumed.test_perplexity)
 
 
+def test_resume_from_a_checkpoint_written_before_the_metrics_were_logged(tmp_path, corpus,
+                                                                        reference):  # fmt: skip
+    """A mid-epoch checkpoint of an older run (its position has no ``metric_sums``, its records
+    no ``train_accuracy``) resumes; the resumed epoch averages the metrics over its steps."""
+
+    def interrupt(epoch, step):
+        if (epoch, step) == (1, 17):
+            signal.raise_signal(signal.SIGINT)
+
+    stop = signals.StopRequest()
+    with stop.installed():
+        train.train_and_evaluate(TINY, tmp_path, corpus=corpus, progress=False, stop=stop,
+                                 on_chunk=interrupt, plots_too=False)  # fmt: skip
+    for position in (tmp_path / "checkpoints").glob("*/position/metadata"):
+        saved = json.loads(position.read_text())
+        saved.pop("metric_sums")
+        for record in saved["records"]:
+            record.pop("train_accuracy"), record.pop("train_z_loss")
+        position.write_text(json.dumps(saved))
+    resumed = train.train_and_evaluate(TINY, tmp_path, corpus=corpus, progress=False, resume=True)
+    assert resumed.test_perplexity == reference[1].test_perplexity
+    old, new = resumed.records
+    assert "train_accuracy" not in old and 0.0 < new["train_accuracy"] < 1.0
+    assert new["train_accuracy"] != reference[1].records[1]["train_accuracy"]  # fewer steps
+
+
 def test_resume_with_more_epochs_extends_a_finished_run(tmp_path, corpus, reference):
     run_dir = tmp_path / "run"
     shutil.copytree(reference[0], run_dir)
