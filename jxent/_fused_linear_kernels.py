@@ -342,14 +342,17 @@ def _entropy_and_max(
     more ``[T, V]`` array, but fuses one that feeds a single reduction.
     """
     if fresh is not None:
-        z = jnp.where(fresh, z, jnp.asarray(-jnp.inf, z.dtype))
         raw = jnp.where(fresh, raw, jnp.asarray(-jnp.inf, raw.dtype))
-    shift = _elementwise.finite_or_zero(jnp.max(z, axis=1))
-    below = shift[:, None] - z  # >= 0; +inf in the columns not counted
-    terms = jnp.exp(-below) * below
-    if fresh is not None:
-        terms = jnp.where(fresh, terms, jnp.zeros_like(terms))
-    spread = jnp.sum(terms, axis=1)
+        shift = _elementwise.finite_or_zero(
+            jnp.max(jnp.where(fresh, z, jnp.asarray(-jnp.inf, z.dtype)), axis=1)
+        )
+        # The columns not counted sit at the maximum: their terms e^0·0 vanish, without the
+        # 0·inf a -inf logit would give (a NaN that jax.debug_nans reports).
+        z = jnp.where(fresh, z, shift[:, None])
+    else:
+        shift = _elementwise.finite_or_zero(jnp.max(z, axis=1))
+    below = shift[:, None] - z  # >= 0
+    spread = jnp.sum(jnp.exp(-below) * below, axis=1)
     offset = _elementwise.finite_or_zero(lse) - shift
     if own_lse:
         entropy = offset + jnp.exp(-offset) * spread
@@ -381,8 +384,10 @@ def _rebased(lse: jax.Array, entropy: jax.Array, total: jax.Array) -> jax.Array:
     """The share in ``-Σ p log p`` under the log-normaliser ``total`` of the classes whose
     own log-normaliser is ``lse`` and entropy ``entropy``: with ``a = exp(lse - total)``,
     ``a·(entropy + total - lse)`` (0 for an empty set of classes, ``lse = -inf``)."""
+    empty = jnp.isneginf(lse)
+    lse = jnp.where(empty, total, lse)  # no inf - inf, hence no NaN, in the discarded branch
     share = jnp.exp(lse - total) * (entropy + total - lse)
-    return jnp.where(jnp.isneginf(lse), jnp.zeros_like(share), share)
+    return jnp.where(empty, jnp.zeros_like(share), share)
 
 
 def _chunk_row_stats(

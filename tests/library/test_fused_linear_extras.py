@@ -501,3 +501,22 @@ def test_argmax_is_the_first_of_equal_maxima(kernel):
     # Row 1: class 11 alone is largest; row 2: the zeros, first at class 0; row 3: all 0.
     np.testing.assert_array_equal(aux.argmax, [4, 11, 0, 0])
     np.testing.assert_array_equal(aux.correct, [True, False, True, False])
+
+
+@pytest.mark.parametrize("kernel", list(KERNELS))
+def test_float64_against_float64_reference(kernel, x64):
+    x, w, b = (np.asarray(a, np.float64) for a in (X, W, B))
+    got, aux = KERNELS[kernel](x, w, Y, bias=b, weights=np.float64(T), return_aux=True,
+                               reduction="sum", **OPTIONS)  # fmt: skip
+    want, want_aux = reference64(x, w, Y, bias=b, weights=T, reduction="sum", **OPTIONS)
+    assert got.dtype == aux.lse.dtype == aux.entropy.dtype == jnp.float64
+    np.testing.assert_allclose(got, want, rtol=1e-12)
+    _assert_aux(aux, want_aux, rtol=1e-12, atol=1e-13)
+
+
+@pytest.mark.parametrize("kernel", list(KERNELS))
+def test_gradients_raise_nothing_under_debug_nans(kernel):
+    """Valid input: no NaN in any value or gradient, aux outputs' included (the blocked
+    kernel's first merge starts from lse = -inf; its last block's overlap is masked)."""
+    with jax.debug_nans(True):
+        _check_gradients(kernel, "all", "mean", **OPTIONS)
