@@ -18,10 +18,12 @@ from jax.typing import ArrayLike
 from jxent import (
     _dtypes,
     _layout,
+    _loss_reduction,
     _sharding,
     _validation,
 )
-from jxent._fused_linear_kernels import KERNELS, Config, local_loss
+from jxent._aux_outputs import CrossEntropyAux
+from jxent._fused_linear_kernels import KERNELS, W_LAYOUTS, Config, local_loss, vocab_axis
 from jxent._jit import jitted
 
 _STATIC = (
@@ -32,6 +34,9 @@ _STATIC = (
     "logit_softcap",
     "reduction",
     "axis_name",
+    "temperature",
+    "return_aux",
+    "w_layout",
 )
 
 # Test-only: the (kernel, vocab_block) that tracing uses, "auto" (per platform) by default;
@@ -46,30 +51,55 @@ def _check_shapes(
     w: jax.Array,
     labels: jax.Array,
     bias: jax.Array | None,
+    w_layout: str,
 ) -> None:
+    shape_name = "[D, V]" if w_layout == "dv" else "[V, D]"
+    v_axis = vocab_axis(w_layout)
     if x.ndim < 1:
         raise ValueError(f"x must have shape [..., D], got a scalar of shape {x.shape}.")
     if w.ndim != 2:
-        raise ValueError(f"w must have shape [D, V], got shape {w.shape}.")
-    if w.shape[1] == 0:
         raise ValueError(
-            f"w must have at least one class (shape [D, V] with V >= 1), got {w.shape}."
+            f"w must have shape {shape_name} (w_layout={w_layout!r}), got shape {w.shape}."
         )
-    if x.shape[-1] != w.shape[0]:
+    if w.shape[v_axis] == 0:
         raise ValueError(
-            f"x's last dimension must equal w's first dimension (D): got x of shape "
-            f"{x.shape} and w of shape {w.shape}."
+            f"w must have at least one class (shape {shape_name} with V >= 1, "
+            f"w_layout={w_layout!r}), got {w.shape}."
+        )
+    if x.shape[-1] != w.shape[1 - v_axis]:
+        raise ValueError(
+            f"x's last dimension must equal w's D dimension (axis {1 - v_axis} for "
+            f"w_layout={w_layout!r}): got x of shape {x.shape} and w of shape {w.shape}."
         )
     if labels.shape != x.shape[:-1]:
         raise ValueError(
             f"labels must have x's shape without its last dimension, {x.shape[:-1]}; "
             f"got labels of shape {labels.shape} (x has shape {x.shape})."
         )
-    if bias is not None and bias.shape != (w.shape[1],):
+    if bias is not None and bias.shape != (w.shape[v_axis],):
         raise ValueError(
-            f"bias must have shape ({w.shape[1]},) (w's vocabulary dimension), "
+            f"bias must have shape ({w.shape[v_axis]},) (w's vocabulary dimension), "
             f"got shape {bias.shape}."
         )
+
+
+def _check_w_layout(w_layout: str) -> None:
+    if w_layout not in W_LAYOUTS:
+        raise ValueError(f"w_layout must be one of {W_LAYOUTS}, got {w_layout!r}.")
+
+
+def _normalizer(normalizer: ArrayLike | None, reduction: str) -> jax.Array | None:
+    if normalizer is None:
+        return None
+    if reduction != "mean":
+        raise ValueError(
+            f"normalizer is the denominator of reduction='mean'; got reduction={reduction!r} "
+            f"with a normalizer. Pass reduction='mean', or drop the normalizer."
+        )
+    value = jnp.asarray(normalizer)
+    if value.shape != ():
+        raise ValueError(f"normalizer must be a scalar, got shape {value.shape}.")
+    return value
 
 
 def _check_softcap(logit_softcap: float | None) -> float | None:
@@ -105,25 +135,41 @@ def fused_linear_cross_entropy(
     logit_softcap: float | None = None,
     reduction: Literal["none", "sum", "mean"] = "mean",
     axis_name: Hashable | None = None,
-) -> jax.Array:
+    weights: ArrayLike | None = None,
+    normalizer: ArrayLike | None = None,
+    temperature: float = 1.0,
+    return_aux: bool = False,
+    w_layout: Literal["dv", "vd"] = "dv",
+) -> Any:
     r"""Cross-entropy of ``x @ w + bias`` against integer labels, without forming the logits.
 
-    With logits :math:`z = x w + b` (soft-capped to :math:`s \tanh(z / s)` when
-    ``logit_softcap=s``), :math:`lp = \operatorname{log\_softmax}(z)`, class weights
-    :math:`w_c` (all 1 by default), smoothing :math:`\varepsilon` over the ``V`` classes and
-    z-loss coefficient :math:`\zeta`:
+    With logits :math:`z = (x w + b) / T` (soft-capped to :math:`s \tanh(\cdot / s)` when
+    ``logit_softcap=s`` before the division by the temperature :math:`T`),
+    :math:`lp = \operatorname{log\_softmax}(z)`, class weights :math:`w_c` (all 1 by
+    default), token weights :math:`t_n` (``weights``, all 1 by default), smoothing
+    :math:`\varepsilon` over the ``V`` classes and z-loss coefficient :math:`\zeta`:
 
     .. math::
         \ell_n = (1-\varepsilon)\,w_{y_n}\,(-lp_{n,y_n})
                  + \frac{\varepsilon}{V} \sum_c w_c\,(-lp_{n,c})
                  + \zeta \operatorname{lse}(z_n)^2,
         \qquad
-        \text{mean} = \frac{\sum_n \ell_n}{\sum_{n \text{ not ignored}} w_{y_n}} .
+        \text{mean} = \frac{\sum_n t_n \ell_n}{\sum_{n \text{ not ignored}} t_n w_{y_n}}
+        \ \text{(or over } \texttt{normalizer}\text{)},
+
+    ``"sum"`` is :math:`\sum_n t_n \ell_n` and ``"none"`` gives :math:`t_n \ell_n`. The
+    gradient for the logits is :math:`t_n (p A_n - (1-\varepsilon) w_{y_n} e_{y_n} -
+    \tfrac{\varepsilon}{V} w) / T` with :math:`A_n = (1-\varepsilon) w_{y_n} +
+    \tfrac{\varepsilon}{V} \sum_c w_c + 2\zeta \operatorname{lse}(z_n)` (times the mean's
+    :math:`1 / \sum t w_y`, and the soft cap's :math:`1 - \tanh^2`); the token weights get
+    their exact gradient, :math:`\ell_n` for ``"sum"`` and
+    :math:`(\ell_n - \text{mean}\cdot w_{y_n}) / \sum_m t_m w_{y_m}` for ``"mean"``.
 
     This equals ``softmax_cross_entropy_with_integer_labels(x @ w + bias, labels, ...)``
     (PyTorch's ``cross_entropy`` semantics for ``weight``, ``ignore_index``,
     ``label_smoothing`` and ``reduction``, plus PaLM's z-loss) in value and in the gradients
-    for ``x``, ``w`` and ``bias``, but never holds the ``[N, V]`` logits or their gradient:
+    for ``x``, ``w``, ``bias`` and ``weights``, but never holds the ``[N, V]`` logits or their
+    gradient:
     on the CPU the ``N`` tokens are processed in chunks of ``chunk_size`` rows in a
     ``lax.scan``. For ``reduction="mean"``/``"sum"`` the gradients are formed chunk by chunk
     during the forward pass (three matmuls in all, like the unfused computation);
@@ -134,6 +180,20 @@ def fused_linear_cross_entropy(
     and writes its slice of ``w``'s gradient once, in ``w``'s dtype (four matmuls), so that
     no float32 copy of ``w`` is held. Calling it without differentiating does no gradient
     work.
+
+    ``return_aux=True`` returns ``(loss, aux)``, a :class:`jxent.CrossEntropyAux` of per-token
+    ``lse``, ``entropy``, ``argmax``, ``correct`` and ``counted`` and the z-loss term reduced
+    like the loss (``loss - aux.z_loss`` is the cross-entropy alone; ``aux.accuracy`` the
+    token accuracy), computed in the same passes over the vocabulary: a running first maximum
+    and an entropy merged block by block like the log-normaliser, no ``[N, V]`` array.
+    ``lse`` and ``entropy`` are differentiable (``g·p/T`` and ``-g·p(log p + H)/T`` for the
+    logits). ``argmax`` is taken of ``x @ w + bias`` before the soft cap and the temperature,
+    which keep the order (so that ties the cap's rounding would make do not count); a row
+    with a NaN logit gives an id outside ``[0, V)`` (never correct). Aux outputs that are
+    only logged cost nothing in the backward pass (and XLA drops unused ones, such as the
+    entropy); when their gradients are used, the CPU kernel with ``"mean"``/``"sum"``
+    re-forms each chunk's logits in the backward pass (three more matmuls; the other paths
+    re-form anyway).
 
     Ignored examples give loss 0 and no weight in the mean; a mean over zero total weight is
     0 with zero gradient (PyTorch: NaN) when no label is invalid. A label outside ``[0, V)``
@@ -166,11 +226,23 @@ def fused_linear_cross_entropy(
         ``[i·V_local, (i+1)·V_local)``). The per-row max, sum of exponentials and target
         logit are combined with ``pmax`` / ``psum``; the vocabulary is never gathered.
         ``x``'s gradient is summed over the axis.
+      weights: optional per-token float weights of the labels' shape: each example's loss
+        and its weight in the mean are multiplied by them. Differentiable.
+      normalizer: optional scalar denominator of ``reduction="mean"`` in place of the total
+        weight (e.g. a global token count; 0 gives 0); an error with another reduction.
+      temperature: ``T > 0``; the softmax is taken of the logits over ``T`` (after the
+        soft cap), and every aux output refers to that distribution.
+      return_aux: also return a :class:`jxent.CrossEntropyAux` (see above).
+      w_layout: ``"dv"``: ``w`` is ``[D, V]``; ``"vd"``: ``w`` is ``[V, D]`` (PyTorch's
+        ``Linear``, a tied embedding table), used as it is by every product (no transposed
+        copy) and its gradient returned as ``[V, D]``. Under explicit sharding the
+        vocabulary axis of ``w`` is then axis 0.
 
     Returns:
       The float32 loss (float64 for float64 inputs): a scalar, or per-example losses of the
-      labels' shape for ``reduction="none"``. Gradients come in the inputs' dtypes; bf16
-      inputs are multiplied with float32 accumulation.
+      labels' shape for ``reduction="none"``; with ``return_aux``, ``(loss, aux)``.
+      Gradients come in the inputs' dtypes; bf16 inputs are multiplied with float32
+      accumulation.
 
     Example:
       >>> import jax, jax.numpy as jnp, jxent
@@ -182,6 +254,10 @@ def fused_linear_cross_entropy(
       >>> dx, dw = loss_grad(x, w, jnp.array([0, 2]))
       >>> dw.shape
       (2, 3)
+      >>> loss, aux = jxent.fused_linear_cross_entropy(
+      ...     x, w.T, jnp.array([0, 2]), w_layout="vd", return_aux=True)
+      >>> aux.argmax, aux.accuracy
+      (Array([0, 2], dtype=int32), Array(1., dtype=float32))
 
     Note:
       Reverse mode only (a ``jax.custom_vjp``): use ``jax.jacrev`` and ``jax.hessian``, not
@@ -199,26 +275,33 @@ def fused_linear_cross_entropy(
     _validation.check_axis_name(axis_name)
     _validation.check_ignore_index(ignore_index)
     _check_chunk_size(chunk_size)
+    _check_w_layout(w_layout)
     smoothing = _validation.check_unit_interval(label_smoothing, "label_smoothing")
     z_coef = _validation.check_nonnegative(z_loss, "z_loss")
     softcap = _check_softcap(logit_softcap)
+    temp = _validation.check_positive(temperature, "temperature")
+    denominator = _normalizer(normalizer, reduction)
     x = _dtypes.as_floating(x, "x")
     w = _dtypes.as_floating(w, "w")
     labels = _dtypes.as_integer_labels(labels)
     bias_arr = None if bias is None else _dtypes.as_floating(bias, "bias")
-    _check_shapes(x, w, labels, bias_arr)
+    _check_shapes(x, w, labels, bias_arr, w_layout)
     # One operand dtype for the matmuls; astype's transpose returns each gradient in its
     # input's dtype.
     operand_dtype = jnp.result_type(x.dtype, w.dtype)
     x, w = x.astype(operand_dtype), w.astype(operand_dtype)
-    weights = _layout.class_weights_vector(
-        class_weights, w.shape[1], _dtypes.compute_dtype(operand_dtype)
+    compute_dtype = _dtypes.compute_dtype(operand_dtype)
+    v_axis = vocab_axis(w_layout)
+    class_weights_arr = _layout.class_weights_vector(class_weights, w.shape[v_axis], compute_dtype)
+    if class_weights_arr is not None:
+        class_weights_arr = lax.stop_gradient(class_weights_arr)
+    token_weights = _layout.weights_array(
+        weights, labels.shape, compute_dtype, "weights", "the labels' shape: one weight per token"
     )
-    if weights is not None:
-        weights = lax.stop_gradient(weights)
 
     kernel, vocab_block = _FORCED_KERNEL.get()
-    # chunk_size 0 and num_rows 0 are filled in per device by local_loss.
+    # chunk_size 0 and num_rows 0 are filled in per device by local_loss. With a normalizer
+    # the kernels sum, and the sum is divided below (one rule: reduce_loss's).
     options = Config(
         chunk_size or 0,
         0,
@@ -226,31 +309,59 @@ def fused_linear_cross_entropy(
         smoothing,
         z_coef,
         softcap,
-        reduction,
+        "sum" if denominator is not None else reduction,
         axis_name,
         kernel=kernel,
         vocab_block=vocab_block,
+        temperature=temp,
+        return_aux=bool(return_aux),
+        w_layout=w_layout,
     )
-    plan = _sharding.matmul_plan(x, w)
+    arrays = (x, w, bias_arr, labels, class_weights_arr, token_weights)
+    out = _sharded_loss(arrays, options, v_axis)
+    if denominator is None:
+        return out
+    if not return_aux:
+        return _loss_reduction.reduce_loss(out, None, "mean", normalizer=denominator)
+    loss, aux = out
+    return (
+        _loss_reduction.reduce_loss(loss, None, "mean", normalizer=denominator),
+        aux._replace(
+            z_loss=_loss_reduction.reduce_loss(aux.z_loss, None, "mean", normalizer=denominator)
+        ),
+    )
+
+
+def _sharded_loss(arrays: tuple[Any, ...], options: Config, v_axis: int) -> Any:
+    """``local_loss`` on the whole arrays, or, when they are sharded over explicit mesh
+    axes, once per shard: each device runs the kernel over its rows and its slice of the
+    vocabulary; only per-row statistics and the reduced loss cross devices."""
+    x, w, bias, labels, class_weights, token_weights = arrays
+    plan = _sharding.matmul_plan(x, w, v_axis)
     if plan is None:
-        return local_loss(x, w, bias_arr, labels, weights, options)
-    # Explicit mesh axes: each device runs the chunked loss over its rows and its slice of
-    # the vocabulary; only per-row statistics and the reduced loss cross devices.
+        return local_loss(x, w, bias, labels, class_weights, token_weights, options)
     options = options._replace(axis_name=plan.axis_name, batch_axes=plan.batch_axes())
+    w_spec = P(None, plan.classes) if v_axis == 1 else P(plan.classes, None)
     args = (
         (x, P(*plan.batch, None)),
-        (w, P(None, plan.classes)),
-        (bias_arr, _sharding.CLASSES),
+        (w, w_spec),
+        (bias, _sharding.CLASSES),
         (labels, _sharding.BATCH),
-        (weights, _sharding.CLASSES),
+        (class_weights, _sharding.CLASSES),
+        (token_weights, _sharding.BATCH),
     )
-    out_kind = _sharding.BATCH if reduction == "none" else _sharding.REPLICATED
+    loss_kind = _sharding.BATCH if options.reduction == "none" else _sharding.REPLICATED
+    out_kind: Any = loss_kind
+    if options.return_aux:
+        batch = _sharding.BATCH
+        kinds: Any = (batch, loss_kind, batch, batch, batch, batch)
+        out_kind = (loss_kind, CrossEntropyAux(*kinds))
     local = functools.partial(local_loss, options=options)
     return _sharding.map_shards(local, plan, args, out_kind)
 
 
 @functools.cache
-def with_kernel(kernel: str, vocab_block: int = 0) -> Callable[..., jax.Array]:
+def with_kernel(kernel: str, vocab_block: int = 0) -> Callable[..., Any]:
     """Test-only: :func:`fused_linear_cross_entropy` with its kernel forced, e.g. the
     vocabulary-blocked kernel of GPU and TPU (``"blocked"``, ``vocab_block`` classes per
     block, 0: the default size) on the CPU. A jitted function of its own, so that its
@@ -261,7 +372,7 @@ def with_kernel(kernel: str, vocab_block: int = 0) -> Callable[..., jax.Array]:
     definition = fused_linear_cross_entropy.__wrapped__  # type: ignore[attr-defined]
 
     @functools.wraps(definition)
-    def forced(*args: Any, **kwargs: Any) -> jax.Array:
+    def forced(*args: Any, **kwargs: Any) -> Any:
         token = _FORCED_KERNEL.set((kernel, vocab_block))
         try:
             return definition(*args, **kwargs)

@@ -16,11 +16,20 @@ working set instead of ``[N, V]``. With ``reduction="none"`` the cotangent diffe
 example, so the backward pass re-forms each chunk's logits from ``x``, ``w`` and the saved
 per-row log-normalisers (four matmuls in all). The price is a float32 ``[D, V]`` accumulator
 for ``dw``: on the CPU, where ``w``'s gradient is float32 anyway, it is the gradient itself.
+The auxiliary outputs (``return_aux``) are per-row statistics of the same passes; their
+cotangents (``lse``, ``entropy``) arrive only in the backward pass, so when they are nonzero
+the backward pass re-forms the chunks for them (three more matmuls with ``"sum"``/``"mean"``;
+none more with ``"none"``, whose backward pass re-forms anyway). The custom_vjp receives
+symbolic zeros, so aux outputs that are only logged cost no re-forming.
 
 GPU and TPU, the vocabulary-blocked kernel (see "vocabulary blocks" below): the loops run over
 blocks of classes covering all tokens, the forward pass saves one log-normaliser per row,
 and the backward pass writes each block's ``dw`` once, in ``w``'s dtype, while the ``[N, D]``
 input gradient accumulates in float32: no buffer the size of ``w`` beyond its gradient.
+
+``w`` comes as ``[D, V]`` (``w_layout="dv"``) or ``[V, D]`` (``"vd"``, a tied embedding
+table); every product names its contracting dimension (``lax.dot_general``), so neither layout
+is transposed or copied, and ``w``'s gradient comes back in ``w``'s layout.
 """
 
 from __future__ import annotations
@@ -34,9 +43,11 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 from jax._src import core as jax_core
+from jax.custom_derivatives import SymbolicZero
 from jax.sharding import AxisType
 
 from jxent import (
+    _aux_outputs,
     _dtypes,
     _elementwise,
     _labels,
@@ -63,6 +74,7 @@ _VOCAB_BLOCK_BYTES = 32 * 2**20
 _MIN_VOCAB_BLOCK = 128
 _SYMBOLIC_VOCAB_BLOCK = 1024
 KERNELS = ("auto", "chunked", "blocked")
+W_LAYOUTS = ("dv", "vd")
 
 
 class Config(NamedTuple):
@@ -79,6 +91,38 @@ class Config(NamedTuple):
     batch_axes: tuple[Hashable, ...] = ()  # mesh axes the rows are sharded over (explicit mode)
     kernel: str = "auto"  # "chunked" / "blocked" force a kernel (tests); "auto": per platform
     vocab_block: int = 0  # classes per block of the blocked kernel; 0: from _VOCAB_BLOCK_BYTES
+    temperature: float = 1.0  # the logits are divided by it after the soft cap
+    return_aux: bool = False  # the kernels also return RowStats
+    w_layout: str = "dv"  # "dv": w is [D, V]; "vd": [V, D]
+
+
+class Operands(NamedTuple):
+    """The arrays of one call, the rows flattened: the custom_vjps' one primal argument."""
+
+    x: jax.Array  # [N, D]
+    w: jax.Array  # [D, V] ("dv") or [V, D] ("vd")
+    bias: jax.Array | None  # [V]
+    labels: Any  # [N], widened to a signed dtype (None in a cotangent: no gradient)
+    class_weights: jax.Array | None  # [V]; constants (no gradient)
+    token_weights: jax.Array | None  # [N]; multiply each example's loss and mean weight
+
+
+class RowStats(NamedTuple):
+    """Per-row statistics the kernels return with ``return_aux``: the log-normaliser and the
+    entropy of ``softmax(z / T)`` (differentiable) and the first maximum's global class id."""
+
+    lse: jax.Array
+    entropy: jax.Array
+    argmax: jax.Array
+
+
+class AuxCotangent(NamedTuple):
+    """The cotangents of ``RowStats.lse`` and ``.entropy`` (per row) and the entropy values,
+    which the entropy's gradient ``-p (log p + H)`` needs."""
+
+    lse: jax.Array
+    entropy: jax.Array
+    entropy_value: jax.Array
 
 
 def default_chunk_size(num_rows: Any, num_local_classes: Any) -> int:
@@ -105,33 +149,90 @@ def default_chunk_size(num_rows: Any, num_local_classes: Any) -> int:
     return -(-rows // 8) * 8
 
 
+# ----------------------------------------------------------------------------- w's layout
+
+
+def vocab_axis(w_layout: str) -> int:
+    """The axis of ``w`` that indexes the classes."""
+    return 1 if w_layout == "dv" else 0
+
+
+def num_local_classes(w: jax.Array, cfg: Config) -> Any:
+    return w.shape[vocab_axis(cfg.w_layout)]
+
+
+def _logits_product(x: jax.Array, w: jax.Array, cfg: Config, dtype: Any) -> jax.Array:
+    """``x @ w`` (``[T, V]``) for either layout of ``w``."""
+    if cfg.w_layout == "dv":
+        return jnp.matmul(x, w, preferred_element_type=dtype)
+    return lax.dot_general(x, w, (((1,), (1,)), ((), ())), preferred_element_type=dtype)
+
+
+def _input_grad_product(dz: jax.Array, w: jax.Array, cfg: Config, dtype: Any) -> jax.Array:
+    """``dz @ wᵀ`` (``[T, D]``) for either layout of ``w``."""
+    if cfg.w_layout == "dv":
+        return jnp.matmul(dz, w.T, preferred_element_type=dtype)
+    return lax.dot_general(dz, w, (((1,), (0,)), ((), ())), preferred_element_type=dtype)
+
+
+def _weight_grad_product(x: jax.Array, dz: jax.Array, cfg: Config, dtype: Any) -> jax.Array:
+    """``xᵀ @ dz`` in ``w``'s layout: ``[D, V]`` or ``[V, D]``."""
+    if cfg.w_layout == "dv":
+        return jnp.matmul(x.T, dz, preferred_element_type=dtype)
+    return lax.dot_general(dz, x, (((0,), (0,)), ((), ())), preferred_element_type=dtype)
+
+
+def _classes_slice(a: jax.Array, start: Any, size: Any, cfg: Config) -> jax.Array:
+    """Classes ``[start, start + size)`` of ``w`` (or of its gradient)."""
+    return lax.dynamic_slice_in_dim(a, start, size, axis=vocab_axis(cfg.w_layout))
+
+
+def _classes_update(a: jax.Array, block: jax.Array, start: Any, cfg: Config) -> jax.Array:
+    return lax.dynamic_update_slice_in_dim(a, block, start, axis=vocab_axis(cfg.w_layout))
+
+
 # ----------------------------------------------------------------------------- chunk kernels
 
 
 def _chunk_logits(
     x: jax.Array, w: jax.Array, bias: jax.Array | None, cfg: Config
 ) -> tuple[jax.Array, jax.Array | None]:
-    """float32 logits of one chunk, soft-capped, and ``tanh(z/s)`` for the cap's derivative."""
+    """float32 logits of one chunk, soft-capped and divided by the temperature, and
+    ``tanh(z/s)`` for the cap's derivative."""
+    return _scaled_logits(_product_logits(x, w, bias, cfg), cfg)
+
+
+def _product_logits(x: jax.Array, w: jax.Array, bias: jax.Array | None, cfg: Config) -> jax.Array:
+    """``x @ w + bias`` in float32 (the bias in the GEMM on CPU)."""
     dtype = _dtypes.compute_dtype(x.dtype)
     if bias is None:
-        z = jnp.matmul(x, w, preferred_element_type=dtype)
-    else:
-        b = bias
+        return _logits_product(x, w, cfg, dtype)
+    b = bias
 
-        def bias_added() -> jax.Array:
-            return jnp.matmul(x, w, preferred_element_type=dtype) + b.astype(dtype)
+    def bias_added() -> jax.Array:
+        return _logits_product(x, w, cfg, dtype) + b.astype(dtype)
 
-        if x.dtype == w.dtype == b.dtype:  # else the bias would be rounded to w's dtype
-            z = _reductions.on_cpu(lambda: _matmul_with_bias_row(x, w, b, dtype), bias_added)
-        else:
-            z = bias_added()
-    if cfg.logit_softcap is None:
-        return z, None
-    capped = jnp.tanh(z / cfg.logit_softcap)
-    return cfg.logit_softcap * capped, capped
+    if x.dtype == w.dtype == b.dtype:  # else the bias would be rounded to w's dtype
+        return _reductions.on_cpu(lambda: _matmul_with_bias_row(x, w, b, cfg, dtype), bias_added)
+    return bias_added()
 
 
-def _matmul_with_bias_row(x: jax.Array, w: jax.Array, bias: jax.Array, dtype: Any) -> jax.Array:
+def _scaled_logits(z: jax.Array, cfg: Config) -> tuple[jax.Array, jax.Array | None]:
+    """The soft cap and the temperature applied, and ``tanh(z/s)`` for the cap's derivative."""
+    capped = None
+    if cfg.logit_softcap is not None:
+        capped = jnp.tanh(z / cfg.logit_softcap)
+        z = cfg.logit_softcap * capped
+    return _tempered(z, cfg), capped
+
+
+def _tempered(z: jax.Array, cfg: Config) -> jax.Array:
+    return z if cfg.temperature == 1.0 else z / cfg.temperature
+
+
+def _matmul_with_bias_row(
+    x: jax.Array, w: jax.Array, bias: jax.Array, cfg: Config, dtype: Any
+) -> jax.Array:
     """``[x, 1] @ [w; bias]``: the bias added by the GEMM itself (CPU).
 
     XLA:CPU's reductions do not fuse a producer, so ``x @ w + bias`` is written to a second
@@ -141,8 +242,9 @@ def _matmul_with_bias_row(x: jax.Array, w: jax.Array, bias: jax.Array, dtype: An
     """
     ones = jnp.ones((*x.shape[:-1], 1), x.dtype)
     x_1 = jnp.concatenate([x, ones], axis=-1)
-    w_b = jnp.concatenate([w, bias[None, :]], axis=0)
-    return jnp.matmul(x_1, w_b, preferred_element_type=dtype)
+    row = bias[None, :] if cfg.w_layout == "dv" else bias[:, None]
+    w_b = jnp.concatenate([w, row], axis=1 - vocab_axis(cfg.w_layout))
+    return _logits_product(x_1, w_b, cfg, dtype)
 
 
 def _target_logits(
@@ -154,25 +256,29 @@ def _target_logits(
     reads the logits after their gradient is formed and XLA can write it in their buffer.
     """
     dtype = _dtypes.compute_dtype(x.dtype)
-    index = jnp.clip(rows.local, 0, w.shape[1] - 1)
-    columns = jnp.take(w, index, axis=1).astype(dtype)  # [D, T]
-    z = jnp.sum(x.astype(dtype) * columns.T, axis=1)
+    axis = vocab_axis(cfg.w_layout)
+    index = jnp.clip(rows.local, 0, w.shape[axis] - 1)
+    columns = jnp.take(w, index, axis=axis).astype(dtype)  # [D, T] or [T, D]
+    z = jnp.sum(x.astype(dtype) * (columns.T if axis == 1 else columns), axis=1)
     if bias is not None:
         z = z + bias.astype(dtype)[index]
     if cfg.logit_softcap is not None:
         z = cfg.logit_softcap * jnp.tanh(z / cfg.logit_softcap)
-    z = jnp.where(rows.in_shard, z, jnp.zeros_like(z))
+    z = jnp.where(rows.in_shard, _tempered(z, cfg), jnp.zeros_like(z))
     return _loss_reduction.psum_over(z, cfg.axis_name)
 
 
+class _Classes(NamedTuple):
+    """The class-weight totals the smoothing term needs: ``Σ_c w_c`` (over all devices'
+    classes) and the global number of classes ``C``, with this device's class weights."""
+
+    weights: jax.Array | None
+    total: jax.Array
+    count: Any
+
+
 def _chunk_loss(
-    z: jax.Array,
-    target: jax.Array,
-    rows: _labels.Targets,
-    class_weights: jax.Array | None,
-    weight_total: jax.Array,
-    num_classes: Any,
-    cfg: Config,
+    z: jax.Array, target: jax.Array, rows: _labels.Targets, classes: _Classes, cfg: Config
 ) -> tuple[jax.Array, jax.Array]:
     """Per-row losses (0 when inactive, NaN when bad) and log-normalisers of one chunk."""
     lse = _normaliser.stable_logsumexp(z, cfg.axis_name)[:, 0]
@@ -181,12 +287,12 @@ def _chunk_loss(
         # Σ_c w_c (lse - z_c) = W·lse - Σ_c w_c z_c: one matrix-vector product for the chunk.
         weighted = (
             _reductions.class_sum(z, cfg.axis_name)[:, 0]
-            if class_weights is None
+            if classes.weights is None
             else _loss_reduction.psum_over(
-                jnp.matmul(z, class_weights.astype(z.dtype)), cfg.axis_name
+                jnp.matmul(z, classes.weights.astype(z.dtype)), cfg.axis_name
             )
         )
-    return _row_losses(lse, target, weighted, rows, weight_total, num_classes, cfg), lse
+    return _row_losses(lse, target, weighted, rows, classes, cfg), lse
 
 
 def _row_losses(
@@ -194,8 +300,7 @@ def _row_losses(
     target: jax.Array,
     weighted: jax.Array | None,
     rows: _labels.Targets,
-    weight_total: jax.Array,
-    num_classes: Any,
+    classes: _Classes,
     cfg: Config,
 ) -> jax.Array:
     """Per-row losses from the log-normalisers, target logits and (with label smoothing)
@@ -203,11 +308,95 @@ def _row_losses(
     eps = cfg.label_smoothing
     loss = (1.0 - eps) * rows.weight * (lse - target)
     if eps and weighted is not None:
-        loss = loss + eps / num_classes * (weight_total * lse - weighted)
+        loss = loss + eps / classes.count * (classes.total * lse - weighted)
     if cfg.z_loss:
         loss = loss + cfg.z_loss * lse**2
     loss = jnp.where(rows.active, loss, jnp.zeros_like(loss))
     return _labels.nan_where_bad(rows, loss)
+
+
+def _entropy_and_max(
+    z: jax.Array,
+    lse: jax.Array,
+    raw: jax.Array,
+    fresh: jax.Array | None = None,
+    own_lse: bool = True,
+) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """Over the columns of ``z`` (those ``fresh`` marks): ``Σ_c p_c (lse - z_c)`` with
+    ``p = exp(z - lse)``, and each row's first maximum of the logits ``raw`` before the soft
+    cap and the temperature, and its column.
+
+    The cap and the temperature keep the order of the logits, so the predicted class is the
+    same; ``raw`` is what the GEMM wrote (or that plus the bias), which every fusion reads
+    alike. ``z`` is not: XLA recomputes an elementwise producer in each fusion that consumes
+    it and may contract ``z / T - max`` into one fused multiply-add, or round ``tanh`` two
+    ways, so that no capped or tempered logit compares equal to their maximum.
+
+    With the row's full log-normaliser this is the row's share of the entropy
+    ``H = -Σ p log p``; with a block's own, the block's entropy to merge (:func:`_rebased`).
+    Written around the maximum ``m`` as ``e^{m - lse}·((lse - m)·Σ e^{z-m} + Σ e^{z-m}(m - z))``,
+    sums of non-negative terms (``lse - Σ p z`` would cancel to noise for large logits). When
+    ``lse`` is over these very columns (``own_lse``), ``Σ e^{z-m} = e^{lse - m}`` and one sum
+    is left. Each sum reads ``z`` through its own expression: XLA:CPU stores an elementwise
+    result that two consumers share (``exp(z - lse)`` with the gradient's ``p``, say) as one
+    more ``[T, V]`` array, but fuses one that feeds a single reduction.
+    """
+    if fresh is not None:
+        raw = jnp.where(fresh, raw, jnp.asarray(-jnp.inf, raw.dtype))
+        shift = _elementwise.finite_or_zero(
+            jnp.max(jnp.where(fresh, z, jnp.asarray(-jnp.inf, z.dtype)), axis=1)
+        )
+        # The columns not counted sit at the maximum: their terms e^0·0 vanish, without the
+        # 0·inf a -inf logit would give (a NaN that jax.debug_nans reports).
+        z = jnp.where(fresh, z, shift[:, None])
+    else:
+        shift = _elementwise.finite_or_zero(jnp.max(z, axis=1))
+    below = shift[:, None] - z  # >= 0
+    spread = jnp.sum(jnp.exp(-below) * below, axis=1)
+    offset = _elementwise.finite_or_zero(lse) - shift
+    if own_lse:
+        entropy = offset + jnp.exp(-offset) * spread
+    else:
+        total = jnp.sum(jnp.exp(z - shift[:, None]), axis=1)
+        entropy = jnp.exp(-offset) * (offset * total + spread)
+    top = jnp.max(raw, axis=1)
+    return entropy, top, _first_max_column(raw, top)
+
+
+def _first_max_column(z: jax.Array, top: jax.Array) -> jax.Array:
+    """``jnp.argmax(z, axis=1)`` given the rows' maxima ``top``: the first column where ``z``
+    equals them, as one max reduction of ``sign(z - top)·2^30 - column`` (``sign`` is 0 at a
+    maximum, -1 elsewhere). XLA:CPU vectorises that reduction but not ``argmax``'s variadic
+    one: 19 ms against 112 ms over 1024 x 14,114 logits on the 2-core dev machine. Columns
+    are exact in float32 below 2^24; longer rows take ``jnp.argmax``. A row with a NaN logit
+    gives -1 (``jnp.argmax``: the first NaN), so that it is never counted as correct. Only
+    for logits that every fusion reads alike (see :func:`_entropy_and_max`)."""
+    num_columns = z.shape[1]
+    if not isinstance(num_columns, int) or num_columns >= 2**24:
+        return jnp.argmax(z, axis=1)
+    column = lax.broadcasted_iota(z.dtype, z.shape, 1)
+    score = jnp.sign(z - top[:, None]) * 2.0**30 - column
+    first = (-jnp.max(score, axis=1)).astype(jnp.int32)
+    return jnp.where(jnp.isnan(top), -1, first)
+
+
+def _rebased(lse: jax.Array, entropy: jax.Array, total: jax.Array) -> jax.Array:
+    """The share in ``-Σ p log p`` under the log-normaliser ``total`` of the classes whose
+    own log-normaliser is ``lse`` and entropy ``entropy``: with ``a = exp(lse - total)``,
+    ``a·(entropy + total - lse)`` (0 for an empty set of classes, ``lse = -inf``)."""
+    empty = jnp.isneginf(lse)
+    lse = jnp.where(empty, total, lse)  # no inf - inf, hence no NaN, in the discarded branch
+    share = jnp.exp(lse - total) * (entropy + total - lse)
+    return jnp.where(empty, jnp.zeros_like(share), share)
+
+
+def _chunk_row_stats(
+    z: jax.Array, lse: jax.Array, raw: jax.Array, num_local: Any, cfg: Config
+) -> RowStats:
+    """One chunk's aux statistics from its logits (scaled and raw) and full log-normalisers."""
+    entropy, top, arg = _entropy_and_max(z, lse, raw, own_lse=cfg.axis_name is None)
+    entropy = _loss_reduction.psum_over(entropy, cfg.axis_name)
+    return RowStats(lse, entropy, _aux_outputs.global_argmax(top, arg, cfg.axis_name, num_local))
 
 
 def _chunk_logits_grad(
@@ -215,33 +404,48 @@ def _chunk_logits_grad(
     capped: jax.Array | None,
     lse: jax.Array,
     rows: _labels.Targets,
-    scale: jax.Array,
-    class_weights: jax.Array | None,
-    weight_total: jax.Array,
-    num_classes: Any,
+    scale: jax.Array | None,
+    classes: _Classes,
     cfg: Config,
+    aux: AuxCotangent | None = None,
 ) -> jax.Array:
-    """``scale_n · d loss_n / d z_raw`` for one chunk: one elementwise expression XLA fuses.
+    """``scale_n · d loss_n / d z_raw`` (plus the aux outputs' share) for one chunk: one
+    elementwise expression XLA fuses.
 
-    d loss_n / d z_c = p_c·A_n - (1-ε)·w_y·[c = y] - (ε/C)·w_c with the target mass
-    A_n = (1-ε)·w_y + (ε/C)·W + 2ζ·lse_n; the soft cap multiplies by 1 - tanh²(z_raw/s).
+    d loss_n / d u_c = p_c·A_n - (1-ε)·w_y·[c = y] - (ε/C)·w_c with the target mass
+    A_n = (1-ε)·w_y + (ε/C)·W + 2ζ·lse_n for the tempered logits ``u = z / T``; ``lse``'s
+    cotangent adds ``g·p_c``, the entropy's ``-g·p_c (log p_c + H)``; then ``1/T`` and the
+    soft cap's 1 - tanh²(z_raw/s).
     """
-    eps = cfg.label_smoothing
     p = jnp.exp(z - _elementwise.finite_or_zero(lse)[:, None])
-    mass = (1.0 - eps) * rows.weight + eps / num_classes * weight_total + 2.0 * cfg.z_loss * lse
-    classes = lax.broadcasted_iota(rows.local.dtype, z.shape, 1)
-    is_target = classes == rows.local[:, None]
-    grad = p * mass[:, None] - jnp.where(is_target, ((1.0 - eps) * rows.weight)[:, None], 0.0)
-    if eps:
-        spread = 1.0 if class_weights is None else class_weights.astype(z.dtype)[None, :]
-        grad = grad - (eps / num_classes) * spread
-    grad = scale[:, None] * grad
+    grad = None
+    if scale is not None:
+        eps = cfg.label_smoothing
+        mass = (
+            (1.0 - eps) * rows.weight + eps / classes.count * classes.total + 2.0 * cfg.z_loss * lse
+        )
+        classes_iota = lax.broadcasted_iota(rows.local.dtype, z.shape, 1)
+        is_target = classes_iota == rows.local[:, None]
+        grad = p * mass[:, None] - jnp.where(is_target, ((1.0 - eps) * rows.weight)[:, None], 0.0)
+        if eps:
+            spread = 1.0 if classes.weights is None else classes.weights.astype(z.dtype)[None, :]
+            grad = grad - (eps / classes.count) * spread
+        grad = scale[:, None] * grad
+    if aux is not None:
+        log_p = z - _elementwise.finite_or_zero(lse)[:, None]
+        aux_grad = p * (
+            aux.lse[:, None] - aux.entropy[:, None] * (log_p + aux.entropy_value[:, None])
+        )
+        grad = aux_grad if grad is None else grad + aux_grad
+    assert grad is not None
+    if cfg.temperature != 1.0:
+        grad = grad / cfg.temperature
     if capped is not None:
         grad = grad * (1.0 - capped * capped)
     return grad
 
 
-def _add_input_grad_product(dw: jax.Array, x: jax.Array, dz: jax.Array) -> jax.Array:
+def _add_input_grad_product(dw: jax.Array, x: jax.Array, dz: jax.Array, cfg: Config) -> jax.Array:
     """``dw + xᵀ @ dz``; on CPU when ``D > T``, one block of ``_DW_BLOCK`` classes at a time.
 
     XLA:CPU writes a dot into a fresh buffer before adding it, so a single ``xᵀ @ dz`` would
@@ -256,7 +460,7 @@ def _add_input_grad_product(dw: jax.Array, x: jax.Array, dz: jax.Array) -> jax.A
     num_classes = dz.shape[1]
 
     def one_dot() -> jax.Array:
-        return dw + jnp.matmul(x.T, dz, preferred_element_type=dw.dtype)
+        return dw + _weight_grad_product(x, dz, cfg, dw.dtype)
 
     if not isinstance(num_classes, int) or num_classes <= _DW_BLOCK or num_features <= num_rows:
         # The [D, V] product is no bigger than the chunk's [T, V] logits: one dot is fastest
@@ -264,10 +468,10 @@ def _add_input_grad_product(dw: jax.Array, x: jax.Array, dz: jax.Array) -> jax.A
         # symbolic V (jax.export) takes the one dot too: it is correct for any size.
         return one_dot()
     # GPU and TPU: one dot; XLA folds the addition into the GEMM's accumulator (beta = 1).
-    return _reductions.on_cpu(lambda: _add_product_by_blocks(dw, x, dz), one_dot)
+    return _reductions.on_cpu(lambda: _add_product_by_blocks(dw, x, dz, cfg), one_dot)
 
 
-def _add_product_by_blocks(dw: jax.Array, x: jax.Array, dz: jax.Array) -> jax.Array:
+def _add_product_by_blocks(dw: jax.Array, x: jax.Array, dz: jax.Array, cfg: Config) -> jax.Array:
     """``dw + xᵀ @ dz`` one block of ``_DW_BLOCK`` classes at a time (CPU)."""
     num_classes = dz.shape[1]
     num_blocks = -(-num_classes // _DW_BLOCK)
@@ -278,9 +482,9 @@ def _add_product_by_blocks(dw: jax.Array, x: jax.Array, dz: jax.Array) -> jax.Ar
         start = jnp.minimum(nominal, num_classes - _DW_BLOCK)
         dz_block = lax.dynamic_slice_in_dim(dz, start, _DW_BLOCK, axis=1)
         dz_block = jnp.where(start + columns >= nominal, dz_block, jnp.zeros_like(dz_block))
-        product = jnp.matmul(x.T, dz_block, preferred_element_type=dw.dtype)
-        block = lax.dynamic_slice_in_dim(dw, start, _DW_BLOCK, axis=1) + product
-        return lax.dynamic_update_slice_in_dim(dw, block, start, axis=1)
+        product = _weight_grad_product(x, dz_block, cfg, dw.dtype)
+        block = _classes_slice(dw, start, _DW_BLOCK, cfg) + product
+        return _classes_update(dw, block, start, cfg)
 
     return lax.fori_loop(0, num_blocks, add_block, dw)
 
@@ -296,10 +500,8 @@ def _accumulate_chunk_grads(
     """From one chunk's logits gradient ``dz``: its ``dx`` (summed over the vocabulary's
     devices) and the ``w`` / ``bias`` gradient accumulators with its share added."""
     dz_op = dz.astype(x.dtype)
-    dx = _loss_reduction.psum_over(
-        jnp.matmul(dz_op, w.T, preferred_element_type=dz.dtype), cfg.axis_name
-    )
-    dw = _add_input_grad_product(dw, x, dz_op)
+    dx = _loss_reduction.psum_over(_input_grad_product(dz_op, w, cfg, dz.dtype), cfg.axis_name)
+    dw = _add_input_grad_product(dw, x, dz_op, cfg)
     if db is not None:
         db = db + jnp.sum(dz, axis=0)
     return (dw, db), dx.astype(x.dtype)
@@ -339,6 +541,10 @@ def _to_chunks(tree: Any, chunk: int) -> Any:
     return jax.tree.map(lambda a: a.reshape((a.shape[0] // chunk, chunk, *a.shape[1:])), tree)
 
 
+def _from_chunks(tree: Any) -> Any:
+    return jax.tree.map(lambda a: a.reshape((-1, *a.shape[2:])), tree)
+
+
 def _row_scale(rows: _labels.Targets, cotangent: Any) -> jax.Array:
     """Per-row factor of the logits' gradient: the cotangent for rows that count, 0 for rows
     that do not (ignored, padding), NaN for rows with an invalid label (their loss is NaN)."""
@@ -346,175 +552,242 @@ def _row_scale(rows: _labels.Targets, cotangent: Any) -> jax.Array:
     return _labels.nan_where_bad(rows, jnp.where(rows.active, g, jnp.zeros_like(g)))
 
 
-def _mean_scale(rows: _labels.Targets, cfg: Config) -> jax.Array:
-    """d mean / d loss_n = 1 / Σ w_y over every row (0 when nothing counts)."""
-    return _elementwise.safe_reciprocal(_loss_reduction.batch_total(rows.weight, cfg.batch_axes))
+def _mean_weights(rows: _labels.Targets, token_weights: jax.Array | None) -> jax.Array:
+    """Each row's weight in the mean's denominator: ``w_y`` times its token weight."""
+    return _loss_reduction.with_token_weights(rows.weight, rows.weight, token_weights)[1]
+
+
+def _mean_scale(rows: _labels.Targets, token_weights: jax.Array | None, cfg: Config) -> jax.Array:
+    """d mean / d loss_n = 1 / Σ w_y·t over every row (0 when nothing counts)."""
+    total = _loss_reduction.batch_total(_mean_weights(rows, token_weights), cfg.batch_axes)
+    return _elementwise.safe_reciprocal(total)
+
+
+def _loss_scale(
+    rows: _labels.Targets, token_weights: jax.Array | None, g: Any, cfg: Config
+) -> jax.Array:
+    """Per-row factor of the logits' gradient for the loss's cotangent ``g`` (a scalar, or
+    per row for ``"none"``; None: 1): ``g`` times the token weight, over the mean's total."""
+    factor = g
+    if cfg.reduction == "mean":
+        mean = _mean_scale(rows, token_weights, cfg)
+        factor = mean if factor is None else factor * mean
+    if token_weights is not None:
+        factor = token_weights if factor is None else factor * token_weights
+    return _row_scale(rows, 1.0 if factor is None else factor)
+
+
+def _token_weight_grad(
+    losses: jax.Array,
+    rows: _labels.Targets,
+    token_weights: jax.Array | None,
+    loss: jax.Array,
+    g: Any,
+    cfg: Config,
+) -> jax.Array | None:
+    """``g · d loss / d t_n`` from the per-row losses ``ℓ_n`` (before the token weights):
+    ``ℓ_n`` for ``"sum"`` / ``"none"``, ``(ℓ_n - mean·w_y) / Σ w_y·t`` for ``"mean"``."""
+    if token_weights is None:
+        return None
+    grad = losses
+    if cfg.reduction == "mean":
+        grad = (losses - loss * rows.weight) * _mean_scale(rows, token_weights, cfg)
+    return (g * grad).astype(token_weights.dtype)
 
 
 def _class_totals(
     class_weights: jax.Array | None, num_local: int, cfg: Config, dtype: Any
-) -> tuple[jax.Array, Any]:
-    """(W = Σ_c w_c over all classes, C) for the smoothing term."""
+) -> _Classes:
+    """(w_c, W = Σ_c w_c over all classes, C) for the smoothing term."""
     num_classes = _loss_reduction.global_num_classes(num_local, cfg.axis_name)
     if class_weights is None:
-        return jnp.asarray(num_classes, dtype), num_classes
-    return _loss_reduction.psum_over(
-        jnp.sum(class_weights.astype(dtype)), cfg.axis_name
-    ), num_classes
+        return _Classes(None, jnp.asarray(num_classes, dtype), num_classes)
+    total = _loss_reduction.psum_over(jnp.sum(class_weights.astype(dtype)), cfg.axis_name)
+    return _Classes(class_weights, total, num_classes)
 
 
-def _setup(
-    x: jax.Array, w: jax.Array, labels: jax.Array, class_weights: jax.Array | None, cfg: Config
-) -> tuple[_labels.Targets, jax.Array, Any]:
-    dtype = _dtypes.compute_dtype(x.dtype)
-    rows = _labels.resolve(
+def resolve_rows(labels: jax.Array, ops: Operands, cfg: Config) -> _labels.Targets:
+    """Where each row's label points and whether it counts (padding rows do not)."""
+    return _labels.resolve(
         labels,
-        num_local=w.shape[1],
+        num_local=num_local_classes(ops.w, cfg),
         axis_name=cfg.axis_name,
         ignore_index=cfg.ignore_index,
-        class_weights=class_weights,
-        dtype=dtype,
+        class_weights=ops.class_weights,
+        dtype=_dtypes.compute_dtype(ops.x.dtype),
         counted=jnp.arange(labels.shape[0]) < cfg.num_rows,  # padding rows count for nothing
     )
-    return rows, *_class_totals(class_weights, w.shape[1], cfg, dtype)
+
+
+def _setup(ops: Operands, cfg: Config) -> tuple[_labels.Targets, _Classes]:
+    dtype = _dtypes.compute_dtype(ops.x.dtype)
+    rows = resolve_rows(ops.labels, ops, cfg)
+    return rows, _class_totals(ops.class_weights, num_local_classes(ops.w, cfg), cfg, dtype)
+
+
+def _assemble(
+    losses: jax.Array,
+    stats: RowStats | None,
+    rows: _labels.Targets,
+    token_weights: jax.Array | None,
+    cfg: Config,
+) -> Any:
+    """The kernels' output from the per-row losses: the reduced loss (token-weighted), with
+    the rows' aux statistics when ``return_aux``."""
+    loss, weight = _loss_reduction.with_token_weights(losses, rows.weight, token_weights)
+    loss = _loss_reduction.reduce_loss(loss, weight, cfg.reduction, cfg.batch_axes)
+    return (loss, stats) if cfg.return_aux else loss
+
+
+def _split_cotangent(
+    ct: Any, stats: RowStats | None, cfg: Config
+) -> tuple[Any, AuxCotangent | None]:
+    """The loss's cotangent (zeros for a symbolic zero) and the aux outputs' (None when
+    both are symbolic zeros: nothing to re-form for)."""
+    if not cfg.return_aux:
+        return _dense(ct), None
+    g, stats_ct = ct
+    lse, entropy = stats_ct.lse, stats_ct.entropy
+    if isinstance(lse, SymbolicZero) and isinstance(entropy, SymbolicZero):
+        return _dense(g), None
+    assert stats is not None
+    return _dense(g), AuxCotangent(_dense(lse), _dense(entropy), stats.entropy)
+
+
+def _dense(ct: Any) -> Any:
+    if isinstance(ct, SymbolicZero):
+        aval: Any = ct.aval
+        return jnp.zeros(aval.shape, aval.dtype)
+    return ct
+
+
+def _primal_values(ops: Any) -> Any:
+    """The arrays of a custom_vjp's ``fwd`` arguments under ``symbolic_zeros=True``."""
+    return jax.tree.map(lambda p: p.value, ops, is_leaf=lambda p: hasattr(p, "perturbed"))
 
 
 # ----------------------------------------------------------------------------- custom_vjp
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(5,))
-def _impl(
-    x: jax.Array,
-    w: jax.Array,
-    bias: jax.Array | None,
-    labels: jax.Array,
-    class_weights: jax.Array | None,
-    cfg: Config,
-) -> jax.Array:
-    """Loss only (no gradient work): the path taken by evaluation."""
-    rows, weight_total, num_classes = _setup(x, w, labels, class_weights, cfg)
+def _chunk_forward(
+    x: jax.Array, rows: _labels.Targets, ops: Operands, classes: _Classes, cfg: Config
+) -> tuple[jax.Array, jax.Array | None, jax.Array, jax.Array, RowStats | None]:
+    """One chunk's logits, ``tanh(z/s)`` (or None), per-row losses, log-normalisers and
+    (with ``return_aux``) aux statistics."""
+    raw = _product_logits(x, ops.w, ops.bias, cfg)
+    z, capped = _scaled_logits(raw, cfg)
+    target = _target_logits(x, ops.w, ops.bias, rows, cfg)
+    loss, lse = _chunk_loss(z, target, rows, classes, cfg)
+    stats = None
+    if cfg.return_aux:
+        stats = _chunk_row_stats(z, lse, raw, num_local_classes(ops.w, cfg), cfg)
+    return z, capped, loss, lse, stats
 
-    def step(carry: None, chunk: tuple[Any, ...]) -> tuple[None, jax.Array]:
+
+def _chunked_rows(ops: Operands, cfg: Config) -> tuple[Any, ...]:
+    """The rows' targets, losses, log-normalisers and aux statistics, chunk by chunk (no
+    gradients)."""
+    rows, classes = _setup(ops, cfg)
+
+    def step(carry: None, chunk: tuple[Any, ...]) -> tuple[None, Any]:
         x_c, rows_c = chunk
-        *_, loss, _ = _chunk_forward(
-            x_c, rows_c, w, bias, class_weights, weight_total, num_classes, cfg
-        )
-        return carry, loss
+        *_, loss, lse, stats = _chunk_forward(x_c, rows_c, ops, classes, cfg)
+        return carry, (loss, lse, stats)
 
-    _, losses = lax.scan(step, None, _to_chunks((x, rows), cfg.chunk_size))
-    return _loss_reduction.reduce_loss(
-        losses.reshape(-1), rows.weight, cfg.reduction, cfg.batch_axes
-    )
+    _, out = lax.scan(step, None, _to_chunks((ops.x, rows), cfg.chunk_size))
+    return rows, *_from_chunks(out)
 
 
-def _fwd(
-    x: jax.Array,
-    w: jax.Array,
-    bias: jax.Array | None,
-    labels: jax.Array,
-    class_weights: jax.Array | None,
-    cfg: Config,
-) -> tuple[jax.Array, tuple[Any, ...]]:
+@functools.partial(jax.custom_vjp, nondiff_argnums=(1,))
+def _impl(ops: Operands, cfg: Config) -> Any:
+    """Loss only (no gradient work): the path taken by evaluation."""
+    rows, losses, _, stats = _chunked_rows(ops, cfg)
+    return _assemble(losses, stats, rows, ops.token_weights, cfg)
+
+
+def _fwd(ops: Operands, cfg: Config) -> tuple[Any, tuple[Any, ...]]:
+    ops = _primal_values(ops)
     if cfg.reduction == "none":
-        return _fwd_per_example(x, w, bias, labels, class_weights, cfg)
-    rows, weight_total, num_classes = _setup(x, w, labels, class_weights, cfg)
+        return _fwd_reforming(ops, cfg)
+    rows, classes = _setup(ops, cfg)
     # Gradients for a unit cotangent; the backward pass scales them by the real one.
-    scale = _row_scale(rows, _mean_scale(rows, cfg) if cfg.reduction == "mean" else 1.0)
+    scale = _loss_scale(rows, ops.token_weights, None, cfg)
 
     def step(carry: tuple[Any, ...], chunk: tuple[Any, ...]) -> tuple[Any, Any]:
         dw, db = carry
         x_c, rows_c, scale_c = chunk
-        z, capped, loss, lse = _chunk_forward(
-            x_c, rows_c, w, bias, class_weights, weight_total, num_classes, cfg
-        )
-        dz = _chunk_logits_grad(
-            z, capped, lse, rows_c, scale_c, class_weights, weight_total, num_classes, cfg
-        )
-        (dw, db), dx_c = _accumulate_chunk_grads(dz, x_c, w, dw, db, cfg)
-        return (dw, db), (loss, dx_c)
+        z, capped, loss, lse, stats = _chunk_forward(x_c, rows_c, ops, classes, cfg)
+        dz = _chunk_logits_grad(z, capped, lse, rows_c, scale_c, classes, cfg)
+        (dw, db), dx_c = _accumulate_chunk_grads(dz, x_c, ops.w, dw, db, cfg)
+        return (dw, db), (loss, dx_c, stats)
 
-    init = _gradient_accumulators(x, w, bias)
-    (dw, db), (losses, dx) = lax.scan(step, init, _to_chunks((x, rows, scale), cfg.chunk_size))
-    loss = _loss_reduction.reduce_loss(
-        losses.reshape(-1), rows.weight, cfg.reduction, cfg.batch_axes
-    )
-    grads = (dx.reshape(x.shape), *_parameter_grads(dw, db, w, bias))
-    return loss, grads
-
-
-def _chunk_forward(
-    x: jax.Array,
-    rows: _labels.Targets,
-    w: jax.Array,
-    bias: jax.Array | None,
-    class_weights: jax.Array | None,
-    weight_total: jax.Array,
-    num_classes: Any,
-    cfg: Config,
-) -> tuple[jax.Array, jax.Array | None, jax.Array, jax.Array]:
-    """One chunk's logits, ``tanh(z/s)`` (or None), per-row losses and log-normalisers."""
-    z, capped = _chunk_logits(x, w, bias, cfg)
-    target = _target_logits(x, w, bias, rows, cfg)
-    loss, lse = _chunk_loss(z, target, rows, class_weights, weight_total, num_classes, cfg)
-    return z, capped, loss, lse
+    init = _gradient_accumulators(ops.x, ops.w, ops.bias)
+    chunks = _to_chunks((ops.x, rows, scale), cfg.chunk_size)
+    (dw, db), (losses, dx, stats) = lax.scan(step, init, chunks)
+    losses, stats = _from_chunks((losses, stats))
+    out = _assemble(losses, stats, rows, ops.token_weights, cfg)
+    loss = out[0] if cfg.return_aux else out
+    dt = _token_weight_grad(losses, rows, ops.token_weights, loss, 1.0, cfg)
+    grads = (dx.reshape(ops.x.shape), *_parameter_grads(dw, db, ops.w, ops.bias), dt)
+    # For aux cotangents, which only the backward pass sees: what re-forming needs.
+    reform = (ops, rows, stats.lse) if cfg.return_aux else None
+    return out, (grads, reform, stats)
 
 
-def _fwd_per_example(
-    x: jax.Array,
-    w: jax.Array,
-    bias: jax.Array | None,
-    labels: jax.Array,
-    class_weights: jax.Array | None,
-    cfg: Config,
-) -> tuple[jax.Array, tuple[Any, ...]]:
-    rows, weight_total, num_classes = _setup(x, w, labels, class_weights, cfg)
-
-    def step(carry: None, chunk: tuple[Any, ...]) -> tuple[None, Any]:
-        x_c, rows_c = chunk
-        *_, loss, lse = _chunk_forward(
-            x_c, rows_c, w, bias, class_weights, weight_total, num_classes, cfg
-        )
-        return carry, (loss, lse)
-
-    _, (losses, lse) = lax.scan(step, None, _to_chunks((x, rows), cfg.chunk_size))
-    residuals = (x, w, bias, rows, class_weights, lse.reshape(-1))
-    return losses.reshape(-1), residuals
+def _fwd_reforming(ops: Operands, cfg: Config) -> tuple[Any, tuple[Any, ...]]:
+    """``reduction="none"``: the losses now, every gradient re-formed in the backward pass."""
+    rows, losses, lse, stats = _chunked_rows(ops, cfg)
+    out = _assemble(losses, stats, rows, ops.token_weights, cfg)
+    saved_losses = None if ops.token_weights is None else losses
+    return out, ((ops, rows, lse), saved_losses, stats)
 
 
-def _bwd(cfg: Config, residuals: tuple[Any, ...], g: jax.Array) -> tuple[Any, ...]:
+def _bwd(cfg: Config, residuals: tuple[Any, ...], ct: Any) -> tuple[Operands]:
+    g, aux = _split_cotangent(ct, residuals[2], cfg)
     if cfg.reduction == "none":
-        return _bwd_per_example(cfg, residuals, g)
-    dx, dw, db = residuals
+        saved, losses, _ = residuals
+        ops, rows = saved[0], saved[1]
+        scale = _loss_scale(rows, ops.token_weights, g, cfg)
+        dx, dw, db = _reformed_grads(saved, scale, aux, cfg)
+        dt = _token_weight_grad(losses, rows, ops.token_weights, None, g, cfg)  # type: ignore[arg-type]
+        return (Operands(dx, dw, db, None, None, dt),)
+    grads, reform, _ = residuals
     scale = g.astype(_dtypes.compute_dtype(g.dtype))
-    dx = (scale * dx).astype(dx.dtype)
-    dw = (scale * dw).astype(dw.dtype)
-    db = None if db is None else (scale * db).astype(db.dtype)
-    return dx, dw, db, None, None
+    grads = [None if d is None else (scale * d).astype(d.dtype) for d in grads]
+    if aux is not None:
+        extra = _reformed_grads(reform, None, aux, cfg)
+        grads[:3] = [None if d is None else d + e for d, e in zip(grads[:3], extra, strict=True)]
+    dx, dw, db, dt = grads
+    return (Operands(dx, dw, db, None, None, dt),)
 
 
-def _bwd_per_example(cfg: Config, saved: tuple[Any, ...], g: jax.Array) -> tuple[Any, ...]:
-    x, w, bias, rows, class_weights, lse = saved
-    weight_total, num_classes = _class_totals(
-        class_weights, w.shape[1], cfg, _dtypes.compute_dtype(x.dtype)
+def _reformed_grads(
+    saved: tuple[Any, ...], scale: jax.Array | None, aux: AuxCotangent | None, cfg: Config
+) -> tuple[jax.Array, jax.Array, jax.Array | None]:
+    """Every chunk's logits re-formed from ``x``, ``w`` and the saved log-normalisers, and
+    their gradient for the per-row loss factors ``scale`` (None: none) and aux cotangents."""
+    ops, rows, lse = saved
+    classes = _class_totals(
+        ops.class_weights,
+        num_local_classes(ops.w, cfg),
+        cfg,
+        _dtypes.compute_dtype(ops.x.dtype),
     )
 
     def step(carry: tuple[Any, ...], chunk: tuple[Any, ...]) -> tuple[Any, Any]:
         dw, db = carry
-        x_c, rows_c, lse_c, g_c = chunk
-        z, capped = _chunk_logits(x_c, w, bias, cfg)
-        dz = _chunk_logits_grad(
-            z, capped, lse_c, rows_c, g_c, class_weights, weight_total, num_classes, cfg
-        )
-        return _accumulate_chunk_grads(dz, x_c, w, dw, db, cfg)
+        x_c, rows_c, lse_c, scale_c, aux_c = chunk
+        z, capped = _chunk_logits(x_c, ops.w, ops.bias, cfg)
+        dz = _chunk_logits_grad(z, capped, lse_c, rows_c, scale_c, classes, cfg, aux_c)
+        return _accumulate_chunk_grads(dz, x_c, ops.w, dw, db, cfg)
 
-    g = _row_scale(rows, g)
-    init = _gradient_accumulators(x, w, bias)
-    chunks = _to_chunks((x, rows, lse, g), cfg.chunk_size)
+    init = _gradient_accumulators(ops.x, ops.w, ops.bias)
+    chunks = _to_chunks((ops.x, rows, lse, scale, aux), cfg.chunk_size)
     (dw, db), dx = lax.scan(step, init, chunks)
-    return (dx.reshape(x.shape), *_parameter_grads(dw, db, w, bias), None, None)
+    return (dx.reshape(ops.x.shape), *_parameter_grads(dw, db, ops.w, ops.bias))
 
 
-_impl.defvjp(_fwd, _bwd)
+_impl.defvjp(_fwd, _bwd, symbolic_zeros=True)
 
 
 # ----------------------------------------------------------------------------- vocabulary blocks
@@ -527,7 +800,9 @@ _impl.defvjp(_fwd, _bwd)
 # backward pass re-forms each block's logits, forms its dw slice in a single GEMM with float32
 # accumulation over all tokens and writes it once, in w's dtype, into the gradient it returns,
 # while the [N, D] input gradient is the float32 accumulator. Four matmuls in all (one more
-# than the chunked kernel) and temporaries bounded by the block: no N·V, no D·V buffer.
+# than the chunked kernel) and temporaries bounded by the block: no N·V, no D·V buffer. The
+# aux statistics merge like the log-normaliser (the entropy by _rebased, the first maximum
+# by comparison), and aux cotangents join the backward pass's re-formed logits for free.
 
 
 class _Block(NamedTuple):
@@ -571,30 +846,25 @@ def _num_blocks(num_classes: Any, block: Any) -> Any:
     return (num_classes + block - 1) // block
 
 
-def _vocab_block(
-    i: Any,
-    size: Any,
-    w: jax.Array,
-    bias: jax.Array | None,
-    class_weights: jax.Array | None,
-) -> _Block:
+def _vocab_block(i: Any, size: Any, ops: Operands, cfg: Config) -> _Block:
     """Block ``i``. All blocks have the same size (static shapes); the last starts at
     ``V - size`` and leaves its overlap with the previous block to that block."""
     nominal = i * size
-    start = jnp.minimum(nominal, w.shape[1] - size)
+    start = jnp.minimum(nominal, num_local_classes(ops.w, cfg) - size)
     fresh = start + lax.broadcasted_iota(jnp.int32, (1, size), 1) >= nominal
 
     def cut(a: jax.Array | None) -> jax.Array | None:
         return None if a is None else lax.dynamic_slice_in_dim(a, start, size, axis=a.ndim - 1)
 
-    w_block = cut(w)
-    assert w_block is not None
-    return _Block(start, fresh, w_block, cut(bias), cut(class_weights))
+    w_block = _classes_slice(ops.w, start, size, cfg)
+    return _Block(start, fresh, w_block, cut(ops.bias), cut(ops.class_weights))
 
 
-def _keep_fresh(block: _Block, new: jax.Array, old: jax.Array) -> jax.Array:
-    """``new`` in the block's own columns, ``old`` (the previous block's) in its overlap."""
-    return jnp.where(block.fresh[0], new, old)
+def _keep_fresh(block: _Block, new: jax.Array, old: jax.Array, axis: int = -1) -> jax.Array:
+    """``new`` in the block's own classes (along ``axis``), ``old`` (the previous block's)
+    in its overlap."""
+    fresh = block.fresh[0]
+    return jnp.where(fresh if axis in (-1, new.ndim - 1) else fresh[:, None], new, old)
 
 
 def _varying_like(arrays: Any, *references: jax.Array) -> Any:
@@ -606,39 +876,72 @@ def _varying_like(arrays: Any, *references: jax.Array) -> Any:
     return jax.tree.map(lambda a: lax.pcast(a, axes, to="varying"), arrays)
 
 
-def _blocked_statistics(
-    x: jax.Array,
-    w: jax.Array,
-    bias: jax.Array | None,
-    class_weights: jax.Array | None,
-    cfg: Config,
-) -> tuple[jax.Array, jax.Array | None]:
-    """Per-row log-normalisers over all classes (and ``Σ_c w_c z_c`` for label smoothing),
-    merged block by block: an online logsumexp, then one across the vocabulary's devices."""
-    size = vocab_block_size(x.shape[0], w.shape[1], cfg.vocab_block)
+def _blocked_statistics(ops: Operands, cfg: Config) -> tuple[Any, ...]:
+    """Per-row log-normalisers over all classes (and ``Σ_c w_c z_c`` for label smoothing,
+    and the aux statistics), merged block by block: an online logsumexp, then one across the
+    vocabulary's devices."""
+    x = ops.x
+    num_local = num_local_classes(ops.w, cfg)
+    size = vocab_block_size(x.shape[0], num_local, cfg.vocab_block)
     dtype = _dtypes.compute_dtype(x.dtype)
     smoothing = bool(cfg.label_smoothing)
 
-    def add_block(i: Any, carry: tuple[jax.Array, jax.Array]) -> tuple[jax.Array, jax.Array]:
-        lse, weighted = carry
-        block = _vocab_block(i, size, w, bias, class_weights)
-        z, _ = _chunk_logits(x, block.w, block.bias, cfg)
+    def add_block(i: Any, carry: tuple[Any, ...]) -> tuple[Any, ...]:
+        lse, weighted, aux = carry
+        block = _vocab_block(i, size, ops, cfg)
+        raw = _product_logits(x, block.w, block.bias, cfg)
+        z, _ = _scaled_logits(raw, cfg)
         masked = jnp.where(block.fresh, z, jnp.asarray(-jnp.inf, z.dtype))
-        lse = jnp.logaddexp(lse, _normaliser.stable_logsumexp(masked)[:, 0])
+        block_lse = _normaliser.stable_logsumexp(masked)[:, 0]
+        total = jnp.logaddexp(lse, block_lse)
+        if aux is not None:
+            aux = _merge_block_stats(aux, lse, block_lse, total, z, raw, block)
+        lse = total
         if smoothing:
             weights = 1.0 if block.class_weights is None else block.class_weights.astype(dtype)
             spread = jnp.where(block.fresh, weights, 0.0)
             weighted = weighted + jnp.sum(z * spread, axis=1)
-        return lse, weighted
+        return lse, weighted, aux
 
     rows = x.shape[0]
-    init = (jnp.full((rows,), -jnp.inf, dtype), jnp.zeros((rows,), dtype))
-    init = _varying_like(init, x, w)
-    num_blocks = _num_blocks(w.shape[1], size)
-    lse, weighted = lax.fori_loop(0, num_blocks, add_block, init)
-    return _merge_devices_lse(lse, cfg.axis_name), (
-        _loss_reduction.psum_over(weighted, cfg.axis_name) if smoothing else None
-    )
+    aux_init = None
+    if cfg.return_aux:
+        aux_init = (
+            jnp.zeros((rows,), dtype),
+            jnp.full((rows,), -jnp.inf, dtype),
+            jnp.zeros((rows,), jnp.int32),
+        )
+    init = (jnp.full((rows,), -jnp.inf, dtype), jnp.zeros((rows,), dtype), aux_init)
+    init = _varying_like(init, x, ops.w)
+    num_blocks = _num_blocks(num_local, size)
+    lse, weighted, aux = lax.fori_loop(0, num_blocks, add_block, init)
+    total = _merge_devices_lse(lse, cfg.axis_name)
+    stats = None
+    if aux is not None:
+        entropy, top, arg = aux
+        entropy = _loss_reduction.psum_over(_rebased(lse, entropy, total), cfg.axis_name)
+        argmax = _aux_outputs.global_argmax(top, arg, cfg.axis_name, num_local)
+        stats = RowStats(total, entropy, argmax)
+    return total, (_loss_reduction.psum_over(weighted, cfg.axis_name) if smoothing else None), stats
+
+
+def _merge_block_stats(
+    aux: tuple[jax.Array, ...],
+    lse: jax.Array,
+    block_lse: jax.Array,
+    total: jax.Array,
+    z: jax.Array,
+    raw: jax.Array,
+    block: _Block,
+) -> tuple[jax.Array, ...]:
+    """The running (entropy, maximum, its class) with one more block merged in: the entropy
+    under the merged log-normaliser ``total``, the earlier maximum kept on ties."""
+    entropy, top, arg = aux
+    block_entropy, block_top, block_arg = _entropy_and_max(z, block_lse, raw, block.fresh)
+    entropy = _rebased(lse, entropy, total) + _rebased(block_lse, block_entropy, total)
+    better = block_top > top
+    arg = jnp.where(better, (block_arg + block.start).astype(arg.dtype), arg)
+    return entropy, jnp.where(better, block_top, top), arg
 
 
 def _merge_devices_lse(lse: jax.Array, axis_name: Hashable | None) -> jax.Array:
@@ -650,77 +953,54 @@ def _merge_devices_lse(lse: jax.Array, axis_name: Hashable | None) -> jax.Array:
     return shift + jnp.log(lax.psum(jnp.exp(lse - shift), axis_name))
 
 
-def _blocked_losses(
-    x: jax.Array,
-    w: jax.Array,
-    bias: jax.Array | None,
-    rows: _labels.Targets,
-    class_weights: jax.Array | None,
-    weight_total: jax.Array,
-    num_classes: Any,
-    cfg: Config,
-) -> tuple[jax.Array, jax.Array]:
-    """Per-row losses and log-normalisers over all ``N`` rows."""
-    lse, weighted = _blocked_statistics(x, w, bias, class_weights, cfg)
-    target = _target_logits(x, w, bias, rows, cfg)
-    losses = _row_losses(lse, target, weighted, rows, weight_total, num_classes, cfg)
-    return losses, lse
+@functools.partial(jax.custom_vjp, nondiff_argnums=(1,))
+def _blocked_impl(ops: Operands, cfg: Config) -> Any:
+    return _blocked_forward(ops, cfg)[0]
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(5,))
-def _blocked_impl(
-    x: jax.Array,
-    w: jax.Array,
-    bias: jax.Array | None,
-    labels: jax.Array,
-    class_weights: jax.Array | None,
-    cfg: Config,
-) -> jax.Array:
-    loss, _ = _blocked_fwd(x, w, bias, labels, class_weights, cfg)
-    return loss
+def _blocked_fwd(ops: Operands, cfg: Config) -> tuple[Any, tuple[Any, ...]]:
+    return _blocked_forward(_primal_values(ops), cfg)
 
 
-def _blocked_fwd(
-    x: jax.Array,
-    w: jax.Array,
-    bias: jax.Array | None,
-    labels: jax.Array,
-    class_weights: jax.Array | None,
-    cfg: Config,
-) -> tuple[jax.Array, tuple[Any, ...]]:
-    rows, weight_total, num_classes = _setup(x, w, labels, class_weights, cfg)
-    losses, lse = _blocked_losses(x, w, bias, rows, class_weights, weight_total, num_classes, cfg)
-    loss = _loss_reduction.reduce_loss(losses, rows.weight, cfg.reduction, cfg.batch_axes)
-    return loss, (x, w, bias, rows, class_weights, lse)
+def _blocked_forward(ops: Operands, cfg: Config) -> tuple[Any, tuple[Any, ...]]:
+    """The loss over all ``N`` rows and what the backward pass needs."""
+    rows, classes = _setup(ops, cfg)
+    lse, weighted, stats = _blocked_statistics(ops, cfg)
+    target = _target_logits(ops.x, ops.w, ops.bias, rows, cfg)
+    losses = _row_losses(lse, target, weighted, rows, classes, cfg)
+    out = _assemble(losses, stats, rows, ops.token_weights, cfg)
+    # What the token weights' gradient needs: the per-row losses and the reduced loss.
+    for_tokens = None
+    if ops.token_weights is not None:
+        for_tokens = (losses, out[0] if cfg.return_aux else out)
+    return out, (ops, rows, lse, for_tokens, stats)
 
 
-def _blocked_bwd(cfg: Config, saved: tuple[Any, ...], g: jax.Array) -> tuple[Any, ...]:
-    x, w, bias, rows, class_weights, lse = saved
+def _blocked_bwd(cfg: Config, saved: tuple[Any, ...], ct: Any) -> tuple[Operands]:
+    ops, rows, lse, for_tokens, stats = saved
+    x, w = ops.x, ops.w
+    g, aux = _split_cotangent(ct, stats, cfg)
     dtype = _dtypes.compute_dtype(x.dtype)
-    weight_total, num_classes = _class_totals(class_weights, w.shape[1], cfg, dtype)
+    classes = _class_totals(ops.class_weights, num_local_classes(w, cfg), cfg, dtype)
     g = g.astype(dtype)
-    if cfg.reduction == "mean":
-        g = g * _mean_scale(rows, cfg)
-    scale = _row_scale(rows, g)
-    size = vocab_block_size(x.shape[0], w.shape[1], cfg.vocab_block)
+    scale = _loss_scale(rows, ops.token_weights, g, cfg)
+    size = vocab_block_size(x.shape[0], num_local_classes(w, cfg), cfg.vocab_block)
 
     def add_block(i: Any, carry: tuple[Any, ...]) -> tuple[Any, ...]:
         dx, dw, db = carry
-        block = _vocab_block(i, size, w, bias, class_weights)
+        block = _vocab_block(i, size, ops, cfg)
         z, capped = _chunk_logits(x, block.w, block.bias, cfg)
         block_rows = rows._replace(local=rows.local - block.start)
-        dz = _chunk_logits_grad(
-            z, capped, lse, block_rows, scale, block.class_weights, weight_total, num_classes, cfg
-        )
+        block_classes = classes._replace(weights=block.class_weights)
+        dz = _chunk_logits_grad(z, capped, lse, block_rows, scale, block_classes, cfg, aux)
         dz = jnp.where(block.fresh, dz, jnp.zeros_like(dz))
         dz_op = dz.astype(x.dtype)
         # float32 accumulation over all N tokens inside the GEMM; rounded once to dw's dtype.
-        dw_block = jnp.matmul(x.T, dz_op, preferred_element_type=dtype).astype(dw.dtype)
-        old = lax.dynamic_slice_in_dim(dw, block.start, size, axis=1)
-        dw = lax.dynamic_update_slice_in_dim(
-            dw, _keep_fresh(block, dw_block, old), block.start, axis=1
-        )
-        dx = dx + jnp.matmul(dz_op, block.w.T, preferred_element_type=dtype)
+        dw_block = _weight_grad_product(x, dz_op, cfg, dtype).astype(dw.dtype)
+        old = _classes_slice(dw, block.start, size, cfg)
+        keep = _keep_fresh(block, dw_block, old, vocab_axis(cfg.w_layout))
+        dw = _classes_update(dw, keep, block.start, cfg)
+        dx = dx + _input_grad_product(dz_op, block.w, cfg, dtype)
         if db is not None:
             old_b = lax.dynamic_slice_in_dim(db, block.start, size)
             db = lax.dynamic_update_slice_in_dim(
@@ -737,18 +1017,23 @@ def _blocked_bwd(cfg: Config, saved: tuple[Any, ...], g: jax.Array) -> tuple[Any
         (
             jnp.zeros(x.shape, dtype),
             jnp.zeros(w.shape, dw_dtype),
-            None if bias is None else jnp.zeros(bias.shape, dtype),
+            None if ops.bias is None else jnp.zeros(ops.bias.shape, dtype),
         ),
         x,
         w,
     )
-    num_blocks = _num_blocks(w.shape[1], size)
+    num_blocks = _num_blocks(num_local_classes(w, cfg), size)
     dx, dw, db = lax.fori_loop(0, num_blocks, add_block, init)
     dx = _loss_reduction.psum_over(dx, cfg.axis_name).astype(x.dtype)
-    return (dx, *_parameter_grads(dw, db, w, bias), None, None)
+    dt = None
+    if for_tokens is not None:
+        losses, loss = for_tokens
+        dt = _token_weight_grad(losses, rows, ops.token_weights, loss, g, cfg)
+    dw, db = _parameter_grads(dw, db, w, ops.bias)
+    return (Operands(dx, dw, db, None, None, dt),)
 
 
-_blocked_impl.defvjp(_blocked_fwd, _blocked_bwd)
+_blocked_impl.defvjp(_blocked_fwd, _blocked_bwd, symbolic_zeros=True)
 
 
 def local_loss(
@@ -756,33 +1041,57 @@ def local_loss(
     w: jax.Array,
     bias: jax.Array | None,
     labels: jax.Array,
-    weights: jax.Array | None,
+    class_weights: jax.Array | None,
+    token_weights: jax.Array | None,
     options: Config,
-) -> jax.Array:
+) -> Any:
     """The loss over the rows of ``x`` (this device's, under explicit sharding): the chunked
-    kernel on CPU, the vocabulary-blocked one on GPU and TPU (``options.kernel`` forces one)."""
+    kernel on CPU, the vocabulary-blocked one on GPU and TPU (``options.kernel`` forces one).
+    With ``options.return_aux``, ``(loss, CrossEntropyAux)``."""
     batch_shape = x.shape[:-1]
     num_rows = math.prod(batch_shape)
     # A signed label dtype, so that a negative ignore_index compares correctly.
     flat_labels = _labels.widen(labels.reshape(-1), options.ignore_index)
-    flat_x = x.reshape(num_rows, x.shape[-1])
+    flat_tokens = None if token_weights is None else token_weights.reshape(-1)
+    ops = Operands(
+        x.reshape(num_rows, x.shape[-1]), w, bias, flat_labels, class_weights, flat_tokens
+    )
 
-    def chunked() -> jax.Array:
-        return _chunked_loss(flat_x, w, bias, flat_labels, weights, options, num_rows)
+    def chunked() -> Any:
+        return _chunked_loss(ops, options, num_rows)
 
-    def blocked() -> jax.Array:
-        cfg = options._replace(num_rows=num_rows)
-        return _blocked_impl(flat_x, w, bias, flat_labels, weights, cfg)
+    def blocked() -> Any:
+        return _blocked_impl(ops, options._replace(num_rows=num_rows))
 
     if options.kernel == "chunked" or (options.kernel == "auto" and _gspmd_sharded(x, w)):
-        loss = chunked()
+        out = chunked()
     elif options.kernel == "blocked":
-        loss = blocked()
+        out = blocked()
     else:
-        loss = _reductions.on_cpu(chunked, blocked)
+        out = _reductions.on_cpu(chunked, blocked)
+    loss, stats = out if options.return_aux else (out, None)
     if options.reduction == "none":
-        return loss.reshape(batch_shape)
-    return loss
+        loss = loss.reshape(batch_shape)
+    if stats is None:
+        return loss
+    aux = _aux_outputs_of(stats, ops, options._replace(num_rows=num_rows))
+    return loss, jax.tree.map(lambda a: a if a.ndim == 0 else a.reshape(batch_shape), aux)
+
+
+def _aux_outputs_of(stats: RowStats, ops: Operands, cfg: Config) -> _aux_outputs.CrossEntropyAux:
+    """The public aux outputs from the kernel's row statistics. Plain JAX: the z-loss term's
+    gradient reaches the logits through ``lse``'s, the token weights' by autodiff."""
+    rows = resolve_rows(ops.labels, ops, cfg)
+    z_terms = jnp.where(rows.active, cfg.z_loss * stats.lse**2, jnp.zeros_like(stats.lse))
+    z_terms, weight = _loss_reduction.with_token_weights(z_terms, rows.weight, ops.token_weights)
+    return _aux_outputs.CrossEntropyAux(
+        lse=stats.lse,
+        z_loss=_loss_reduction.reduce_loss(z_terms, weight, cfg.reduction, cfg.batch_axes),
+        entropy=stats.entropy,
+        argmax=stats.argmax,
+        correct=_aux_outputs.correct_predictions(stats.argmax, ops.labels, rows),
+        counted=rows.active,
+    )
 
 
 def _gspmd_sharded(*arrays: jax.Array) -> bool:
@@ -799,21 +1108,23 @@ def _gspmd_sharded(*arrays: jax.Array) -> bool:
     )
 
 
-def _chunked_loss(
-    x: jax.Array,
-    w: jax.Array,
-    bias: jax.Array | None,
-    labels: jax.Array,
-    weights: jax.Array | None,
-    options: Config,
-    num_rows: Any,
-) -> jax.Array:
+def _chunked_loss(ops: Operands, options: Config, num_rows: Any) -> Any:
     """The chunked kernel over ``[N, D]`` rows, padded to a multiple of the chunk size."""
-    chunk = options.chunk_size or default_chunk_size(num_rows, w.shape[1])
+    chunk = options.chunk_size or default_chunk_size(num_rows, num_local_classes(ops.w, options))
     padded = -(-num_rows // chunk) * chunk
     if padded != num_rows:
-        x = jnp.pad(x, ((0, padded - num_rows), (0, 0)))
-        labels = jnp.pad(labels, (0, padded - num_rows))
+        pad = padded - num_rows
+        ops = ops._replace(
+            x=jnp.pad(ops.x, ((0, pad), (0, 0))),
+            labels=jnp.pad(ops.labels, (0, pad)),
+            token_weights=None
+            if ops.token_weights is None
+            else jnp.pad(ops.token_weights, (0, pad)),
+        )
     cfg = options._replace(chunk_size=chunk, num_rows=num_rows)
-    loss = _impl(x, w, bias, labels, weights, cfg)
-    return loss[:num_rows] if options.reduction == "none" else loss
+    out = _impl(ops, cfg)
+    if options.reduction == "none":
+        out = (out[0][:num_rows], out[1]) if cfg.return_aux else out[:num_rows]
+    if cfg.return_aux:
+        out = (out[0], jax.tree.map(lambda a: a[:num_rows], out[1]))
+    return out

@@ -82,14 +82,21 @@ def broadcast_where(
 def class_weights_vector(
     class_weights: ArrayLike | None, num_classes: int, dtype: Any
 ) -> jax.Array | None:
-    if class_weights is None:
+    return weights_array(
+        class_weights, (num_classes,), dtype, "class_weights", "one weight per class"
+    )
+
+
+def weights_array(
+    weights: ArrayLike | None, shape: tuple[int, ...], dtype: Any, name: str, meaning: str
+) -> jax.Array | None:
+    """``weights`` as a floating array of ``shape`` (integers become ``dtype``), or None;
+    a wrong shape is an error naming ``name`` and what the weights are (``meaning``)."""
+    if weights is None:
         return None
-    weights = jnp.asarray(class_weights)
-    if weights.shape != (num_classes,):
-        raise ValueError(
-            f"class_weights must have shape ({num_classes},) (one weight per class), "
-            f"got shape {weights.shape}."
-        )
-    if not jnp.issubdtype(weights.dtype, jnp.floating):
-        weights = weights.astype(dtype)
-    return weights
+    array = jnp.asarray(weights)
+    if array.shape != shape:
+        raise ValueError(f"{name} must have shape {shape} ({meaning}), got shape {array.shape}.")
+    if not jnp.issubdtype(array.dtype, jnp.floating):
+        array = array.astype(dtype)
+    return array

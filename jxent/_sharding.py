@@ -93,24 +93,30 @@ def plan(x: jax.Array) -> Plan | None:
     return Plan(mesh, entries[:-1], entries[-1])
 
 
-def matmul_plan(x: jax.Array, w: jax.Array) -> Plan | None:
-    """The explicit sharding of the logits ``x @ w`` (``x: [..., D]``, ``w: [D, V]``): the
-    batch axes are ``x``'s, the class axis ``w``'s. The contraction axis ``D`` must not be
-    sharded (that would need a sum of partial logits over devices before the softmax)."""
+def matmul_plan(x: jax.Array, w: jax.Array, vocab_axis: int = 1) -> Plan | None:
+    """The explicit sharding of the logits ``x @ w`` (``x: [..., D]``, ``w: [D, V]``, or
+    ``[V, D]`` with ``vocab_axis=0``): the batch axes are ``x``'s, the class axis ``w``'s.
+    The contraction axis ``D`` must not be sharded (that would need a sum of partial logits
+    over devices before the softmax)."""
     found_x, found_w = _explicit_entries(x), _explicit_entries(w)
     if found_x is None and found_w is None:
         return None
     mesh = (found_x or found_w)[0]  # type: ignore[index]
     x_entries = (None,) * x.ndim if found_x is None else found_x[1]
     w_entries = (None, None) if found_w is None else found_w[1]
-    for name, entry in (("x's last (D) axis", x_entries[-1]), ("w's first (D) axis", w_entries[0])):
+    d_axis = 1 - vocab_axis
+    layout = "P(None, vocab_axes)" if vocab_axis == 1 else "P(vocab_axes, None)"
+    for name, entry in (
+        ("x's last (D) axis", x_entries[-1]),
+        (f"w's {('first', 'second')[d_axis]} (D) axis", w_entries[d_axis]),
+    ):
         if entry is not None:
             raise ValueError(
                 f"{name} is sharded over mesh axes {entry!r}; the fused loss needs the "
-                f"contraction dimension D unsharded (x: P(..., None), w: P(None, vocab_axes)). "
+                f"contraction dimension D unsharded (x: P(..., None), w: {layout}). "
                 f"Reshard x and w, e.g. with jax.sharding.reshard."
             )
-    return Plan(mesh, x_entries[:-1], w_entries[1])
+    return Plan(mesh, x_entries[:-1], w_entries[vocab_axis])
 
 
 def check_class_axes_mergeable(x: jax.Array, num_class_axes: int, axes: Any) -> None:

@@ -88,7 +88,7 @@ def interleaved_step_times(
             params, opt_state, total = chunk(
                 params, opt_state, tokens, order[:steps], key, jnp.int32(0)
             )
-            float(total)
+            float(total["loss"])
             if index:
                 times[loss].append((time.perf_counter() - t0) / steps)
             runners[loss][1:] = [params, opt_state]

@@ -1,7 +1,9 @@
 """Language models for the Brown corpus, in Flax NNX.
 
 Every model maps a batch of word ids ``(B, T)`` to features ``(B, T, D)`` (position ``t`` sees
-words ``<= t`` only) and exposes its output layer as ``(w: (D, V), bias: (V,))``; the training
+words ``<= t`` only) and exposes its output layer as ``(w: (D, V), bias: (V,))``
+(``output_layer``) and as it holds it (``output_weights``: the transformer's tied embedding
+table is ``(V, D)``, which the fused loss takes as it is, ``w_layout="vd"``); the training
 step applies the output layer itself, either fused with the loss (``jxent``) or as materialised
 logits (``optax``). That split is what lets the softmax over the vocabulary, which dominates the
 compute of these models, go through ``jxent.fused_linear_cross_entropy``.
@@ -65,6 +67,10 @@ class NPLM(nnx.Module):
 
     def output_layer(self) -> tuple[jax.Array, jax.Array]:
         return self.out_w[...], self.out_b[...]
+
+    def output_weights(self) -> tuple[jax.Array, jax.Array, str]:
+        """``(w, bias, w_layout)`` as held: ``w`` is ``(D, V)``."""
+        return self.out_w[...], self.out_b[...], "dv"
 
 
 class Block(nnx.Module):
@@ -135,6 +141,10 @@ class Transformer(nnx.Module):
 
     def output_layer(self) -> tuple[jax.Array, jax.Array]:
         return self.embed.embedding[...].T, self.out_b[...]
+
+    def output_weights(self) -> tuple[jax.Array, jax.Array, str]:
+        """``(w, bias, w_layout)`` as held: the embedding table, ``(V, D)``, untransposed."""
+        return self.embed.embedding[...], self.out_b[...], "vd"
 
 
 def build_model(config: Config, vocab_size: int) -> nnx.Module:

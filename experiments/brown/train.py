@@ -5,8 +5,11 @@ and ``train_and_evaluate``, which runs one configured run and writes its files.
   from the device-resident token stream (``input_pipeline``). Keys derive from ``(seed,
   epoch, step)`` only, so a resumed run replays exactly what an uninterrupted one does.
 * Output layer and loss: ``jxent.fused_linear_cross_entropy`` on the features and the model's
-  output matrix (the ``[tokens, V]`` logits are never formed), or, with ``loss="optax"``,
-  optax's cross-entropy on materialised logits.
+  output matrix as the model holds it (the transformer's tied ``(V, D)`` embedding table with
+  ``w_layout="vd"``, no transpose; the ``[tokens, V]`` logits are never formed), or, with
+  ``loss="optax"``, optax's cross-entropy on materialised logits. Each step also reports its
+  token accuracy and z-loss term (jxent: the fused loss's aux outputs), logged per epoch as
+  ``train_accuracy`` and ``train_z_loss``.
 * Evaluation: perplexity ``exp(mean CE)`` over every word of a split, unknown symbol included,
   computed with jxent in float32, on the overlapping windows of ``input_pipeline``.
 * Epochs, checkpoints, interrupts and resumes: the loop of ``experiments.common.loop`` (shared
@@ -73,15 +76,18 @@ class LMOptions:
 def make_loss(
     name: str, label_smoothing: float = 0.0, z_loss: float = 0.0, chunk: int | None = None
 ) -> Callable:
-    """``(features (N, D), w (D, V), bias (V,), labels (N,)) -> mean CE``: jxent's or optax's.
+    """``(features (N, D), w, bias (V,), labels (N,), w_layout) -> (mean CE, metrics)``:
+    jxent's or optax's, ``w`` being ``(D, V)`` (``w_layout="dv"``) or ``(V, D)`` (``"vd"``).
+    ``metrics``: the batch's token ``accuracy`` and its z-loss term ``z_loss`` (part of the
+    mean CE).
 
     ``chunk``: tokens per block of jxent's fused loss (None: its own choice, which keeps a
     whole batch of 2048 x 14,114 logits in one 116 MB block).
     """
     if name == "jxent":
 
-        def fused(features, w, bias, labels):
-            return jxent.fused_linear_cross_entropy(
+        def fused(features, w, bias, labels, w_layout="dv"):
+            loss, aux = jxent.fused_linear_cross_entropy(
                 features,
                 w,
                 labels,
@@ -89,13 +95,16 @@ def make_loss(
                 chunk_size=chunk,
                 label_smoothing=label_smoothing,
                 z_loss=z_loss,
+                w_layout=w_layout,
+                return_aux=True,
             )
+            return loss, {"accuracy": aux.accuracy, "z_loss": aux.z_loss}
 
         return fused
     if name == "optax":
 
-        def materialised(features, w, bias, labels):
-            logits = features @ w + bias
+        def materialised(features, w, bias, labels, w_layout="dv"):
+            logits = (features @ (w if w_layout == "dv" else w.T)) + bias
             if label_smoothing:
                 targets = optax.smooth_labels(
                     jax.nn.one_hot(labels, logits.shape[-1]), label_smoothing
@@ -103,9 +112,12 @@ def make_loss(
                 loss = optax.softmax_cross_entropy(logits, targets)
             else:
                 loss = optax.softmax_cross_entropy_with_integer_labels(logits, labels)
-            if z_loss:
-                loss = loss + z_loss * jax.nn.logsumexp(logits, axis=-1) ** 2
-            return loss.mean()
+            z_term = z_loss * jax.nn.logsumexp(logits, axis=-1) ** 2 if z_loss else 0.0 * loss
+            # The label's logit is the row's maximum: argmax == label up to ties, without
+            # argmax's reduction, which XLA:CPU runs 6x slower than a max.
+            target = jnp.take_along_axis(logits, labels[:, None], axis=-1)[:, 0]
+            accuracy = jnp.mean(target >= jnp.max(logits, axis=-1))
+            return (loss + z_term).mean(), {"accuracy": accuracy, "z_loss": z_term.mean()}
 
         return materialised
     raise ValueError(f"loss {name!r} is not one of {LOSSES}")
@@ -116,23 +128,26 @@ def make_loss(
 
 
 def features_and_output(graphdef: Any, params: Any, inputs: jax.Array, dropout_key: Any) -> Any:
+    """``(features (N, D), w, bias, w_layout)``, ``w`` as the model holds it."""
     model = nnx.merge(graphdef, params)
     features = model(inputs, dropout_key=dropout_key)
-    w, bias = model.output_layer()
-    return features.reshape(-1, features.shape[-1]), w, bias
+    return (features.reshape(-1, features.shape[-1]), *model.output_weights())
 
 
 def make_train_step(graphdef: Any, optimizer: Any, loss_fn: Callable) -> Callable:
-    """One step on a batch of windows ``(B, context + 1)``: ``(params, opt_state, loss)``."""
+    """One step on a batch of windows ``(B, context + 1)``: ``(params, opt_state, loss,
+    metrics)``."""
 
     def train_step(params, opt_state, windows, dropout_key):
         def loss_of(params):
-            features, w, bias = features_and_output(graphdef, params, windows[:, :-1], dropout_key)
-            return loss_fn(features, w, bias, windows[:, 1:].reshape(-1))
+            features, w, bias, layout = features_and_output(
+                graphdef, params, windows[:, :-1], dropout_key
+            )
+            return loss_fn(features, w, bias, windows[:, 1:].reshape(-1), layout)
 
-        loss, grads = jax.value_and_grad(loss_of)(params)
+        (loss, metrics), grads = jax.value_and_grad(loss_of, has_aux=True)(params)
         updates, opt_state = optimizer.update(grads, opt_state, params)
-        return optax.apply_updates(params, updates), opt_state, loss
+        return optax.apply_updates(params, updates), opt_state, loss, metrics
 
     return train_step
 
@@ -141,7 +156,8 @@ def make_train_chunk(
     graphdef: Any, optimizer: Any, loss_fn: Callable, mesh: Any, context: int
 ) -> Callable:
     """Jitted ``(params, opt_state, tokens, starts (steps, B), key, first_step)`` ->
-    ``(params, opt_state, loss_sum)``; step ``s`` draws dropout from ``fold_in(key, s)``."""
+    ``(params, opt_state, sums)``, ``sums`` the chunk's sums of the steps' ``loss`` and
+    metrics; step ``s`` draws dropout from ``fold_in(key, s)``."""
     batch_sharding = NamedSharding(mesh, P("data"))
     replicated = NamedSharding(mesh, P())
     train_step = make_train_step(graphdef, optimizer, loss_fn)
@@ -152,14 +168,15 @@ def make_train_chunk(
             batch_starts, index = inputs
             windows = gather_windows(tokens, batch_starts, context + 1)
             windows = jax.lax.with_sharding_constraint(windows, batch_sharding)
-            params, opt_state, loss = train_step(
+            params, opt_state, loss, metrics = train_step(
                 params, opt_state, windows, jax.random.fold_in(key, index)
             )
-            return (jax.lax.with_sharding_constraint(params, replicated), opt_state), loss
+            carry = (jax.lax.with_sharding_constraint(params, replicated), opt_state)
+            return carry, {"loss": loss, **metrics}
 
         indices = first_step + jnp.arange(starts.shape[0])
-        (params, opt_state), losses = jax.lax.scan(step, (params, opt_state), (starts, indices))
-        return params, opt_state, losses.sum()
+        (params, opt_state), per_step = jax.lax.scan(step, (params, opt_state), (starts, indices))
+        return params, opt_state, jax.tree.map(jnp.sum, per_step)
 
     return jax.jit(train_chunk, donate_argnums=(0, 1))
 
@@ -180,7 +197,7 @@ def make_evaluate(graphdef: Any, eval_batch: int, scored: int, per_word: bool = 
             model = nnx.merge(graphdef, params)
             features = model(x)[:, -scored:]
             y = y[:, -scored:]
-            w, bias = model.output_layer()
+            w, bias, layout = model.output_weights()
             losses = jxent.fused_linear_cross_entropy(
                 features.reshape(-1, features.shape[-1]).astype(jnp.float32),
                 w.astype(jnp.float32),
@@ -188,6 +205,7 @@ def make_evaluate(graphdef: Any, eval_batch: int, scored: int, per_word: bool = 
                 bias=bias.astype(jnp.float32),
                 ignore_index=-1,
                 reduction=reduction,
+                w_layout=layout,
             )
             return losses, (y >= 0).sum()
 
@@ -312,10 +330,10 @@ def fit(
     )
 
     def run_chunk(state, order, dropout_root, start):
-        params, opt_state, loss_sum = train_chunk(
+        params, opt_state, sums = train_chunk(
             state["params"], state["opt_state"], tokens, order, dropout_root, jnp.int32(start)
         )
-        return {**state, "params": params, "opt_state": opt_state}, loss_sum
+        return {**state, "params": params, "opt_state": opt_state}, sums
 
     def end_epoch(state, stats: loop.EpochStats):
         valid_ppl = perplexity(*evaluate(state["params"], *valid))
@@ -325,17 +343,23 @@ def fit(
             # A copy: the next chunk donates the params' buffers.
             state = {**state, "best_params": jax.tree.map(jnp.copy, state["params"])}
         words = stats.trained_steps * options.batch_size * options.context
+        # The mean over the epoch's steps of each step's token accuracy and z-loss term (the
+        # fused loss's aux outputs); absent from records written before they were logged.
+        trained = {f"train_{name}": value for name, value in stats.train_metrics.items()}
         return state, {
             "train_perplexity": math.exp(stats.train_loss),
+            **trained,
             "valid_perplexity": valid_ppl,
             "best_valid_perplexity": best_valid,
             "words_per_second": words / stats.train_seconds,
         }
 
     def describe(record: dict[str, Any]) -> str:
+        accuracy = record.get("train_accuracy")
         return (
             f"train ppl {record['train_perplexity']:8.2f}  "
-            f"valid ppl {record['valid_perplexity']:8.2f}  "
+            + ("" if accuracy is None else f"train acc {accuracy:6.2%}  ")
+            + f"valid ppl {record['valid_perplexity']:8.2f}  "
             f"{record['words_per_second']:,.0f} words/s"
         )
 

@@ -58,6 +58,10 @@ class EpochStats:
     trained_steps: int  # steps run in this process (fewer than the epoch's after a resume)
     train_seconds: float
     earlier: tuple[dict[str, Any], ...]  # the records of the epochs before this one
+    # Means over the epoch's steps of the other per-step sums a chunk returns (see Hooks);
+    # after a resume from a checkpoint written before an engine returned them, over the
+    # steps run since.
+    train_metrics: dict[str, float] = dataclasses.field(default_factory=dict)
 
 
 class Schedule(Protocol):
@@ -79,7 +83,9 @@ class Hooks:
 
     ``order(epoch_key) -> (steps, batch)`` example indices of an epoch;
     ``run_chunk(state, order[start:stop], dropout_root, start) -> (state, loss_sum)`` (it may
-    donate ``state``); ``end_epoch(state, stats) -> (state, metrics)`` evaluates and returns the
+    donate ``state``; ``loss_sum`` may be a dict of per-step sums with the loss's under
+    ``"loss"``, the others' epoch means then reach ``end_epoch`` as ``stats.train_metrics``);
+    ``end_epoch(state, stats) -> (state, metrics)`` evaluates and returns the
     engine's fields of the epoch's ``metrics.jsonl`` record (the loop adds ``epoch``,
     ``train_loss`` and ``train_seconds``); ``describe(record)`` is the log line after
     ``epoch N/E``; ``show_loss(mean)`` is the progress bar's postfix.
@@ -153,7 +159,13 @@ def run(
     chunks = chunk_bounds(n_steps, schedule.chunk_steps)
     run_dir.mkdir(parents=True, exist_ok=True)
     checkpointer = runfiles.Checkpointer(run_dir / runfiles.CHECKPOINTS)
-    position: dict[str, Any] = {"epoch": 0, "step": 0, "loss_sum": 0.0, "records": []}
+    position: dict[str, Any] = {
+        "epoch": 0,
+        "step": 0,
+        "loss_sum": 0.0,
+        "metric_sums": {},  # absent from older checkpoints: the default then applies
+        "records": [],
+    }
     if resume:
         state, position = _restore(checkpointer, state, sharding, run_dir, position)
     records: list[dict[str, Any]] = list(position["records"])
@@ -169,6 +181,8 @@ def run(
         first_step = start_step if epoch == start_epoch else 0
         # A mid-epoch resume carries the epoch's loss so far, so its record matches a clean run.
         loss_sum = float(position["loss_sum"]) if epoch == start_epoch else 0.0
+        metric_sums = dict(position["metric_sums"]) if epoch == start_epoch else {}
+        metric_steps = first_step if metric_sums else 0
         loss_steps, trained_steps = first_step, 0
         bar = tqdm(
             total=n_steps,
@@ -184,6 +198,13 @@ def run(
             if stop_step <= first_step:
                 continue
             state, chunk_loss = hooks.run_chunk(state, order[start:stop_step], dropout_root, start)
+            if isinstance(chunk_loss, dict):
+                chunk_loss = dict(chunk_loss)
+                for name, value in chunk_loss.items():
+                    if name != "loss":
+                        metric_sums[name] = metric_sums.get(name, 0.0) + float(value)
+                metric_steps += stop_step - start
+                chunk_loss = chunk_loss["loss"]
             loss_sum += float(chunk_loss)  # one host sync per chunk: cheap, keeps timing honest
             loss_steps += stop_step - start
             trained_steps += stop_step - start
@@ -193,7 +214,13 @@ def run(
                 on_chunk(epoch, stop_step)
             if stop and stop_step < n_steps:
                 interrupted = True
-                mid = {"epoch": epoch, "step": stop_step, "loss_sum": loss_sum, "records": records}
+                mid = {
+                    "epoch": epoch,
+                    "step": stop_step,
+                    "loss_sum": loss_sum,
+                    "metric_sums": metric_sums,
+                    "records": records,
+                }
                 checkpointer.save(epoch * n_steps + stop_step, state, mid)
                 break
         train_seconds = time.perf_counter() - t0
@@ -201,14 +228,16 @@ def run(
         if interrupted:
             break
         train_loss = loss_sum / max(loss_steps, 1)
-        stats = EpochStats(train_loss, trained_steps, train_seconds, tuple(records))
+        means = {name: total / max(metric_steps, 1) for name, total in metric_sums.items()}
+        stats = EpochStats(train_loss, trained_steps, train_seconds, tuple(records), means)
         state, metrics = hooks.end_epoch(state, stats)
         record = {"epoch": epoch + 1, "train_loss": train_loss, **metrics}
         record["train_seconds"] = train_seconds
         records.append(record)
         # The checkpoint carries the records; metrics.jsonl may run ahead of a checkpoint that is
         # still being written, never behind it (a resume rewrites it from the checkpoint).
-        end = {"epoch": epoch + 1, "step": 0, "loss_sum": 0.0, "records": records}
+        end = {"epoch": epoch + 1, "step": 0, "loss_sum": 0.0, "metric_sums": {}}
+        end["records"] = records
         checkpointer.save((epoch + 1) * n_steps, state, end)
         if main_process:
             runfiles.write_metrics(run_dir / runfiles.METRICS, records)

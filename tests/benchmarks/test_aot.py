@@ -150,6 +150,51 @@ def _input_grad_accumulator_growth(base: tuple[int, int, int], bigger: tuple[int
     return 4 * (n1 * d1 - n0 * d0)
 
 
+FUSED_VD = (2048, 512, 32768)
+
+
+def _instructions_of_shape(text: str, dims: tuple[int, ...]) -> list[tuple[str, str, str]]:
+    """(dtype, opcode, first operand) of each instruction of the optimised HLO with result
+    shape ``dims``."""
+    shape = ",".join(map(str, dims))
+    return re.findall(rf"= (\w+)\[{shape}\]\{{[^}}]*\}} ([a-z-]+)\(%?([\w.-]*)", text)
+
+
+@pytest.mark.parametrize("target", ACCELERATORS)
+def test_fused_vd_layout_makes_no_transposed_copy_of_w(aot, target):
+    """``w_layout="vd"`` (``w`` as ``[V, D]``, a tied embedding table): loss, gradients and
+    the aux outputs compile with no ``[D, V]`` array and no copy or transpose of ``w``.
+    (With ``"dv"``, XLA:TPU copies ``w`` once into another tiling; ``"vd"`` needs none.)"""
+    from jax.sharding import NamedSharding
+    from jax.sharding import PartitionSpec as P
+
+    import jxent
+
+    n, d, v = FUSED_VD
+    mesh = aot.mesh_for(aot.TARGETS[target])
+    args = (
+        jax.ShapeDtypeStruct((n, d), "bfloat16", sharding=NamedSharding(mesh, P("batch", None))),
+        jax.ShapeDtypeStruct((v, d), "bfloat16", sharding=NamedSharding(mesh, P("vocab", None))),
+        jax.ShapeDtypeStruct((n,), "int32", sharding=NamedSharding(mesh, P("batch"))),
+    )
+
+    def loss(x, w, y):
+        value, aux = jxent.fused_linear_cross_entropy(x, w, y, w_layout="vd", return_aux=True)
+        return value, aux.accuracy
+
+    step = jax.jit(jax.value_and_grad(loss, argnums=(0, 1), has_aux=True))
+    text = step.lower(*args).compile().as_text()
+    assert _instructions_of_shape(text, (d, v)) == []
+    # (A copy of a broadcast zero, a loop's initial gradient accumulator, is not one of w.)
+    copies = [
+        i
+        for i in _instructions_of_shape(text, (v, d))
+        if i[1] in ("copy", "transpose") and "broadcast" not in i[2]
+    ]
+    assert copies == []
+    assert _instructions_of_shape(text, (v, d))  # the pattern does match w's gradient
+
+
 # --------------------------------------------------------------------------------------------
 # (b) Every loss and normaliser: temp <= reference + 1 MiB, bytes accessed <= reference's
 # --------------------------------------------------------------------------------------------

@@ -102,9 +102,10 @@ def test_one_training_step_decreases_the_loss(config, loss):
     loss_fn = train.make_loss(loss)
     step = jax.jit(train.make_train_step(graphdef, optimizer, loss_fn))
     windows = jax.random.randint(jax.random.key(1), (8, config.context + 1), 0, 50)
-    params, opt_state, before = step(params, optimizer.init(params), windows, None)
-    _, _, after = step(params, opt_state, windows, None)
+    params, opt_state, before, metrics = step(params, optimizer.init(params), windows, None)
+    _, _, after, _ = step(params, opt_state, windows, None)
     assert float(after) < float(before)
+    assert 0.0 <= float(metrics["accuracy"]) <= 1.0 and float(metrics["z_loss"]) == 0.0
 
 
 def test_jxent_and_optax_losses_agree():
@@ -113,9 +114,17 @@ def test_jxent_and_optax_losses_agree():
     bias = jax.random.normal(jax.random.key(2), (30,))
     labels = jax.random.randint(jax.random.key(3), (24,), 0, 30)
     for smoothing, z in ((0.0, 0.0), (0.1, 1e-3)):
-        ours = jax.jit(train.make_loss("jxent", smoothing, z))(features, w, bias, labels)
-        theirs = jax.jit(train.make_loss("optax", smoothing, z))(features, w, bias, labels)
-        np.testing.assert_allclose(ours, theirs, rtol=1e-5)
+        theirs, their_metrics = jax.jit(train.make_loss("optax", smoothing, z))(
+            features, w, bias, labels
+        )
+        # The transformer's tied table is (V, D): the fused loss takes it untransposed.
+        for weights, layout in ((w, "dv"), (w.T, "vd")):
+            fused = jax.jit(train.make_loss("jxent", smoothing, z), static_argnums=4)
+            ours, our_metrics = fused(features, weights, bias, labels, layout)
+            np.testing.assert_allclose(ours, theirs, rtol=1e-5)
+            np.testing.assert_allclose(our_metrics["accuracy"], their_metrics["accuracy"])
+            np.testing.assert_allclose(our_metrics["z_loss"], their_metrics["z_loss"], rtol=1e-5)
+        assert float(their_metrics["z_loss"]) > 0.0 if z else float(their_metrics["z_loss"]) == 0.0
 
 
 @pytest.mark.parametrize("stride", [1, 5, 16])
@@ -173,6 +182,10 @@ def test_smoke_run_learns_and_leaves_every_artefact(reference, corpus):
     run_dir, result = reference
     assert not result.interrupted and result.exit_code == 0
     assert [r["epoch"] for r in result.records] == [1, 2]
+    # The fused loss's aux outputs, logged per epoch.
+    assert all(
+        0.0 <= r["train_accuracy"] <= 1.0 and r["train_z_loss"] == 0.0 for r in result.records
+    )
     assert result.records[-1]["valid_perplexity"] < corpus.vocab_size / 2
     assert result.test_perplexity < corpus.vocab_size / 2
     for name in ("config.json", "metrics.jsonl", "results.json", "curves.png"):
@@ -242,6 +255,32 @@ def test_resume_after_sigint_mid_epoch_matches_uninterrupted_run(tmp_path, corpu
         reference[1].records
     )
     assert math.isfinite(resumed.test_perplexity)
+
+
+def test_resume_from_a_checkpoint_written_before_the_metrics_were_logged(tmp_path, corpus,
+                                                                        reference):  # fmt: skip
+    """A mid-epoch checkpoint of an older run (its position has no ``metric_sums``, its records
+    no ``train_accuracy``) resumes; the resumed epoch averages the metrics over its steps."""
+
+    def interrupt(epoch, step):
+        if (epoch, step) == (1, 17):
+            signal.raise_signal(signal.SIGINT)
+
+    stop = signals.StopRequest()
+    with stop.installed():
+        train.train_and_evaluate(TINY, tmp_path, corpus=corpus, progress=False, stop=stop,
+                                 on_chunk=interrupt, plots_too=False)  # fmt: skip
+    for position in (tmp_path / "checkpoints").glob("*/position/metadata"):
+        saved = json.loads(position.read_text())
+        saved.pop("metric_sums")
+        for record in saved["records"]:
+            record.pop("train_accuracy"), record.pop("train_z_loss")
+        position.write_text(json.dumps(saved))
+    resumed = train.train_and_evaluate(TINY, tmp_path, corpus=corpus, progress=False, resume=True)
+    assert resumed.test_perplexity == reference[1].test_perplexity
+    old, new = resumed.records
+    assert "train_accuracy" not in old and 0.0 < new["train_accuracy"] < 1.0
+    assert new["train_accuracy"] != reference[1].records[1]["train_accuracy"]  # fewer steps
 
 
 def test_resume_with_more_epochs_extends_a_finished_run(tmp_path, corpus, reference):

@@ -20,7 +20,12 @@ import pytest
 import jxent
 
 ROOT = Path(__file__).resolve().parents[2]
-PUBLIC = [getattr(jxent, name) for name in jxent.__all__ if name != "__version__"]
+# The public functions (the exported types, such as CrossEntropyAux, are not functions).
+PUBLIC = [
+    getattr(jxent, name)
+    for name in jxent.__all__
+    if name != "__version__" and not isinstance(getattr(jxent, name), type)
+]
 USER_SCRIPT = """\
 import jax.numpy as jnp
 
