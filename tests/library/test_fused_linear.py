@@ -18,7 +18,7 @@ import reference as ref
 from jax.sharding import Mesh
 from jax.sharding import PartitionSpec as P
 
-from jxent import _fused_linear
+from jxent import _fused_linear, _reductions
 from jxent._fused_linear import fused_linear_cross_entropy
 from jxent._fused_linear_kernels import default_chunk_size, vocab_block_size
 
@@ -428,13 +428,34 @@ def test_vocab_parallel_equals_single_device(kernel, reduction):
 
 
 def test_vocab_block_size_rule():
-    # Multiples of 128 classes whose float32 [N, block] logits fit 32 MiB, 128 to V.
-    assert vocab_block_size(8192, 128256) == 1024
-    assert vocab_block_size(8192, 16032) == 1024  # a vocabulary shard of 8 devices
-    assert vocab_block_size(4096, 32000) == 2048
+    # Multiples of 128 classes whose float32 [N, block] logits fit the accelerator's budget
+    # (GPU 64 MiB, TPU 32 MiB), 128 to V.
+    assert vocab_block_size(8192, 128256) == 2048
+    assert vocab_block_size(8192, 128256, accelerator="tpu") == 1024
+    assert vocab_block_size(8192, 16032, accelerator="tpu") == 1024  # a shard of 8 devices
+    assert vocab_block_size(4096, 32000) == 4096
+    assert vocab_block_size(4096, 32000, accelerator="tpu") == 2048
     assert vocab_block_size(10**6, 32000) == 128
     assert vocab_block_size(29, 37) == 37
-    assert vocab_block_size(29, 37, requested=3) == 3
+    assert vocab_block_size(29, 37, requested=3, accelerator="tpu") == 3
+
+
+def test_tpu_path_keeps_w_blocks_exact():
+    """The TPU branch's loop-variant factor on float32 blocks of w (see
+    _fused_linear_kernels._varying_in_loop) changes no value: the blocked kernel traced for
+    TPU equals the one traced for GPU."""
+    x, w, _, y = _inputs(0, 64, 8, 700)
+    loss_grad = jax.value_and_grad(_fused("blocked"), argnums=(0, 1))
+    results = []
+    for platform in ("cuda", "tpu"):
+        jax.clear_caches()
+        _reductions.simulated_platform = platform
+        try:
+            results.append(jax.tree.map(np.asarray, loss_grad(x, w, y)))
+        finally:
+            _reductions.simulated_platform = None
+            jax.clear_caches()
+    jax.tree.map(np.testing.assert_array_equal, *results)
 
 
 def _dw_error(kernel, x, w, y):
