@@ -14,6 +14,7 @@ import numpy as np
 from jax.typing import ArrayLike
 
 from jxent import (
+    _aux_outputs,
     _dtypes,
     _labels,
     _layout,
@@ -62,8 +63,9 @@ def _prepare(
 
 def _run_sharded(
     impl: Any, cfg: Any, prepared: _Prepared, labels: jax.Array, labels_kind: str
-) -> tuple[jax.Array, jax.Array]:
-    """``impl(logits, labels, where, weights, cfg)``: per example losses and weights.
+) -> tuple[Any, ...]:
+    """``impl(logits, labels, where, weights, cfg)``: per example losses and weights (and
+    the aux statistics with ``cfg.return_aux``).
 
     Logits sharded over explicit mesh axes are handled shard by shard (see
     :mod:`jxent._sharding`), their class axis with the ``axis_name`` collectives.
@@ -78,9 +80,69 @@ def _run_sharded(
         (prepared.where, _sharding.LOGITS),
         (prepared.weights, _sharding.CLASSES),
     )
-    return _sharding.map_shards(
-        lambda *a: impl(*a, cfg), plan, args, (_sharding.BATCH, _sharding.BATCH)
+    out_kinds: tuple[Any, ...] = (_sharding.BATCH, _sharding.BATCH)
+    if getattr(cfg, "return_aux", False):  # (lse, entropy, argmax, correct, counted)
+        out_kinds = (*out_kinds, (_sharding.BATCH,) * 5)
+    return _sharding.map_shards(lambda *a: impl(*a, cfg), plan, args, out_kinds)
+
+
+def _token_weights(
+    weights: ArrayLike | None, layout: _layout.ClassLayout, dtype: Any
+) -> jax.Array | None:
+    """``weights`` as compute-dtype floats of the labels' shape (the batch shape)."""
+    if weights is None:
+        return None
+    w = _dtypes.as_inexact(_as_array(weights, "weights"))
+    try:
+        return jnp.broadcast_to(w, layout.batch_shape).astype(dtype)
+    except ValueError:
+        raise ValueError(
+            f"weights (one per example) of shape {w.shape} are not broadcastable to the "
+            f"labels' shape {layout.batch_shape} (logits {layout.shape}, class axes "
+            f"{layout.axes})."
+        ) from None
+
+
+def _normalizer(normalizer: ArrayLike | None, reduction: str) -> jax.Array | None:
+    if normalizer is None:
+        return None
+    if reduction != "mean":
+        raise ValueError(
+            f"normalizer replaces the denominator of reduction='mean'; got it with "
+            f"reduction={reduction!r}."
+        )
+    value = _as_array(normalizer, "normalizer")
+    if value.shape != ():
+        raise ValueError(f"normalizer must be a scalar, got an array of shape {value.shape}.")
+    return value
+
+
+def _finish(
+    outputs: tuple[Any, ...],
+    weights: jax.Array | None,
+    normalizer: jax.Array | None,
+    reduction: str,
+    z_loss: float,
+) -> Any:
+    """The reduced loss from a kernel's ``outputs``, times the token ``weights`` (plain
+    JAX, so they get their exact gradient), and its :class:`CrossEntropyAux` when the
+    kernel returned the aux statistics."""
+    loss = outputs[0]
+    if weights is not None:  # per-example outputs come back sharded like the batch
+        weights = _sharding.reshard_like(weights, loss)
+    loss, weight = _loss_reduction.with_token_weights(loss, outputs[1], weights)
+    reduced = _loss_reduction.reduce_loss(loss, weight, reduction, normalizer=normalizer)
+    if len(outputs) == 2:
+        return reduced
+    aux = _aux_outputs.assemble(
+        outputs[2],
+        z_loss=z_loss,
+        token_weights=weights,
+        weight=weight,
+        reduction=reduction,
+        normalizer=normalizer,
     )
+    return reduced, aux
 
 
 def _as_array(value: ArrayLike, name: str) -> jax.Array:
@@ -141,6 +203,8 @@ def _check_concrete_labels(inputs: str) -> Callable[[dict[str, Any]], None]:
     "reduction",
     "check_labels",
     "axis_name",
+    "temperature",
+    "return_aux",
     eager=_check_concrete_labels("logits"),
 )
 def softmax_cross_entropy_with_integer_labels(
@@ -156,7 +220,11 @@ def softmax_cross_entropy_with_integer_labels(
     reduction: Literal["none", "sum", "mean"] = "none",
     check_labels: bool = False,
     axis_name: Hashable | None = None,
-) -> jax.Array:
+    weights: ArrayLike | None = None,
+    normalizer: ArrayLike | None = None,
+    temperature: float = 1.0,
+    return_aux: bool = False,
+) -> Any:
     r"""Softmax cross-entropy with integer labels, with a hand-written gradient.
 
     With ``lp = log_softmax(logits)``, class weights ``w`` (all 1 by default), smoothing
@@ -229,16 +297,22 @@ def softmax_cross_entropy_with_integer_labels(
         _validation.check_unit_interval(label_smoothing, "label_smoothing"),
         _validation.check_nonnegative(z_loss, "z_loss"),
         axis_name,
+        _validation.check_positive(temperature, "temperature"),
+        bool(return_aux),
     )
     prepared = _prepare(logits, axis, where, class_weights, reduction, axis_name)
     if check_labels and axis_name is None:
         _labels.check_in_range(labels, prepared.layout.num_classes, ignore_index)
     int_labels = _integer_labels(labels, prepared.layout, ignore_index)
-    loss, weight = _run_sharded(integer_ce, cfg, prepared, int_labels, _sharding.BATCH)
-    return _loss_reduction.reduce_loss(loss, weight, reduction)
+    token_weights = _token_weights(
+        weights, prepared.layout, _dtypes.compute_dtype(prepared.logits.dtype)
+    )
+    denominator = _normalizer(normalizer, reduction)
+    outputs = _run_sharded(integer_ce, cfg, prepared, int_labels, _sharding.BATCH)
+    return _finish(outputs, token_weights, denominator, reduction, cfg.z_loss)
 
 
-@jitted("axis", "label_smoothing", "z_loss", "reduction", "axis_name")
+@jitted("axis", "label_smoothing", "z_loss", "reduction", "axis_name", "temperature", "return_aux")
 def softmax_cross_entropy(
     logits: ArrayLike,
     labels: ArrayLike,
@@ -250,7 +324,11 @@ def softmax_cross_entropy(
     z_loss: float = 0.0,
     reduction: Literal["none", "sum", "mean"] = "none",
     axis_name: Hashable | None = None,
-) -> jax.Array:
+    weights: ArrayLike | None = None,
+    normalizer: ArrayLike | None = None,
+    temperature: float = 1.0,
+    return_aux: bool = False,
+) -> Any:
     r"""Softmax cross-entropy with probability (dense) targets, with a hand-written gradient.
 
     With ``lp = log_softmax(logits)``, smoothed targets :math:`t' = (1-\varepsilon)t +
@@ -303,6 +381,8 @@ def softmax_cross_entropy(
         _validation.check_unit_interval(label_smoothing, "label_smoothing"),
         _validation.check_nonnegative(z_loss, "z_loss"),
         axis_name,
+        _validation.check_positive(temperature, "temperature"),
+        bool(return_aux),
     )
     prepared = _prepare(logits, axis, where, class_weights, reduction, axis_name)
     targets = _dtypes.as_floating(labels, "labels (dense targets)")
@@ -314,8 +394,12 @@ def softmax_cross_entropy(
             f"shape {prepared.layout.shape}."
         ) from None
     targets = prepared.layout.to_last(targets)
-    loss, weight = _run_sharded(dense_ce, cfg, prepared, targets, _sharding.LOGITS)
-    return _loss_reduction.reduce_loss(loss, weight, reduction)
+    token_weights = _token_weights(
+        weights, prepared.layout, _dtypes.compute_dtype(prepared.logits.dtype)
+    )
+    denominator = _normalizer(normalizer, reduction)
+    outputs = _run_sharded(dense_ce, cfg, prepared, targets, _sharding.LOGITS)
+    return _finish(outputs, token_weights, denominator, reduction, cfg.z_loss)
 
 
 @jitted(
@@ -392,7 +476,11 @@ def cross_entropy(
     reduction: Literal["none", "sum", "mean"] = "mean",
     check_labels: bool = False,
     axis_name: Hashable | None = None,
-) -> jax.Array:
+    weights: ArrayLike | None = None,
+    normalizer: ArrayLike | None = None,
+    temperature: float = 1.0,
+    return_aux: bool = False,
+) -> Any:
     r"""Softmax cross-entropy that picks its form from the labels' dtype; mean by default.
 
     .. math::
@@ -430,6 +518,12 @@ def cross_entropy(
     """
     labels = _as_array(labels, "labels")
     label_dtype = labels.dtype
+    extras: dict[str, Any] = {
+        "weights": weights,
+        "normalizer": normalizer,
+        "temperature": temperature,
+        "return_aux": return_aux,
+    }
     if jnp.issubdtype(label_dtype, jnp.integer):
         return softmax_cross_entropy_with_integer_labels(
             logits,
@@ -443,6 +537,7 @@ def cross_entropy(
             reduction=reduction,
             check_labels=check_labels,
             axis_name=axis_name,
+            **extras,
         )
     if not jnp.issubdtype(label_dtype, jnp.floating):
         raise TypeError(
@@ -473,4 +568,5 @@ def cross_entropy(
         z_loss=z_loss,
         reduction=reduction,
         axis_name=axis_name,
+        **extras,
     )

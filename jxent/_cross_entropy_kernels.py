@@ -36,6 +36,7 @@ import jax
 import jax.numpy as jnp
 
 from jxent import (
+    _aux_outputs,
     _dtypes,
     _elementwise,
     _labels,
@@ -130,6 +131,116 @@ def _expand(x: Any) -> Any:
     return x[..., None] if isinstance(x, jax.Array) else x
 
 
+def _scaled(logits: jax.Array, dtype: Any, temperature: float) -> jax.Array:
+    """``logits / T`` in the compute dtype: an elementwise conversion that XLA fuses into
+    the reductions reading it (half-precision logits are still read as such)."""
+    x = logits.astype(dtype)
+    return x if temperature == 1.0 else x * (1.0 / temperature)
+
+
+# ----------------------------------------------------------------------------- aux outputs
+# The per-row statistics of ``return_aux=True`` (see :mod:`jxent._aux_outputs`), computed
+# from the normaliser a kernel already has; nothing here runs without ``return_aux``.
+
+
+def _shifted(x: Any, where: Any, shift: Any) -> Any:
+    """``x - shift`` with masked and ``-inf`` entries at the lowest finite float, so that
+    ``exp(x - shift)`` times it is 0 there, never ``0·(-inf)``: a ``maximum``, not a
+    select, so that XLA:CPU fuses it into the class sums."""
+    x = _elementwise.mask(x, where, -jnp.inf)
+    return jnp.maximum(x - shift, jnp.finfo(x.dtype).min)
+
+
+def _entropy(
+    x: jax.Array,
+    where: jax.Array | None,
+    norm: _normaliser.Normaliser,
+    inverse: jax.Array,
+    axis_name: Hashable | None,
+) -> jax.Array:
+    """``H = lse - Σ p·x = log_sum - Σ e·(x - shift) / Σ e`` per row (one more class sum,
+    written relative to the shift so that nothing cancels); 0 for empty rows."""
+
+    def terms(x: Any, where: Any, shift: Any) -> Any:
+        return jnp.exp(_elementwise.mask(x, where, -jnp.inf) - shift) * _shifted(x, where, shift)
+
+    spread = _reductions.class_reduce(
+        jnp.sum, terms, x, where, norm.shift, num_classes=x.shape[-1], axis_name=axis_name
+    )
+    entropy = norm.log_sum - inverse * spread
+    return jnp.where(jnp.isneginf(norm.log_sum), jnp.zeros_like(entropy), entropy)[..., 0]
+
+
+def _first_argmax(
+    x: jax.Array, where: jax.Array | None, top: jax.Array, axis_name: Hashable | None
+) -> jax.Array:
+    """The global id of the first class where ``x`` (masked) reaches the row's global
+    maximum ``top`` (keepdims), as ``jnp.argmax``; 0 for rows that have none (all masked
+    or ``-inf``). One max over ``C - c`` at the hits, blocked like the other class sums."""
+    num_local = x.shape[-1]
+    ids = jnp.arange(num_local, dtype=jnp.int32)
+
+    def score(x: Any, where: Any, top: Any, ids: Any) -> Any:
+        hit = _elementwise.mask(x, where, -jnp.inf) >= top
+        return jnp.where(hit, num_local - ids, 0)
+
+    found_at = _reductions.class_reduce(jnp.max, score, x, where, top, ids, num_classes=num_local)[
+        ..., 0
+    ]
+    found = found_at > 0
+    local_max = jnp.where(found, top[..., 0], -jnp.inf)
+    first = jnp.where(found, num_local - found_at, 0)
+    return _aux_outputs.global_argmax(local_max, first, axis_name, num_local)
+
+
+def _logits_argmax(
+    x: jax.Array, where: jax.Array | None, norm: _normaliser.Normaliser, axis_name: Hashable | None
+) -> jax.Array:
+    """Argmax from the normaliser's row max (clipped to the finite floats: a row holding
+    ``+inf``, whose ``log_sum`` is ``+inf``, is compared with ``+inf`` instead)."""
+    top = jnp.where(norm.log_sum == jnp.inf, jnp.full_like(norm.shift, jnp.inf), norm.shift)
+    return _first_argmax(x, where, top, axis_name)
+
+
+def _row_stats(
+    x: jax.Array,
+    where: jax.Array | None,
+    norm: _normaliser.Normaliser,
+    inverse: jax.Array,
+    axis_name: Hashable | None,
+) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """``(lse, entropy, argmax)`` of each row of the (temperature-scaled) logits ``x``."""
+    entropy = _entropy(x, where, norm, inverse, axis_name)
+    return norm.lse()[..., 0], entropy, _logits_argmax(x, where, norm, axis_name)
+
+
+def _softmax_factor(
+    p_scale: jax.Array,
+    x: jax.Array | None,
+    where: jax.Array | None,
+    norm: _normaliser.Normaliser,
+    inverse: jax.Array,
+    entropy: jax.Array | None,
+    stat_cotangents: Any,
+    inv_t: float,
+) -> jax.Array:
+    """What multiplies ``e = exp(x - shift)`` in the logits' gradient: the loss's
+    ``p_scale`` plus, with ``return_aux``, the aux outputs' share
+
+        d(g_lse·lse + g_H·H)/dz_c = p_c·(g_lse - g_H·(log p_c + H)),   z = x / T,
+
+    with ``log p_c = (z_c - shift) - log_sum`` (the caller multiplies by ``e``, not ``p``,
+    so ``inverse`` enters here). ``x``: the scaled logits, None without ``return_aux``."""
+    if x is None or entropy is None:
+        return p_scale
+    g_lse, g_entropy = (jnp.asarray(g, norm.shift.dtype) for g in stat_cotangents[:2])
+    log_sum = norm.log_sum[..., 0]
+    log_sum = jnp.where(jnp.isneginf(log_sum), jnp.zeros_like(log_sum), log_sum)
+    row = inverse * (inv_t * (g_lse - g_entropy * (entropy - log_sum)))[..., None]
+    per_class = inverse * (inv_t * g_entropy)[..., None]
+    return p_scale + row - per_class * _shifted(x, where, norm.shift)
+
+
 # ----------------------------------------------------------------------------- integer labels
 
 
@@ -138,6 +249,8 @@ class IntegerConfig(NamedTuple):
     label_smoothing: float
     z_loss: float
     axis_name: Hashable | None
+    temperature: float = 1.0
+    return_aux: bool = False
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(4,))
@@ -147,7 +260,9 @@ def integer_ce(
     where: jax.Array | None,
     weights: jax.Array | None,
     cfg: IntegerConfig,
-) -> tuple[jax.Array, jax.Array]:
+) -> tuple[Any, ...]:
+    """``(loss, weight)`` per example, and with ``cfg.return_aux`` a third output
+    ``(lse, entropy, argmax, correct, counted)`` (see :mod:`jxent._aux_outputs`)."""
     return _integer_ce_fwd(logits, labels, where, weights, cfg)[0]
 
 
@@ -170,7 +285,11 @@ def _neg_log_probs(x: jax.Array, lse_hi: jax.Array, lse_lo: jax.Array) -> jax.Ar
 
 
 def _gather_then_normalise(
-    logits: jax.Array, where: jax.Array | None, targets: _labels.Targets, axis_name: Hashable | None
+    logits: jax.Array,
+    where: jax.Array | None,
+    targets: _labels.Targets,
+    axis_name: Hashable | None,
+    temperature: float,
 ) -> tuple[jax.Array, jax.Array, _normaliser.Normaliser, jax.Array]:
     """CPU: the target logit by a gather, then :func:`~jxent._normaliser.exponentials`.
 
@@ -179,15 +298,19 @@ def _gather_then_normalise(
     buffer (``read_first``, see :func:`~jxent._reductions.row_shift`).
     """
     x_y = _labels.take(logits, targets.local, targets.in_shard, axis_name)
-    x_y = x_y.astype(_dtypes.compute_dtype(logits.dtype))
+    x_y = _scaled(x_y, _dtypes.compute_dtype(logits.dtype), temperature)
     active_x_y = jnp.where(targets.active, x_y, jnp.full_like(x_y, -jnp.inf))
-    x = logits.astype(x_y.dtype)
+    x = _scaled(logits, x_y.dtype, temperature)
     e, norm, inverse = _normaliser.exponentials(x, where, axis_name, read_first=active_x_y)
     return x_y, e, norm, inverse
 
 
 def _normalise_and_pick(
-    logits: jax.Array, where: jax.Array | None, targets: _labels.Targets, axis_name: Hashable | None
+    logits: jax.Array,
+    where: jax.Array | None,
+    targets: _labels.Targets,
+    axis_name: Hashable | None,
+    temperature: float,
 ) -> tuple[jax.Array, jax.Array, _normaliser.Normaliser, jax.Array]:
     """GPU / TPU: the normaliser and the target logit in one pass over the logits.
 
@@ -196,7 +319,7 @@ def _normalise_and_pick(
     fused into another elementwise kernel would count as a second read of the whole
     array (and, on TPU, made XLA store a float32 copy of bf16 logits).
     """
-    x = logits.astype(_dtypes.compute_dtype(logits.dtype))
+    x = _scaled(logits, _dtypes.compute_dtype(logits.dtype), temperature)
     is_target = _target_mask(targets, x.shape[-1]) & targets.in_shard[..., None]
     picked = jnp.where(is_target, x, jnp.zeros_like(x))
     norm, inverse, (x_y,) = _normaliser.online_normaliser(x, where, axis_name, sums=(picked,))
@@ -213,7 +336,7 @@ def _integer_ce_fwd(
     where: jax.Array | None,
     weights: jax.Array | None,
     cfg: IntegerConfig,
-) -> tuple[tuple[jax.Array, jax.Array], tuple[Any, ...]]:
+) -> tuple[tuple[Any, ...], tuple[Any, ...]]:
     dtype = _dtypes.compute_dtype(logits.dtype)
     num_local = logits.shape[-1]
     targets = _resolve_targets(
@@ -221,10 +344,10 @@ def _integer_ce_fwd(
     )
     # Only O(batch) values: the target's -log p from the target logit, no log-softmax array.
     x_y, e, norm, inverse = _reductions.on_cpu(
-        lambda: _gather_then_normalise(logits, where, targets, cfg.axis_name),
-        lambda: _normalise_and_pick(logits, where, targets, cfg.axis_name),
+        lambda: _gather_then_normalise(logits, where, targets, cfg.axis_name, cfg.temperature),
+        lambda: _normalise_and_pick(logits, where, targets, cfg.axis_name, cfg.temperature),
     )
-    x = logits.astype(dtype)
+    x = _scaled(logits, dtype, cfg.temperature)
     eps = cfg.label_smoothing
     target_nll = norm.log_sum[..., 0] + (norm.shift[..., 0] - x_y)
     loss = (1.0 - eps) * _elementwise.weighted(targets.weight, target_nll)
@@ -251,9 +374,16 @@ def _integer_ce_fwd(
     if cfg.z_loss:
         loss = loss + cfg.z_loss * norm.lse()[..., 0] ** 2
     loss = _labels.nan_where_bad(targets, jnp.where(targets.active, loss, jnp.zeros_like(loss)))
+    outputs: tuple[Any, ...] = (loss, targets.weight)
+    entropy = None
+    if cfg.return_aux:
+        lse, entropy, argmax = _row_stats(x, where, norm, inverse, cfg.axis_name)
+        correct = _aux_outputs.correct_predictions(argmax, labels, targets)
+        outputs = (*outputs, (lse, entropy, argmax, correct, targets.active))
     # The logits themselves are needed again only for the class-weight gradient's smoothing
-    # term; otherwise the exponentials e (the one logits-sized residual) suffice.
-    keep_logits = logits if (weights is not None and eps) else None
+    # term and the entropy's gradient; otherwise the exponentials e (the one logits-sized
+    # residual) suffice.
+    keep_logits = logits if (weights is not None and eps) or cfg.return_aux else None
     residuals = (
         keep_logits,
         _normaliser.exponentials_residual(logits, e),
@@ -265,12 +395,13 @@ def _integer_ce_fwd(
         target_nll,
         num_classes,
         smoothing_mass,
+        entropy,
     )
-    return (loss, targets.weight), residuals
+    return outputs, residuals
 
 
 def _integer_ce_bwd(
-    cfg: IntegerConfig, residuals: tuple[Any, ...], cotangents: tuple[jax.Array, jax.Array]
+    cfg: IntegerConfig, residuals: tuple[Any, ...], cotangents: tuple[Any, ...]
 ) -> tuple[Any, ...]:
     (
         logits,
@@ -283,11 +414,14 @@ def _integer_ce_bwd(
         target_nll,
         num_classes,
         smoothing_mass,
+        entropy,
     ) = residuals
-    g_loss, g_weight = cotangents
+    g_loss, g_weight = cotangents[:2]
+    g_stats = cotangents[2] if cfg.return_aux else None
     dtype = norm.shift.dtype
     num_local = saved_e.shape[-1]
     eps = cfg.label_smoothing
+    inv_t = 1.0 / cfg.temperature  # d(x / T)/dx: every logits term carries it
     w_y = targets.weight  # already 0 for inactive examples
     coef = _labels.nan_where_bad(targets, jnp.where(targets.active, g_loss, jnp.zeros_like(g_loss)))
     # d loss / d x_c = p_c·A - (1-ε)·w_y·[c = y] - (ε/C)·w_c, with A the total target mass.
@@ -295,13 +429,15 @@ def _integer_ce_bwd(
     if cfg.z_loss:
         mass = mass + 2.0 * cfg.z_loss * _elementwise.finite_or_zero(norm.lse()[..., 0])
     mass = jnp.where(targets.active, mass, jnp.zeros_like(mass))
-    p_scale = (coef * mass * inverse[..., 0])[..., None]
-    e = _normaliser.exponentials_from_residual(saved_e, where, norm)
-    grad = e * p_scale
+    coef_x = coef * inv_t
+    p_scale = (coef_x * mass * inverse[..., 0])[..., None]
+    e = _normaliser.exponentials_from_residual(saved_e, where, norm, inv_t)
+    x = None if entropy is None else _scaled(logits, dtype, cfg.temperature)
+    grad = e * _softmax_factor(p_scale, x, where, norm, inverse, entropy, g_stats, inv_t)
     if eps:
         w = _smoothing_weights(weights, where, e.shape, dtype)
-        grad = grad - _expand(coef * eps / num_classes) * w
-    grad = _add_at_targets(grad, targets, -coef * (1.0 - eps) * w_y)
+        grad = grad - _expand(coef_x * eps / num_classes) * w
+    grad = _add_at_targets(grad, targets, -coef_x * (1.0 - eps) * w_y)
     dlogits = grad.astype(saved_e.dtype)
 
     dweights = None
@@ -316,7 +452,9 @@ def _integer_ce_bwd(
         dw = _scatter_to_classes(per_example, targets, num_local, dtype)
         if eps:
             spread = _elementwise.mask(
-                _neg_log_probs(logits.astype(dtype), *norm.lse_parts()), where, 0.0
+                _neg_log_probs(_scaled(logits, dtype, cfg.temperature), *norm.lse_parts()),
+                where,
+                0.0,
             )
             dw = dw + _batch_sum(_expand(coef * eps / num_classes) * spread)
         dweights = _sharding.sum_to_primal(dw, weights).astype(weights.dtype)
@@ -333,6 +471,8 @@ class DenseConfig(NamedTuple):
     label_smoothing: float
     z_loss: float
     axis_name: Hashable | None
+    temperature: float = 1.0
+    return_aux: bool = False
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(4,))
@@ -342,7 +482,10 @@ def dense_ce(
     where: jax.Array | None,
     weights: jax.Array | None,
     cfg: DenseConfig,
-) -> tuple[jax.Array, jax.Array]:
+) -> tuple[Any, ...]:
+    """``(loss, weight)`` per example, and with ``cfg.return_aux`` a third output
+    ``(lse, entropy, argmax, correct, counted)``, ``correct`` comparing with the targets'
+    argmax (see :mod:`jxent._aux_outputs`)."""
     return _dense_ce_fwd(logits, labels, where, weights, cfg)[0]
 
 
@@ -373,9 +516,9 @@ def _dense_ce_fwd(
     where: jax.Array | None,
     weights: jax.Array | None,
     cfg: DenseConfig,
-) -> tuple[tuple[jax.Array, jax.Array], tuple[Any, ...]]:
+) -> tuple[tuple[Any, ...], tuple[Any, ...]]:
     dtype = _dtypes.compute_dtype(logits.dtype)
-    x = logits.astype(dtype)
+    x = _scaled(logits, dtype, cfg.temperature)
     e, norm, inverse = _normaliser.exponentials(x, where, cfg.axis_name)
     num_classes = _row_class_count(x, where, cfg.axis_name)
 
@@ -412,6 +555,14 @@ def _dense_ce_fwd(
         # the logits first instead of copying them (see _reductions.row_shift). Short rows keep e,
         # and the gradient overwrites e instead.
         mass = mass + jnp.minimum(jnp.abs(loss), 0.0)
+    outputs: tuple[Any, ...] = (loss, row_valid.astype(dtype))
+    entropy = None
+    if cfg.return_aux:
+        lse, entropy, argmax = _row_stats(x, where, norm, inverse, cfg.axis_name)
+        t = labels.astype(dtype)
+        top = _reductions.class_max(_elementwise.mask(t, where, -jnp.inf), cfg.axis_name)
+        correct = (argmax == _first_argmax(t, where, top, cfg.axis_name)) & row_valid
+        outputs = (*outputs, (lse, entropy, argmax, correct, row_valid))
     residuals = (
         logits,
         _normaliser.exponentials_residual(logits, e),
@@ -423,28 +574,35 @@ def _dense_ce_fwd(
         mass,
         num_classes,
         row_valid,
+        entropy,
     )
-    return (loss, row_valid.astype(dtype)), residuals
+    return outputs, residuals
 
 
 def _dense_ce_bwd(
-    cfg: DenseConfig, residuals: tuple[Any, ...], cotangents: tuple[jax.Array, jax.Array]
+    cfg: DenseConfig, residuals: tuple[Any, ...], cotangents: tuple[Any, ...]
 ) -> tuple[Any, ...]:
-    logits, e, labels, where, weights, norm, inverse, mass, num_classes, row_valid = residuals
-    g_loss, _ = cotangents  # the example weight (row valid or not) is piecewise constant
+    (logits, e, labels, where, weights, norm, inverse, mass, num_classes, row_valid, entropy) = (
+        residuals
+    )
+    g_loss = cotangents[0]  # the example weight (row valid or not) is piecewise constant
+    g_stats = cotangents[2] if cfg.return_aux else None
     dtype = norm.shift.dtype
+    inv_t = 1.0 / cfg.temperature  # d(x / T)/dx: every logits term carries it
     coef = jnp.where(row_valid, g_loss, jnp.zeros_like(g_loss))[..., None]
     wt = _smoothed_weighted_targets(labels, where, weights, _expand(num_classes), cfg, dtype)
     if cfg.z_loss:
         mass = mass + 2.0 * cfg.z_loss * _elementwise.finite_or_zero(norm.lse()[..., 0])
-    p_scale = coef * (mass * inverse[..., 0])[..., None]
-    e = _normaliser.exponentials_from_residual(e, where, norm)
-    dlogits = (e * p_scale - coef * wt).astype(logits.dtype)
+    p_scale = coef * inv_t * (mass * inverse[..., 0])[..., None]
+    e = _normaliser.exponentials_from_residual(e, where, norm, inv_t)
+    x = _scaled(logits, dtype, cfg.temperature)
+    factor = _softmax_factor(
+        p_scale, None if entropy is None else x, where, norm, inverse, entropy, g_stats, inv_t
+    )
+    dlogits = (e * factor - (coef * inv_t) * wt).astype(logits.dtype)
     # d loss / d t_c = (1-ε)·w_c·(-log p_c): the negative log-probability, for distillation.
     # (XLA drops this computation when the labels' gradient is not used.)
-    neg_log_p = _elementwise.mask(
-        _neg_log_probs(logits.astype(dtype), *norm.lse_parts()), where, 0.0
-    )
+    neg_log_p = _elementwise.mask(_neg_log_probs(x, *norm.lse_parts()), where, 0.0)
     w = jnp.ones((), dtype) if weights is None else weights.astype(dtype)
     dlabels = (coef * (1.0 - cfg.label_smoothing) * w * neg_log_p).astype(labels.dtype)
     dweights = None

@@ -279,12 +279,15 @@ def exponentials_residual(logits: jax.Array, e: jax.Array) -> jax.Array:
 
 
 def exponentials_from_residual(
-    saved: jax.Array, where: jax.Array | None, norm: Normaliser
+    saved: jax.Array, where: jax.Array | None, norm: Normaliser, scale: float = 1.0
 ) -> jax.Array:
-    """Inverse of :func:`exponentials_residual`, in the compute dtype."""
+    """Inverse of :func:`exponentials_residual`, in the compute dtype. ``scale``: the factor
+    the logits were multiplied by before the normaliser (``1 / temperature``)."""
 
     def recompute() -> jax.Array:
-        return jnp.exp(mask(saved.astype(norm.shift.dtype), where, -jnp.inf) - norm.shift)
+        x = saved.astype(norm.shift.dtype)
+        x = x if scale == 1.0 else x * scale
+        return jnp.exp(mask(x, where, -jnp.inf) - norm.shift)
 
     if block_size(saved.shape[-1]):
         return recompute()
