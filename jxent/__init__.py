@@ -7,6 +7,7 @@ Every function has a hand-written ``jax.custom_vjp`` gradient and works under ``
 import jax
 
 from jxent import _jax_version
+from jxent._aux_outputs import CrossEntropyAux
 from jxent._binary import sigmoid_binary_cross_entropy
 from jxent._cross_entropy import (
     cross_entropy,
@@ -24,6 +25,7 @@ __version__ = "0.1.0"
 _jax_version.require_supported_jax(jax)  # a clear error on a JAX older than the floor
 
 __all__ = [
+    "CrossEntropyAux",
     "__version__",
     "cross_entropy",
     "fused_linear_cross_entropy",

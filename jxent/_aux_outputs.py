@@ -57,6 +57,13 @@ class CrossEntropyAux(NamedTuple):
         return jnp.sum(self.correct) / jnp.maximum(total, 1).astype(jnp.float32)
 
 
+# So that a function returning it can be serialised by jax.export (a NamedTuple is a pytree,
+# but export's serialisation needs a registered name for it).
+jax.export.register_namedtuple_serialization(
+    CrossEntropyAux, serialized_name="jxent.CrossEntropyAux"
+)
+
+
 def global_argmax(
     local_max: jax.Array, local_argmax: jax.Array, axis_name: Hashable | None, num_local: int
 ) -> jax.Array:

@@ -143,12 +143,17 @@ def _scaled(logits: jax.Array, dtype: Any, temperature: float) -> jax.Array:
 # from the normaliser a kernel already has; nothing here runs without ``return_aux``.
 
 
+# Below the log of the smallest nonzero exponential (exp underflows to 0 past -746 even in
+# float64), yet small enough that a coefficient times it cannot overflow.
+_LOG_OF_ZERO = -(2.0**20)
+
+
 def _shifted(x: Any, where: Any, shift: Any) -> Any:
-    """``x - shift`` with masked and ``-inf`` entries at the lowest finite float, so that
-    ``exp(x - shift)`` times it is 0 there, never ``0·(-inf)``: a ``maximum``, not a
-    select, so that XLA:CPU fuses it into the class sums."""
-    x = _elementwise.mask(x, where, -jnp.inf)
-    return jnp.maximum(x - shift, jnp.finfo(x.dtype).min)
+    """``x - shift``, floored at :data:`_LOG_OF_ZERO` (masked and ``-inf`` entries too), so
+    that ``exp(x - shift)`` times it, or times a multiple of it, is 0 there, never
+    ``0·(-inf)``: the floor changes no entry whose exponential is nonzero. A ``maximum``,
+    not a select, so that XLA:CPU fuses it into the class sums."""
+    return jnp.maximum(_elementwise.mask(x, where, -jnp.inf) - shift, _LOG_OF_ZERO)
 
 
 def _entropy(
