@@ -246,6 +246,23 @@ def softmax_cross_entropy_with_integer_labels(
     examples. One deliberate difference: a mean over zero total weight is 0 (PyTorch: NaN)
     when no counted label is invalid; an invalid label makes the mean and sum NaN.
 
+    The extra options, all off by default (see :doc:`semantics`): with ``temperature=T``
+    every formula above (and every aux output) is that of :math:`z = x / T`, and the
+    gradient carries the :math:`1/T`: :math:`\partial\ell_n/\partial x = (1/T)\,
+    \partial\ell_n/\partial z`. Per-example ``weights`` :math:`t_n` multiply the losses,
+
+    .. math::
+        \text{sum} = \sum_n t_n \ell_n, \qquad
+        \text{mean} = \frac{\sum_n t_n \ell_n}{\sum_n t_n w_{y_n}}
+        \quad\text{or}\quad \frac{\sum_n t_n \ell_n}{N},
+
+    the second with ``normalizer=N`` (the sums over counted examples: not ignored, not
+    masked out, valid label). ``return_aux=True`` also returns a
+    :class:`CrossEntropyAux`: per example :math:`\operatorname{lse}(z_n)`, the entropy
+    :math:`H_n = -\sum_c p_{n,c}\log p_{n,c}`, the predicted class and whether it is the
+    label, and the z-loss term :math:`\zeta\operatorname{lse}(z_n)^2` reduced like the
+    loss. Their gradients: :math:`p_n/T` (lse), :math:`-p_n(\log p_n + H_n)/T` (entropy).
+
     Positional parameters match :func:`optax.softmax_cross_entropy_with_integer_labels`.
 
     Args:
@@ -267,9 +284,22 @@ def softmax_cross_entropy_with_integer_labels(
         the jitted function in ``checkify.checkify`` and call ``err.throw()``.
       axis_name: vocabulary parallelism inside :func:`jax.shard_map`: the mesh axis over
         which the class axis (and ``class_weights``) is sharded; labels are global ids.
+      weights: per-example weights :math:`t_n` (e.g. a padding mask), broadcastable to the
+        labels' shape: each loss is multiplied by its weight and ``reduction="mean"``
+        divides by :math:`\sum_n t_n w_{y_n}` over counted examples. Differentiable.
+      normalizer: with ``reduction="mean"`` only, a scalar denominator used instead of
+        that sum (T5X's ``loss_normalizing_factor``, e.g. a global token count); 0 gives
+        0. Differentiable.
+      temperature: ``T > 0``, static: the loss (and gradient, and aux outputs) of
+        ``logits / T``, divided where the logits are converted to float32 (no extra
+        logits-sized array).
+      return_aux: static: return ``(loss, aux)``, ``aux`` a :class:`CrossEntropyAux`
+        computed in the passes the loss makes anyway (one more class sum for the entropy,
+        one class max for the argmax). Without it none of that is computed.
 
     Returns:
-      float32 losses (float64 for float64 logits) of the labels' shape, or a scalar.
+      float32 losses (float64 for float64 logits) of the labels' shape, or a scalar; with
+      ``return_aux=True`` the pair ``(loss, CrossEntropyAux)``.
 
     Example:
       >>> import jax, jax.numpy as jnp, numpy as np, jxent
@@ -281,6 +311,17 @@ def softmax_cross_entropy_with_integer_labels(
       >>> jax.grad(jxent.softmax_cross_entropy_with_integer_labels)(
       ...     jnp.array([0.0, 0.0]), jnp.array(1))  # softmax - one_hot
       Array([ 0.5, -0.5], dtype=float32)
+
+      Per-example weights (the mean is (0.2761·1 + 2.9518·0.5) / 1.5) and the aux
+      outputs:
+
+      >>> loss, aux = jxent.softmax_cross_entropy_with_integer_labels(
+      ...     logits, labels, weights=jnp.array([1.0, 0.5]), reduction="mean",
+      ...     return_aux=True)
+      >>> print(f"{loss:.4f}", aux.argmax, aux.correct, f"{aux.accuracy:.2f}")
+      1.1680 [0 2] [ True False] 0.50
+      >>> print(np.asarray(aux.lse).round(4), np.asarray(aux.entropy).round(4))
+      [1.4761 1.7518] [0.7171 0.8573]
 
     Note:
       Reverse mode only (a ``jax.custom_vjp``): use ``jax.jacrev`` and ``jax.hessian``, not
@@ -349,6 +390,13 @@ def softmax_cross_entropy(
     where its logit is ``-inf`` (``0·log 0 = 0``). The targets get a gradient too, for
     distillation.
 
+    ``weights``, ``normalizer``, ``temperature`` and ``return_aux`` are those of
+    :func:`softmax_cross_entropy_with_integer_labels`, with :math:`t_n` times 1 in the
+    mean's denominator (:math:`\sum_n t_n` over rows not masked out) and ``aux.correct``
+    comparing the predicted class with the targets' argmax (the first of equal maxima).
+    Distillation with a temperature: the loss of ``logits / T`` against targets the
+    caller softened (e.g. ``jxent.softmax(teacher / T)``), times :math:`T^2` if wanted.
+
     Positional parameters match :func:`optax.softmax_cross_entropy`.
 
     Args:
@@ -362,9 +410,14 @@ def softmax_cross_entropy(
       reduction: ``"none"``, ``"sum"`` or ``"mean"``.
       axis_name: vocabulary parallelism inside :func:`jax.shard_map` (see
         :func:`softmax_cross_entropy_with_integer_labels`).
+      weights: per-example weights of the batch shape (or broadcastable to it).
+      normalizer: the mean's denominator (``reduction="mean"`` only).
+      temperature: ``T > 0``, static: the loss of ``logits / T``.
+      return_aux: static: also return a :class:`CrossEntropyAux`.
 
     Returns:
-      float32 losses (float64 for float64 logits) of the batch shape, or a scalar.
+      float32 losses (float64 for float64 logits) of the batch shape, or a scalar; with
+      ``return_aux=True`` the pair ``(loss, CrossEntropyAux)``.
 
     Example:
       >>> import jax.numpy as jnp, numpy as np, jxent
@@ -372,6 +425,9 @@ def softmax_cross_entropy(
       >>> labels = jnp.array([[1.0, 0.0, 0.0], [0.0, 1.0, 0.0]])
       >>> print(np.asarray(jxent.softmax_cross_entropy(logits, labels)).round(4))
       [0.2761 2.9518]
+      >>> loss, aux = jxent.softmax_cross_entropy(logits, labels, return_aux=True)
+      >>> print(aux.argmax, aux.correct)
+      [0 2] [ True False]
 
     Note:
       Reverse mode only (a ``jax.custom_vjp``): use ``jax.jacrev`` and ``jax.hessian``, not
@@ -504,9 +560,15 @@ def cross_entropy(
       check_labels: integer labels only; see
         :func:`softmax_cross_entropy_with_integer_labels`.
       axis_name: vocabulary parallelism inside :func:`jax.shard_map`.
+      weights: per-example weights (the mean divides by their sum over counted examples,
+        times the label's class weight for integer labels).
+      normalizer: the mean's explicit denominator.
+      temperature: ``T > 0``: the loss of ``logits / T``.
+      return_aux: also return a :class:`CrossEntropyAux`.
 
     Returns:
-      The reduced loss (float32, or float64 for float64 logits), or per-example losses.
+      The reduced loss (float32, or float64 for float64 logits), or per-example losses;
+      with ``return_aux=True`` the pair ``(loss, CrossEntropyAux)``.
 
     Example:
       >>> import jax, jax.numpy as jnp, jxent

@@ -148,6 +148,15 @@ def close(actual, expected, **tol):
     np.testing.assert_allclose(np.asarray(actual, np.float64), expected, **{**TOL, **tol})
 
 
+def assert_trees_close(got, want):
+    """Floating leaves within float32 rounding, integer and boolean ones equal."""
+    for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(want), strict=True):
+        if jnp.issubdtype(b.dtype, jnp.floating):
+            np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
+        else:
+            np.testing.assert_array_equal(a, b)
+
+
 # ----------------------------------------------------------------------------- weights etc.
 
 
@@ -578,11 +587,7 @@ def test_accelerator_paths(platform):
     finally:
         _reductions.simulated_platform = None
         jax.clear_caches()
-    for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(want), strict=True):
-        if jnp.issubdtype(b.dtype, jnp.floating):
-            np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
-        else:
-            np.testing.assert_array_equal(a, b)
+    assert_trees_close(got, want)
 
 
 def test_long_rows_are_blocked_on_cpu():
@@ -630,11 +635,7 @@ def test_batch_and_class_sharded(axis_type):
         ws = jax.device_put(w, NamedSharding(mesh, P("b")))
         got = jax.jit(step)(xs, ws)
     assert got[0][1].argmax.sharding.spec[0] == "b" or axis_type == AxisType.Auto
-    for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(want), strict=True):
-        if jnp.issubdtype(b.dtype, jnp.floating):
-            np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
-        else:
-            np.testing.assert_array_equal(a, b)
+    assert_trees_close(got, want)
 
 
 def test_export_round_trip_with_aux_and_weights():
@@ -656,7 +657,4 @@ def test_export_round_trip_with_aux_and_weights():
     restored = export.deserialize(exported.serialize())
     x = jax.random.normal(jax.random.key(6), (4, 9))
     y, w = jnp.array([0, 3, 8, 2]), jnp.array([1.0, 0.5, 0.0, 2.0])
-    for a, b_ in zip(
-        jax.tree.leaves(restored.call(x, y, w)), jax.tree.leaves(step(x, y, w)), strict=True
-    ):
-        np.testing.assert_allclose(a, b_, rtol=1e-6, atol=1e-7)
+    assert_trees_close(restored.call(x, y, w), step(x, y, w))
