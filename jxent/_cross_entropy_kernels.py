@@ -163,17 +163,25 @@ def _entropy(
     inverse: jax.Array,
     axis_name: Hashable | None,
 ) -> jax.Array:
-    """``H = lse - Σ p·x = log_sum - Σ e·(x - shift) / Σ e`` per row (one more class sum,
-    written relative to the shift so that nothing cancels); 0 for empty rows."""
+    """``H = Σ p·(-log p) = (1 / Σ e)·Σ e·(-log p)`` per row (one more class sum); 0 for
+    empty rows.
 
-    def terms(x: Any, where: Any, shift: Any) -> Any:
-        return jnp.exp(_elementwise.mask(x, where, -jnp.inf) - shift) * _shifted(x, where, shift)
+    ``-log p`` in the form of :func:`_neg_log_probs` (capped, so that a masked entry's
+    ``0·inf`` is 0): sharing no subexpression but ``e`` with the exponentials, XLA:CPU
+    fuses it into the sum instead of storing ``x - shift``."""
+
+    def terms(x: Any, where: Any, shift: Any, lse_hi: Any, lse_lo: Any) -> Any:
+        x = _elementwise.mask(x, where, -jnp.inf)
+        return jnp.exp(x - shift) * _elementwise.capped(_neg_log_probs(x, lse_hi, lse_lo))
 
     spread = _reductions.class_reduce(
-        jnp.sum, terms, x, where, norm.shift, num_classes=x.shape[-1], axis_name=axis_name
+        jnp.sum,
+        terms,
+        *(x, where, norm.shift, *norm.lse_parts()),
+        num_classes=x.shape[-1],
+        axis_name=axis_name,
     )
-    entropy = norm.log_sum - inverse * spread
-    return jnp.where(jnp.isneginf(norm.log_sum), jnp.zeros_like(entropy), entropy)[..., 0]
+    return (inverse * spread)[..., 0]
 
 
 def _first_argmax(
@@ -181,20 +189,25 @@ def _first_argmax(
 ) -> jax.Array:
     """The global id of the first class where ``x`` (masked) reaches the row's global
     maximum ``top`` (keepdims), as ``jnp.argmax``; 0 for rows that have none (all masked
-    or ``-inf``). One max over ``C - c`` at the hits, blocked like the other class sums."""
+    or ``-inf``). One max over ``C - c`` at the hits, blocked like the other class sums.
+
+    The scores are floats where they are exact (``C ≤ 2**24``): XLA:CPU vectorises a float
+    max, and stores an integer one's select as an array of the logits' size first."""
     num_local = x.shape[-1]
-    ids = jnp.arange(num_local, dtype=jnp.int32)
+    exact = isinstance(num_local, int) and num_local <= 2**24
+    dtype = x.dtype if exact else jnp.int32
+    ids = jnp.arange(num_local, dtype=dtype)
 
     def score(x: Any, where: Any, top: Any, ids: Any) -> Any:
         hit = _elementwise.mask(x, where, -jnp.inf) >= top
-        return jnp.where(hit, num_local - ids, 0)
+        return hit.astype(dtype) * (num_local - ids)
 
     found_at = _reductions.class_reduce(jnp.max, score, x, where, top, ids, num_classes=num_local)[
         ..., 0
     ]
     found = found_at > 0
     local_max = jnp.where(found, top[..., 0], -jnp.inf)
-    first = jnp.where(found, num_local - found_at, 0)
+    first = jnp.where(found, num_local - found_at, jnp.zeros((), dtype)).astype(jnp.int32)
     return _aux_outputs.global_argmax(local_max, first, axis_name, num_local)
 
 

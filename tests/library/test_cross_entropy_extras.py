@@ -611,6 +611,8 @@ def test_batch_and_class_sharded(axis_type):
     if len(jax.devices()) < 8:
         pytest.skip("needs 8 (host) devices: see tests/conftest.py")
     x = jax.random.normal(jax.random.key(5), (8, 16)) * 2
+    # Equal maxima on two class shards (4 classes each): the first one's id wins.
+    x = x.at[1, 2].set(9.0).at[1, 13].set(9.0).at[2, 9].set(9.0).at[2, 14].set(9.0)
     y = jnp.where(jnp.arange(8) % 3 == 0, IGNORE, jnp.arange(8) * 2 % 16)
     w = jnp.linspace(0.0, 2.0, 8)
 
@@ -636,6 +638,7 @@ def test_batch_and_class_sharded(axis_type):
         got = jax.jit(step)(xs, ws)
     assert got[0][1].argmax.sharding.spec[0] == "b" or axis_type == AxisType.Auto
     assert_trees_close(got, want)
+    np.testing.assert_array_equal(np.asarray(got[0][1].argmax)[1:3], [2, 9])
 
 
 def test_export_round_trip_with_aux_and_weights():
