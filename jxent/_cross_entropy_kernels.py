@@ -220,16 +220,34 @@ def _logits_argmax(
     return _first_argmax(x, where, top, axis_name)
 
 
-def _row_stats(
+def _cpu_row_stats(
     x: jax.Array,
     where: jax.Array | None,
     norm: _normaliser.Normaliser,
     inverse: jax.Array,
     axis_name: Hashable | None,
-) -> tuple[jax.Array, jax.Array, jax.Array]:
-    """``(lse, entropy, argmax)`` of each row of the (temperature-scaled) logits ``x``."""
-    entropy = _entropy(x, where, norm, inverse, axis_name)
-    return norm.lse()[..., 0], entropy, _logits_argmax(x, where, norm, axis_name)
+) -> tuple[jax.Array, jax.Array]:
+    """CPU: ``(entropy, argmax)`` of each row of the (scaled) logits ``x``, a class sum
+    and a class max after the normaliser's two passes. (On GPU and TPU they come from the
+    normaliser's own pass: :func:`~jxent._normaliser.online_normaliser_aux`.)"""
+    return _entropy(x, where, norm, inverse, axis_name), _logits_argmax(x, where, norm, axis_name)
+
+
+def _exponentials_and_stats(
+    x: jax.Array, where: jax.Array | None, axis_name: Hashable | None
+) -> tuple[jax.Array, _normaliser.Normaliser, jax.Array, tuple[jax.Array, jax.Array]]:
+    """:func:`~jxent._normaliser.exponentials` and each row's ``(entropy, argmax)``."""
+
+    def cpu() -> Any:
+        e, norm, inverse = _normaliser.exponentials(x, where, axis_name)
+        return e, norm, inverse, _cpu_row_stats(x, where, norm, inverse, axis_name)
+
+    def accelerator() -> Any:
+        norm, inverse, _, stats = _normaliser.online_normaliser_aux(x, where, axis_name)
+        e = jnp.exp(_elementwise.mask(x, where, -jnp.inf) - norm.shift)  # a formula only
+        return e, norm, inverse, tuple(stats)
+
+    return _reductions.on_cpu(cpu, accelerator)
 
 
 def _softmax_factor(
@@ -308,8 +326,10 @@ def _gather_then_normalise(
     targets: _labels.Targets,
     axis_name: Hashable | None,
     temperature: float,
-) -> tuple[jax.Array, jax.Array, _normaliser.Normaliser, jax.Array]:
-    """CPU: the target logit by a gather, then :func:`~jxent._normaliser.exponentials`.
+    aux: bool,
+) -> tuple[jax.Array, jax.Array, _normaliser.Normaliser, jax.Array, tuple[jax.Array, ...]]:
+    """CPU: the target logit by a gather, then :func:`~jxent._normaliser.exponentials`
+    (and with ``aux`` each row's entropy and argmax, see :func:`_cpu_row_stats`).
 
     The gather reads the half-precision logits and converts one value per row. Its
     result also orders the gather before any pass that may overwrite the logits'
@@ -320,7 +340,8 @@ def _gather_then_normalise(
     active_x_y = jnp.where(targets.active, x_y, jnp.full_like(x_y, -jnp.inf))
     x = _scaled(logits, x_y.dtype, temperature)
     e, norm, inverse = _normaliser.exponentials(x, where, axis_name, read_first=active_x_y)
-    return x_y, e, norm, inverse
+    stats = _cpu_row_stats(x, where, norm, inverse, axis_name) if aux else ()
+    return x_y, e, norm, inverse, stats
 
 
 def _normalise_and_pick(
@@ -329,8 +350,10 @@ def _normalise_and_pick(
     targets: _labels.Targets,
     axis_name: Hashable | None,
     temperature: float,
-) -> tuple[jax.Array, jax.Array, _normaliser.Normaliser, jax.Array]:
-    """GPU / TPU: the normaliser and the target logit in one pass over the logits.
+    aux: bool,
+) -> tuple[jax.Array, jax.Array, _normaliser.Normaliser, jax.Array, tuple[jax.Array, ...]]:
+    """GPU / TPU: the normaliser and the target logit in one pass over the logits (with
+    ``aux`` also each row's entropy and argmax, in the same pass).
 
     The target logit is a third sum of the online reduction (the logit where the class
     id equals the label, else 0): one kernel reads the logits once, where a gather
@@ -340,12 +363,19 @@ def _normalise_and_pick(
     x = _scaled(logits, _dtypes.compute_dtype(logits.dtype), temperature)
     is_target = _target_mask(targets, x.shape[-1]) & targets.in_shard[..., None]
     picked = jnp.where(is_target, x, jnp.zeros_like(x))
-    norm, inverse, (x_y,) = _normaliser.online_normaliser(x, where, axis_name, sums=(picked,))
+    stats: tuple[jax.Array, ...] = ()
+    if aux:
+        norm, inverse, (x_y,), online = _normaliser.online_normaliser_aux(
+            x, where, axis_name, sums=(picked,)
+        )
+        stats = tuple(online)
+    else:
+        norm, inverse, (x_y,) = _normaliser.online_normaliser(x, where, axis_name, sums=(picked,))
     x_y = _loss_reduction.psum_over(x_y, axis_name)
     e = jnp.exp(
         _elementwise.mask(x, where, -jnp.inf) - norm.shift
     )  # unused: the residual is the logits
-    return x_y, e, norm, inverse
+    return x_y, e, norm, inverse, stats
 
 
 def _integer_ce_fwd(
@@ -361,9 +391,9 @@ def _integer_ce_fwd(
         labels, where, weights, cfg.ignore_index, cfg.axis_name, dtype, num_local
     )
     # Only O(batch) values: the target's -log p from the target logit, no log-softmax array.
-    x_y, e, norm, inverse = _reductions.on_cpu(
-        lambda: _gather_then_normalise(logits, where, targets, cfg.axis_name, cfg.temperature),
-        lambda: _normalise_and_pick(logits, where, targets, cfg.axis_name, cfg.temperature),
+    args = (logits, where, targets, cfg.axis_name, cfg.temperature, cfg.return_aux)
+    x_y, e, norm, inverse, stats = _reductions.on_cpu(
+        lambda: _gather_then_normalise(*args), lambda: _normalise_and_pick(*args)
     )
     x = _scaled(logits, dtype, cfg.temperature)
     eps = cfg.label_smoothing
@@ -395,9 +425,9 @@ def _integer_ce_fwd(
     outputs: tuple[Any, ...] = (loss, targets.weight)
     entropy = None
     if cfg.return_aux:
-        lse, entropy, argmax = _row_stats(x, where, norm, inverse, cfg.axis_name)
+        entropy, argmax = stats
         correct = _aux_outputs.correct_predictions(argmax, labels, targets)
-        outputs = (*outputs, (lse, entropy, argmax, correct, targets.active))
+        outputs = (*outputs, (norm.lse()[..., 0], entropy, argmax, correct, targets.active))
     # The logits themselves are needed again only for the class-weight gradient's smoothing
     # term and the entropy's gradient; otherwise the exponentials e (the one logits-sized
     # residual) suffice.
@@ -537,7 +567,10 @@ def _dense_ce_fwd(
 ) -> tuple[tuple[Any, ...], tuple[Any, ...]]:
     dtype = _dtypes.compute_dtype(logits.dtype)
     x = _scaled(logits, dtype, cfg.temperature)
-    e, norm, inverse = _normaliser.exponentials(x, where, cfg.axis_name)
+    if cfg.return_aux:
+        e, norm, inverse, stats = _exponentials_and_stats(x, where, cfg.axis_name)
+    else:
+        e, norm, inverse = _normaliser.exponentials(x, where, cfg.axis_name)
     num_classes = _row_class_count(x, where, cfg.axis_name)
 
     def targets(labels: Any, where: Any, weights: Any, num_classes: Any) -> Any:
@@ -576,7 +609,8 @@ def _dense_ce_fwd(
     outputs: tuple[Any, ...] = (loss, row_valid.astype(dtype))
     entropy = None
     if cfg.return_aux:
-        lse, entropy, argmax = _row_stats(x, where, norm, inverse, cfg.axis_name)
+        entropy, argmax = stats
+        lse = norm.lse()[..., 0]
         t = labels.astype(dtype)
         top = _reductions.class_max(_elementwise.mask(t, where, -jnp.inf), cfg.axis_name)
         correct = (argmax == _first_argmax(t, where, top, cfg.axis_name)) & row_valid

@@ -10,6 +10,7 @@ returned separately) and T5X (``cross_entropy_with_logits`` returns ``(loss, z_l
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import re
 
@@ -146,6 +147,19 @@ class Case:
 
 def close(actual, expected, **tol):
     np.testing.assert_allclose(np.asarray(actual, np.float64), expected, **{**TOL, **tol})
+
+
+@contextlib.contextmanager
+def simulated(platform):
+    """Trace for ``platform``'s code path (None: the CPU's), caches cleared: the simulated
+    platform is no part of jit's cache key."""
+    jax.clear_caches()
+    _reductions.simulated_platform = platform
+    try:
+        yield
+    finally:
+        _reductions.simulated_platform = None
+        jax.clear_caches()
 
 
 def assert_trees_close(got, want):
@@ -475,16 +489,17 @@ def test_debug_nans_with_masked_rows_ignored_labels_and_aux():
 
 @settings(max_examples=20, deadline=None)
 @given(
-    hnp.arrays(np.float32, (3, 6), elements=st.floats(-20, 20, width=32)),
-    st.floats(0.1, 10.0),
+    hnp.arrays(np.float32, (3, 6), elements=st.floats(-20, 20, width=32, allow_subnormal=False)),
+    st.sampled_from([0.25, 1.0, 4.0]),
 )
 def test_entropy_and_argmax_properties(x, temperature):
-    """``0 ≤ H ≤ log C``; ``argmax`` is ``jnp.argmax`` (first of equal maxima, and
-    unchanged by the temperature); ``lse ≥ max x / T``."""
+    """``0 ≤ H ≤ log C``; ``argmax`` is ``jnp.argmax`` (the first of equal maxima) and,
+    for these temperatures whose scaling is exact, unchanged by the temperature; ``lse ≥
+    max x / T``. (Few temperatures: each is another compiled program.)"""
     y = jnp.zeros(3, jnp.int32)
     _, aux = INT_CE(x, y, temperature=temperature, return_aux=True)
     assert np.all(aux.entropy >= -1e-5) and np.all(aux.entropy <= np.log(6) + 1e-5)
-    np.testing.assert_array_equal(aux.argmax, np.argmax(x, -1))
+    np.testing.assert_array_equal(aux.argmax, jnp.argmax(x, -1))
     assert np.all(aux.lse >= x.max(-1) / np.float32(temperature) - 1e-5)
 
 
@@ -528,14 +543,27 @@ def test_bad_options_are_named(kwargs, error, match):
 
 
 def _reduce_count(fn, *args):
+    jax.clear_caches()  # see simulated()
     return jax.jit(fn).lower(*args).as_text().count("stablehlo.reduce")
 
 
-@pytest.mark.parametrize("platform", [None, "cuda"])
+# platform -> loss -> reductions in the lowered loss, in its gradient, and in the loss with
+# return_aux=True. Without aux: those of the code before the options existed (the class max
+# and sum of exponentials, or GPU/TPU's one online reduction; the mean's two sums; the dense
+# loss's target mass). With aux: on the CPU the entropy's class sum and the argmax's class
+# max, on GPU/TPU nothing (both come from the online reduction); the dense loss's max and
+# first max of the targets; the z-loss field's mean (its sum and denominator).
+REDUCTIONS = {
+    None: {"integer": (5, 5, 5 + 2 + 2), "dense": (5, 6, 5 + 2 + 2 + 2)},
+    "cuda": {"integer": (3, 3, 3 + 0 + 2), "dense": (4, 5, 4 + 0 + 2 + 2)},
+    "tpu": {"integer": (3, 3, 3 + 0 + 2), "dense": (4, 5, 4 + 0 + 2 + 2)},
+}
+
+
+@pytest.mark.parametrize("platform", REDUCTIONS, ids=str)
 def test_without_aux_nothing_extra_is_computed(platform):
-    """The programs without ``return_aux`` have the reductions they had before it existed
-    (counted in the lowered StableHLO of the loss and of its gradient: the class max and
-    sum of exponentials, the mean's sums; the dense loss's target-mass sum), and the
+    """The programs without the new options have the reductions they had before the
+    options existed, and ``return_aux=True`` adds only those listed in REDUCTIONS; the
     defaults of the new options lower to the same program as not passing them."""
     x, y = jnp.ones((8, 16)), jnp.arange(8)
     t = jax.nn.softmax(x)
@@ -546,28 +574,27 @@ def test_without_aux_nothing_extra_is_computed(platform):
     def dense(x, **kw):
         return jxent.softmax_cross_entropy(x, t, reduction="mean", **kw)
 
-    _reductions.simulated_platform = platform
-    try:
-        for fn, before in ((integer, (5, 5)), (dense, (5, 6))):
-            assert (_reduce_count(fn, x), _reduce_count(jax.grad(fn), x)) == before
+    with simulated(platform):
+        for fn in (integer, dense):
+            counts = (
+                _reduce_count(fn, x),
+                _reduce_count(jax.grad(fn), x),
+                _reduce_count(functools.partial(fn, return_aux=True), x),
+            )
+            assert counts == REDUCTIONS[platform][fn.__name__]
             defaults = {"weights": None, "normalizer": None, "temperature": 1.0}
             explicit = jax.jit(functools.partial(fn, return_aux=False, **defaults))
             explicit = explicit.lower(x).as_text()
             plain = jax.jit(fn).lower(x).as_text()
             assert re.sub(r"@\w+", "", explicit) == re.sub(r"@\w+", "", plain)
-            # With it: entropy's class sum and argmax's class max (dense: also the targets'
-            # max and first max), and the z-loss field's mean (its sum and denominator).
-            with_aux = _reduce_count(functools.partial(fn, return_aux=True), x)
-            assert with_aux == before[0] + (2 if fn is integer else 4) + 2
-    finally:
-        _reductions.simulated_platform = None
 
 
+@pytest.mark.parametrize("dense", [False, True], ids=["integer", "dense"])
 @pytest.mark.parametrize("platform", ["cuda", "tpu"])
-def test_accelerator_paths(platform):
-    """The GPU / TPU code paths (one online normaliser, the target picked inside it) give
-    the same aux outputs, temperature and weights, run on the CPU."""
-    case = Case("everything")
+def test_accelerator_paths(platform, dense):
+    """The GPU / TPU code paths (one online reduction gives the normaliser, the target logit,
+    the entropy and the argmax) agree with the CPU's, run on the CPU."""
+    case = Case("everything", dense)
 
     def run(x, w):
         def total(x, w):
@@ -578,27 +605,26 @@ def test_accelerator_paths(platform):
 
         return jax.value_and_grad(total, (0, 1), has_aux=True)(x, w)
 
-    jax.clear_caches()
-    want = run(case.logits, case.token_weights)
-    _reductions.simulated_platform = platform
-    try:
-        jax.clear_caches()
+    with simulated(None):
+        want = run(case.logits, case.token_weights)
+    with simulated(platform):
         got = run(case.logits, case.token_weights)
-    finally:
-        _reductions.simulated_platform = None
-        jax.clear_caches()
     assert_trees_close(got, want)
 
 
-def test_long_rows_are_blocked_on_cpu():
-    """Rows long enough to be reduced in blocks (C = 40000) give the same aux outputs."""
+@pytest.mark.parametrize("platform", [None, "cuda", "tpu"], ids=str)
+def test_long_rows(platform):
+    """Rows long enough to be reduced in blocks (C = 40000: on the CPU 5 x 8000, on GPU
+    3 x 13334 padded inside the online reduction) give the same aux outputs."""
     x = jax.random.normal(jax.random.key(4), (2, 40000)) * 3
-    x = x.at[1, 39000].set(20.0)
+    x = x.at[1, 39000].set(20.0).at[0, 30000].set(15.0).at[0, 20000].set(15.0)
     y = jnp.array([5, 39000])
-    _, aux = INT_CE(x, y, return_aux=True, temperature=2.0)
+    with simulated(platform):
+        _, aux = INT_CE(x, y, return_aux=True, temperature=2.0)
     stats = ref.row_statistics(np.asarray(x, np.float64), temperature=2.0)
+    np.testing.assert_array_equal(aux.argmax, [20000, 39000])
     np.testing.assert_array_equal(aux.argmax, stats["argmax"])
-    np.testing.assert_array_equal(aux.correct, [stats["argmax"][0] == 5, True])
+    np.testing.assert_array_equal(aux.correct, [False, True])
     close(aux.entropy, stats["entropy"], rtol=1e-4)
 
 
@@ -606,8 +632,12 @@ def test_long_rows_are_blocked_on_cpu():
 
 
 @pytest.mark.sharding
+@pytest.mark.parametrize("platform", [None, "cuda"], ids=str)
 @pytest.mark.parametrize("axis_type", [AxisType.Explicit, AxisType.Auto], ids=["explicit", "auto"])
-def test_batch_and_class_sharded(axis_type):
+def test_batch_and_class_sharded(axis_type, platform):
+    """Batch- and class-sharded logits (mesh 2 x 4): loss, aux and gradients equal one
+    device's; under explicit sharding the class axis is reduced with the ``axis_name``
+    collectives (the argmax a global id, the first of maxima on different shards)."""
     if len(jax.devices()) < 8:
         pytest.skip("needs 8 (host) devices: see tests/conftest.py")
     x = jax.random.normal(jax.random.key(5), (8, 16)) * 2
@@ -632,7 +662,7 @@ def test_batch_and_class_sharded(axis_type):
     step = jax.value_and_grad(total, (0, 1), has_aux=True)
     want = step(x, w)
     mesh = jax.make_mesh((2, 4), ("b", "v"), axis_types=(axis_type,) * 2)
-    with jax.set_mesh(mesh):
+    with jax.set_mesh(mesh), simulated(platform):
         xs = jax.device_put(x, NamedSharding(mesh, P("b", "v")))
         ws = jax.device_put(w, NamedSharding(mesh, P("b")))
         got = jax.jit(step)(xs, ws)
