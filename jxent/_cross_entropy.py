@@ -294,8 +294,9 @@ def softmax_cross_entropy_with_integer_labels(
         ``logits / T``, divided where the logits are converted to float32 (no extra
         logits-sized array).
       return_aux: static: return ``(loss, aux)``, ``aux`` a :class:`CrossEntropyAux`
-        computed in the passes the loss makes anyway (one more class sum for the entropy,
-        one class max for the argmax). Without it none of that is computed.
+        computed with the loss: on GPU and TPU in its one pass over the logits, on the
+        CPU with one more class sum (entropy) and class max (argmax). Without it none of
+        that is computed.
 
     Returns:
       float32 losses (float64 for float64 logits) of the labels' shape, or a scalar; with
