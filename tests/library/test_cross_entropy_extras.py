@@ -487,6 +487,28 @@ def test_debug_nans_with_masked_rows_ignored_labels_and_aux():
     assert np.isfinite(value) and all(np.all(np.isfinite(g)) for g in (*grads, dense))
 
 
+@pytest.mark.parametrize("platform", [None, "cuda"], ids=str)
+def test_second_derivatives_of_the_aux_outputs(platform):
+    """The backward rules are differentiable: ``jax.hessian`` of the entropy and of the lse
+    (through the online reduction's ``custom_jvp`` on the GPU path) equals autodiff of
+    their ``jax.nn`` formulas."""
+    x = jax.random.normal(jax.random.key(8), (2, 5))
+    y = jnp.array([1, 4])
+
+    def aux(x):
+        return INT_CE(x, y, temperature=1.5, return_aux=True, reduction="mean")[1]
+
+    def entropy_ref(x):
+        log_p = jax.nn.log_softmax(x / 1.5)
+        return -jnp.sum(jnp.exp(log_p) * log_p)
+
+    with simulated(platform):
+        got = jax.hessian(lambda x: aux(x).entropy.sum())(x)
+        got_lse = jax.hessian(lambda x: aux(x).lse.sum())(x)
+    close(got, jax.hessian(entropy_ref)(x), atol=1e-6)
+    close(got_lse, jax.hessian(lambda x: jax.nn.logsumexp(x / 1.5, -1).sum())(x), atol=1e-6)
+
+
 @settings(max_examples=20, deadline=None)
 @given(
     hnp.arrays(np.float32, (3, 6), elements=st.floats(-20, 20, width=32, allow_subnormal=False)),
