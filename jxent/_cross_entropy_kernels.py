@@ -320,51 +320,47 @@ def _neg_log_probs(x: jax.Array, lse_hi: jax.Array, lse_lo: jax.Array) -> jax.Ar
     return (lse_hi - x) + lse_lo
 
 
+# (target logit, exponentials, normaliser, 1 / Σ e, (entropy, argmax) or ())
+_Normalised = tuple[jax.Array, jax.Array, _normaliser.Normaliser, jax.Array, tuple[Any, ...]]
+
+
 def _gather_then_normalise(
-    logits: jax.Array,
-    where: jax.Array | None,
-    targets: _labels.Targets,
-    axis_name: Hashable | None,
-    temperature: float,
-    aux: bool,
-) -> tuple[jax.Array, jax.Array, _normaliser.Normaliser, jax.Array, tuple[jax.Array, ...]]:
+    logits: jax.Array, where: jax.Array | None, targets: _labels.Targets, cfg: IntegerConfig
+) -> _Normalised:
     """CPU: the target logit by a gather, then :func:`~jxent._normaliser.exponentials`
-    (and with ``aux`` each row's entropy and argmax, see :func:`_cpu_row_stats`).
+    (and with ``cfg.return_aux`` each row's entropy and argmax, see :func:`_cpu_row_stats`).
 
     The gather reads the half-precision logits and converts one value per row. Its
     result also orders the gather before any pass that may overwrite the logits'
     buffer (``read_first``, see :func:`~jxent._reductions.row_shift`).
     """
+    axis_name = cfg.axis_name
     x_y = _labels.take(logits, targets.local, targets.in_shard, axis_name)
-    x_y = _scaled(x_y, _dtypes.compute_dtype(logits.dtype), temperature)
+    x_y = _scaled(x_y, _dtypes.compute_dtype(logits.dtype), cfg.temperature)
     active_x_y = jnp.where(targets.active, x_y, jnp.full_like(x_y, -jnp.inf))
-    x = _scaled(logits, x_y.dtype, temperature)
+    x = _scaled(logits, x_y.dtype, cfg.temperature)
     e, norm, inverse = _normaliser.exponentials(x, where, axis_name, read_first=active_x_y)
-    stats = _cpu_row_stats(x, where, norm, inverse, axis_name) if aux else ()
+    stats = _cpu_row_stats(x, where, norm, inverse, axis_name) if cfg.return_aux else ()
     return x_y, e, norm, inverse, stats
 
 
 def _normalise_and_pick(
-    logits: jax.Array,
-    where: jax.Array | None,
-    targets: _labels.Targets,
-    axis_name: Hashable | None,
-    temperature: float,
-    aux: bool,
-) -> tuple[jax.Array, jax.Array, _normaliser.Normaliser, jax.Array, tuple[jax.Array, ...]]:
+    logits: jax.Array, where: jax.Array | None, targets: _labels.Targets, cfg: IntegerConfig
+) -> _Normalised:
     """GPU / TPU: the normaliser and the target logit in one pass over the logits (with
-    ``aux`` also each row's entropy and argmax, in the same pass).
+    ``cfg.return_aux`` also each row's entropy and argmax, in the same pass).
 
     The target logit is a third sum of the online reduction (the logit where the class
     id equals the label, else 0): one kernel reads the logits once, where a gather
     fused into another elementwise kernel would count as a second read of the whole
     array (and, on TPU, made XLA store a float32 copy of bf16 logits).
     """
-    x = _scaled(logits, _dtypes.compute_dtype(logits.dtype), temperature)
+    axis_name = cfg.axis_name
+    x = _scaled(logits, _dtypes.compute_dtype(logits.dtype), cfg.temperature)
     is_target = _target_mask(targets, x.shape[-1]) & targets.in_shard[..., None]
     picked = jnp.where(is_target, x, jnp.zeros_like(x))
     stats: tuple[jax.Array, ...] = ()
-    if aux:
+    if cfg.return_aux:
         norm, inverse, (x_y,), online = _normaliser.online_normaliser_aux(
             x, where, axis_name, sums=(picked,)
         )
@@ -391,7 +387,7 @@ def _integer_ce_fwd(
         labels, where, weights, cfg.ignore_index, cfg.axis_name, dtype, num_local
     )
     # Only O(batch) values: the target's -log p from the target logit, no log-softmax array.
-    args = (logits, where, targets, cfg.axis_name, cfg.temperature, cfg.return_aux)
+    args = (logits, where, targets, cfg)
     x_y, e, norm, inverse, stats = _reductions.on_cpu(
         lambda: _gather_then_normalise(*args), lambda: _normalise_and_pick(*args)
     )
