@@ -191,8 +191,8 @@ def _first_argmax(
     maximum ``top`` (keepdims), as ``jnp.argmax``; 0 for rows that have none (all masked
     or ``-inf``). One max over ``C - c`` at the hits, blocked like the other class sums.
 
-    The scores are floats where they are exact (``C ≤ 2**24``): XLA:CPU vectorises a float
-    max, and stores an integer one's select as an array of the logits' size first."""
+    The scores are floats where they are exact (``C ≤ 2**24``): XLA:CPU reduces them in
+    its vectorised reduction, where an int32 max became a chain of reduce-windows."""
     num_local = x.shape[-1]
     exact = isinstance(num_local, int) and num_local <= 2**24
     dtype = x.dtype if exact else jnp.int32
