@@ -15,7 +15,7 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
-from jxent import _labels
+from jxent import _labels, _loss_reduction
 
 
 class CrossEntropyAux(NamedTuple):
@@ -57,6 +57,13 @@ class CrossEntropyAux(NamedTuple):
         return jnp.sum(self.correct) / jnp.maximum(total, 1).astype(jnp.float32)
 
 
+# So that a function returning it can be serialised by jax.export (a NamedTuple is a pytree,
+# but export's serialisation needs a registered name for it).
+jax.export.register_namedtuple_serialization(
+    CrossEntropyAux, serialized_name="jxent.CrossEntropyAux"
+)
+
+
 def global_argmax(
     local_max: jax.Array, local_argmax: jax.Array, axis_name: Hashable | None, num_local: int
 ) -> jax.Array:
@@ -77,3 +84,31 @@ def correct_predictions(
 ) -> jax.Array:
     """``argmax == label`` where the example counts (``targets.active``)."""
     return (argmax == labels) & targets.active
+
+
+def assemble(
+    stats: tuple[jax.Array, ...],
+    *,
+    z_loss: float,
+    token_weights: jax.Array | None,
+    weight: jax.Array,
+    reduction: str,
+    normalizer: jax.Array | None,
+) -> CrossEntropyAux:
+    """The :class:`CrossEntropyAux` of a kernel's per-example ``stats = (lse, entropy,
+    argmax, correct, counted)``.
+
+    ``z_loss`` (the coefficient ζ) gives the field ``ζ·lse²`` on counted examples, times
+    ``token_weights`` and reduced as the loss is: ``weight`` is the loss's per-example
+    share of the mean (token weights included) and ``normalizer`` its explicit
+    denominator. Plain JAX: its gradient flows through ``lse``'s.
+    """
+    lse, entropy, argmax, correct, counted = stats
+    term = jnp.zeros_like(lse)
+    if z_loss:
+        # Selected before squaring: an empty row's lse is -inf, and the gradient of
+        # (-inf)² times a zero cotangent would be NaN.
+        term = z_loss * jnp.where(counted, lse, jnp.zeros_like(lse)) ** 2
+    term, _ = _loss_reduction.with_token_weights(term, weight, token_weights)
+    reduced = _loss_reduction.reduce_loss(term, weight, reduction, normalizer=normalizer)
+    return CrossEntropyAux(lse, reduced, entropy, argmax, correct, counted)

@@ -14,6 +14,7 @@ import numpy as np
 from jax.typing import ArrayLike
 
 from jxent import (
+    _aux_outputs,
     _dtypes,
     _labels,
     _layout,
@@ -62,8 +63,9 @@ def _prepare(
 
 def _run_sharded(
     impl: Any, cfg: Any, prepared: _Prepared, labels: jax.Array, labels_kind: str
-) -> tuple[jax.Array, jax.Array]:
-    """``impl(logits, labels, where, weights, cfg)``: per example losses and weights.
+) -> tuple[Any, ...]:
+    """``impl(logits, labels, where, weights, cfg)``: per example losses and weights (and
+    the aux statistics with ``cfg.return_aux``).
 
     Logits sharded over explicit mesh axes are handled shard by shard (see
     :mod:`jxent._sharding`), their class axis with the ``axis_name`` collectives.
@@ -78,9 +80,69 @@ def _run_sharded(
         (prepared.where, _sharding.LOGITS),
         (prepared.weights, _sharding.CLASSES),
     )
-    return _sharding.map_shards(
-        lambda *a: impl(*a, cfg), plan, args, (_sharding.BATCH, _sharding.BATCH)
+    out_kinds: tuple[Any, ...] = (_sharding.BATCH, _sharding.BATCH)
+    if getattr(cfg, "return_aux", False):  # (lse, entropy, argmax, correct, counted)
+        out_kinds = (*out_kinds, (_sharding.BATCH,) * 5)
+    return _sharding.map_shards(lambda *a: impl(*a, cfg), plan, args, out_kinds)
+
+
+def _token_weights(
+    weights: ArrayLike | None, layout: _layout.ClassLayout, dtype: Any
+) -> jax.Array | None:
+    """``weights`` as compute-dtype floats of the labels' shape (the batch shape)."""
+    if weights is None:
+        return None
+    w = _dtypes.as_inexact(_as_array(weights, "weights"))
+    try:
+        return jnp.broadcast_to(w, layout.batch_shape).astype(dtype)
+    except ValueError:
+        raise ValueError(
+            f"weights (one per example) of shape {w.shape} are not broadcastable to the "
+            f"labels' shape {layout.batch_shape} (logits {layout.shape}, class axes "
+            f"{layout.axes})."
+        ) from None
+
+
+def _normalizer(normalizer: ArrayLike | None, reduction: str) -> jax.Array | None:
+    if normalizer is None:
+        return None
+    if reduction != "mean":
+        raise ValueError(
+            f"normalizer replaces the denominator of reduction='mean'; got it with "
+            f"reduction={reduction!r}."
+        )
+    value = _as_array(normalizer, "normalizer")
+    if value.shape != ():
+        raise ValueError(f"normalizer must be a scalar, got an array of shape {value.shape}.")
+    return value
+
+
+def _finish(
+    outputs: tuple[Any, ...],
+    weights: jax.Array | None,
+    normalizer: jax.Array | None,
+    reduction: str,
+    z_loss: float,
+) -> Any:
+    """The reduced loss from a kernel's ``outputs``, times the token ``weights`` (plain
+    JAX, so they get their exact gradient), and its :class:`CrossEntropyAux` when the
+    kernel returned the aux statistics."""
+    loss = outputs[0]
+    if weights is not None:  # per-example outputs come back sharded like the batch
+        weights = _sharding.reshard_like(weights, loss)
+    loss, weight = _loss_reduction.with_token_weights(loss, outputs[1], weights)
+    reduced = _loss_reduction.reduce_loss(loss, weight, reduction, normalizer=normalizer)
+    if len(outputs) == 2:
+        return reduced
+    aux = _aux_outputs.assemble(
+        outputs[2],
+        z_loss=z_loss,
+        token_weights=weights,
+        weight=weight,
+        reduction=reduction,
+        normalizer=normalizer,
     )
+    return reduced, aux
 
 
 def _as_array(value: ArrayLike, name: str) -> jax.Array:
@@ -141,6 +203,8 @@ def _check_concrete_labels(inputs: str) -> Callable[[dict[str, Any]], None]:
     "reduction",
     "check_labels",
     "axis_name",
+    "temperature",
+    "return_aux",
     eager=_check_concrete_labels("logits"),
 )
 def softmax_cross_entropy_with_integer_labels(
@@ -156,7 +220,11 @@ def softmax_cross_entropy_with_integer_labels(
     reduction: Literal["none", "sum", "mean"] = "none",
     check_labels: bool = False,
     axis_name: Hashable | None = None,
-) -> jax.Array:
+    weights: ArrayLike | None = None,
+    normalizer: ArrayLike | None = None,
+    temperature: float = 1.0,
+    return_aux: bool = False,
+) -> Any:
     r"""Softmax cross-entropy with integer labels, with a hand-written gradient.
 
     With ``lp = log_softmax(logits)``, class weights ``w`` (all 1 by default), smoothing
@@ -177,6 +245,23 @@ def softmax_cross_entropy_with_integer_labels(
     ``reduction="mean"`` the sum is divided by :math:`\sum_n w_{y_n}` over non-ignored
     examples. One deliberate difference: a mean over zero total weight is 0 (PyTorch: NaN)
     when no counted label is invalid; an invalid label makes the mean and sum NaN.
+
+    The extra options, all off by default (see :doc:`semantics`): with ``temperature=T``
+    every formula above (and every aux output) is that of :math:`z = x / T`, and the
+    gradient carries the :math:`1/T`: :math:`\partial\ell_n/\partial x = (1/T)\,
+    \partial\ell_n/\partial z`. Per-example ``weights`` :math:`t_n` multiply the losses,
+
+    .. math::
+        \text{sum} = \sum_n t_n \ell_n, \qquad
+        \text{mean} = \frac{\sum_n t_n \ell_n}{\sum_n t_n w_{y_n}}
+        \quad\text{or}\quad \frac{\sum_n t_n \ell_n}{N},
+
+    the second with ``normalizer=N`` (the sums over counted examples: not ignored, not
+    masked out, valid label). ``return_aux=True`` also returns a
+    :class:`CrossEntropyAux`: per example :math:`\operatorname{lse}(z_n)`, the entropy
+    :math:`H_n = -\sum_c p_{n,c}\log p_{n,c}`, the predicted class and whether it is the
+    label, and the z-loss term :math:`\zeta\operatorname{lse}(z_n)^2` reduced like the
+    loss. Their gradients: :math:`p_n/T` (lse), :math:`-p_n(\log p_n + H_n)/T` (entropy).
 
     Positional parameters match :func:`optax.softmax_cross_entropy_with_integer_labels`.
 
@@ -199,9 +284,23 @@ def softmax_cross_entropy_with_integer_labels(
         the jitted function in ``checkify.checkify`` and call ``err.throw()``.
       axis_name: vocabulary parallelism inside :func:`jax.shard_map`: the mesh axis over
         which the class axis (and ``class_weights``) is sharded; labels are global ids.
+      weights: per-example weights :math:`t_n` (e.g. a padding mask), broadcastable to the
+        labels' shape: each loss is multiplied by its weight and ``reduction="mean"``
+        divides by :math:`\sum_n t_n w_{y_n}` over counted examples. Differentiable.
+      normalizer: with ``reduction="mean"`` only, a scalar denominator used instead of
+        that sum (T5X's ``loss_normalizing_factor``, e.g. a global token count); 0 gives
+        0. Differentiable.
+      temperature: ``T > 0``, static: the loss (and gradient, and aux outputs) of
+        ``logits / T``, divided where the logits are converted to float32 (no extra
+        logits-sized array).
+      return_aux: static: return ``(loss, aux)``, ``aux`` a :class:`CrossEntropyAux`
+        computed with the loss: on GPU and TPU in its one pass over the logits, on the
+        CPU with one more class sum (entropy) and class max (argmax). Without it none of
+        that is computed.
 
     Returns:
-      float32 losses (float64 for float64 logits) of the labels' shape, or a scalar.
+      float32 losses (float64 for float64 logits) of the labels' shape, or a scalar; with
+      ``return_aux=True`` the pair ``(loss, CrossEntropyAux)``.
 
     Example:
       >>> import jax, jax.numpy as jnp, numpy as np, jxent
@@ -213,6 +312,17 @@ def softmax_cross_entropy_with_integer_labels(
       >>> jax.grad(jxent.softmax_cross_entropy_with_integer_labels)(
       ...     jnp.array([0.0, 0.0]), jnp.array(1))  # softmax - one_hot
       Array([ 0.5, -0.5], dtype=float32)
+
+      Per-example weights (the mean is (0.2761·1 + 2.9518·0.5) / 1.5) and the aux
+      outputs:
+
+      >>> loss, aux = jxent.softmax_cross_entropy_with_integer_labels(
+      ...     logits, labels, weights=jnp.array([1.0, 0.5]), reduction="mean",
+      ...     return_aux=True)
+      >>> print(f"{loss:.4f}", aux.argmax, aux.correct, f"{aux.accuracy:.2f}")
+      1.1680 [0 2] [ True False] 0.50
+      >>> print(np.asarray(aux.lse).round(4), np.asarray(aux.entropy).round(4))
+      [1.4761 1.7518] [0.7171 0.8573]
 
     Note:
       Reverse mode only (a ``jax.custom_vjp``): use ``jax.jacrev`` and ``jax.hessian``, not
@@ -229,16 +339,22 @@ def softmax_cross_entropy_with_integer_labels(
         _validation.check_unit_interval(label_smoothing, "label_smoothing"),
         _validation.check_nonnegative(z_loss, "z_loss"),
         axis_name,
+        _validation.check_positive(temperature, "temperature"),
+        bool(return_aux),
     )
     prepared = _prepare(logits, axis, where, class_weights, reduction, axis_name)
     if check_labels and axis_name is None:
         _labels.check_in_range(labels, prepared.layout.num_classes, ignore_index)
     int_labels = _integer_labels(labels, prepared.layout, ignore_index)
-    loss, weight = _run_sharded(integer_ce, cfg, prepared, int_labels, _sharding.BATCH)
-    return _loss_reduction.reduce_loss(loss, weight, reduction)
+    token_weights = _token_weights(
+        weights, prepared.layout, _dtypes.compute_dtype(prepared.logits.dtype)
+    )
+    denominator = _normalizer(normalizer, reduction)
+    outputs = _run_sharded(integer_ce, cfg, prepared, int_labels, _sharding.BATCH)
+    return _finish(outputs, token_weights, denominator, reduction, cfg.z_loss)
 
 
-@jitted("axis", "label_smoothing", "z_loss", "reduction", "axis_name")
+@jitted("axis", "label_smoothing", "z_loss", "reduction", "axis_name", "temperature", "return_aux")
 def softmax_cross_entropy(
     logits: ArrayLike,
     labels: ArrayLike,
@@ -250,7 +366,11 @@ def softmax_cross_entropy(
     z_loss: float = 0.0,
     reduction: Literal["none", "sum", "mean"] = "none",
     axis_name: Hashable | None = None,
-) -> jax.Array:
+    weights: ArrayLike | None = None,
+    normalizer: ArrayLike | None = None,
+    temperature: float = 1.0,
+    return_aux: bool = False,
+) -> Any:
     r"""Softmax cross-entropy with probability (dense) targets, with a hand-written gradient.
 
     With ``lp = log_softmax(logits)``, smoothed targets :math:`t' = (1-\varepsilon)t +
@@ -271,6 +391,13 @@ def softmax_cross_entropy(
     where its logit is ``-inf`` (``0·log 0 = 0``). The targets get a gradient too, for
     distillation.
 
+    ``weights``, ``normalizer``, ``temperature`` and ``return_aux`` are those of
+    :func:`softmax_cross_entropy_with_integer_labels`, with :math:`t_n` times 1 in the
+    mean's denominator (:math:`\sum_n t_n` over rows not masked out) and ``aux.correct``
+    comparing the predicted class with the targets' argmax (the first of equal maxima).
+    Distillation with a temperature: the loss of ``logits / T`` against targets the
+    caller softened (e.g. ``jxent.softmax(teacher / T)``), times :math:`T^2` if wanted.
+
     Positional parameters match :func:`optax.softmax_cross_entropy`.
 
     Args:
@@ -284,9 +411,14 @@ def softmax_cross_entropy(
       reduction: ``"none"``, ``"sum"`` or ``"mean"``.
       axis_name: vocabulary parallelism inside :func:`jax.shard_map` (see
         :func:`softmax_cross_entropy_with_integer_labels`).
+      weights: per-example weights of the batch shape (or broadcastable to it).
+      normalizer: the mean's denominator (``reduction="mean"`` only).
+      temperature: ``T > 0``, static: the loss of ``logits / T``.
+      return_aux: static: also return a :class:`CrossEntropyAux`.
 
     Returns:
-      float32 losses (float64 for float64 logits) of the batch shape, or a scalar.
+      float32 losses (float64 for float64 logits) of the batch shape, or a scalar; with
+      ``return_aux=True`` the pair ``(loss, CrossEntropyAux)``.
 
     Example:
       >>> import jax.numpy as jnp, numpy as np, jxent
@@ -294,6 +426,9 @@ def softmax_cross_entropy(
       >>> labels = jnp.array([[1.0, 0.0, 0.0], [0.0, 1.0, 0.0]])
       >>> print(np.asarray(jxent.softmax_cross_entropy(logits, labels)).round(4))
       [0.2761 2.9518]
+      >>> loss, aux = jxent.softmax_cross_entropy(logits, labels, return_aux=True)
+      >>> print(aux.argmax, aux.correct)
+      [0 2] [ True False]
 
     Note:
       Reverse mode only (a ``jax.custom_vjp``): use ``jax.jacrev`` and ``jax.hessian``, not
@@ -303,6 +438,8 @@ def softmax_cross_entropy(
         _validation.check_unit_interval(label_smoothing, "label_smoothing"),
         _validation.check_nonnegative(z_loss, "z_loss"),
         axis_name,
+        _validation.check_positive(temperature, "temperature"),
+        bool(return_aux),
     )
     prepared = _prepare(logits, axis, where, class_weights, reduction, axis_name)
     targets = _dtypes.as_floating(labels, "labels (dense targets)")
@@ -314,8 +451,12 @@ def softmax_cross_entropy(
             f"shape {prepared.layout.shape}."
         ) from None
     targets = prepared.layout.to_last(targets)
-    loss, weight = _run_sharded(dense_ce, cfg, prepared, targets, _sharding.LOGITS)
-    return _loss_reduction.reduce_loss(loss, weight, reduction)
+    token_weights = _token_weights(
+        weights, prepared.layout, _dtypes.compute_dtype(prepared.logits.dtype)
+    )
+    denominator = _normalizer(normalizer, reduction)
+    outputs = _run_sharded(dense_ce, cfg, prepared, targets, _sharding.LOGITS)
+    return _finish(outputs, token_weights, denominator, reduction, cfg.z_loss)
 
 
 @jitted(
@@ -392,7 +533,11 @@ def cross_entropy(
     reduction: Literal["none", "sum", "mean"] = "mean",
     check_labels: bool = False,
     axis_name: Hashable | None = None,
-) -> jax.Array:
+    weights: ArrayLike | None = None,
+    normalizer: ArrayLike | None = None,
+    temperature: float = 1.0,
+    return_aux: bool = False,
+) -> Any:
     r"""Softmax cross-entropy that picks its form from the labels' dtype; mean by default.
 
     .. math::
@@ -416,9 +561,15 @@ def cross_entropy(
       check_labels: integer labels only; see
         :func:`softmax_cross_entropy_with_integer_labels`.
       axis_name: vocabulary parallelism inside :func:`jax.shard_map`.
+      weights: per-example weights (the mean divides by their sum over counted examples,
+        times the label's class weight for integer labels).
+      normalizer: the mean's explicit denominator.
+      temperature: ``T > 0``: the loss of ``logits / T``.
+      return_aux: also return a :class:`CrossEntropyAux`.
 
     Returns:
-      The reduced loss (float32, or float64 for float64 logits), or per-example losses.
+      The reduced loss (float32, or float64 for float64 logits), or per-example losses;
+      with ``return_aux=True`` the pair ``(loss, CrossEntropyAux)``.
 
     Example:
       >>> import jax, jax.numpy as jnp, jxent
@@ -430,6 +581,12 @@ def cross_entropy(
     """
     labels = _as_array(labels, "labels")
     label_dtype = labels.dtype
+    extras: dict[str, Any] = {
+        "weights": weights,
+        "normalizer": normalizer,
+        "temperature": temperature,
+        "return_aux": return_aux,
+    }
     if jnp.issubdtype(label_dtype, jnp.integer):
         return softmax_cross_entropy_with_integer_labels(
             logits,
@@ -443,6 +600,7 @@ def cross_entropy(
             reduction=reduction,
             check_labels=check_labels,
             axis_name=axis_name,
+            **extras,
         )
     if not jnp.issubdtype(label_dtype, jnp.floating):
         raise TypeError(
@@ -473,4 +631,5 @@ def cross_entropy(
         z_loss=z_loss,
         reduction=reduction,
         axis_name=axis_name,
+        **extras,
     )

@@ -36,6 +36,7 @@ import jax
 import jax.numpy as jnp
 
 from jxent import (
+    _aux_outputs,
     _dtypes,
     _elementwise,
     _labels,
@@ -130,6 +131,152 @@ def _expand(x: Any) -> Any:
     return x[..., None] if isinstance(x, jax.Array) else x
 
 
+def _scaled(logits: jax.Array, dtype: Any, temperature: float) -> jax.Array:
+    """``logits / T`` in the compute dtype: an elementwise conversion that XLA fuses into
+    the reductions reading it (half-precision logits are still read as such)."""
+    x = logits.astype(dtype)
+    return x if temperature == 1.0 else x * (1.0 / temperature)
+
+
+# ----------------------------------------------------------------------------- aux outputs
+# The per-row statistics of ``return_aux=True`` (see :mod:`jxent._aux_outputs`), computed
+# from the normaliser a kernel already has; nothing here runs without ``return_aux``.
+
+
+# Below the log of the smallest nonzero exponential (exp underflows to 0 past -746 even in
+# float64), yet small enough that a coefficient times it cannot overflow.
+_LOG_OF_ZERO = -(2.0**20)
+
+
+def _shifted(x: Any, where: Any, shift: Any) -> Any:
+    """``x - shift``, floored at :data:`_LOG_OF_ZERO` (masked and ``-inf`` entries too), so
+    that ``exp(x - shift)`` times it, or times a multiple of it, is 0 there, never
+    ``0·(-inf)``: the floor changes no entry whose exponential is nonzero. A ``maximum``,
+    not a select, so that XLA:CPU fuses it into the class sums."""
+    return jnp.maximum(_elementwise.mask(x, where, -jnp.inf) - shift, _LOG_OF_ZERO)
+
+
+def _entropy(
+    x: jax.Array,
+    where: jax.Array | None,
+    norm: _normaliser.Normaliser,
+    inverse: jax.Array,
+    axis_name: Hashable | None,
+) -> jax.Array:
+    """``H = Σ p·(-log p) = (1 / Σ e)·Σ e·(-log p)`` per row (one more class sum); 0 for
+    empty rows.
+
+    ``-log p`` in the form of :func:`_neg_log_probs` (capped, so that a masked entry's
+    ``0·inf`` is 0): sharing no subexpression but ``e`` with the exponentials, XLA:CPU
+    fuses it into the sum instead of storing ``x - shift``."""
+
+    def terms(x: Any, where: Any, shift: Any, lse_hi: Any, lse_lo: Any) -> Any:
+        x = _elementwise.mask(x, where, -jnp.inf)
+        return jnp.exp(x - shift) * _elementwise.capped(_neg_log_probs(x, lse_hi, lse_lo))
+
+    spread = _reductions.class_reduce(
+        jnp.sum,
+        terms,
+        *(x, where, norm.shift, *norm.lse_parts()),
+        num_classes=x.shape[-1],
+        axis_name=axis_name,
+    )
+    return (inverse * spread)[..., 0]
+
+
+def _first_argmax(
+    x: jax.Array, where: jax.Array | None, top: jax.Array, axis_name: Hashable | None
+) -> jax.Array:
+    """The global id of the first class where ``x`` (masked) reaches the row's global
+    maximum ``top`` (keepdims), as ``jnp.argmax``; 0 for rows that have none (all masked
+    or ``-inf``). One max over ``C - c`` at the hits, blocked like the other class sums.
+
+    The scores are floats where they are exact (``C ≤ 2**24``): XLA:CPU reduces them in
+    its vectorised reduction, where an int32 max became a chain of reduce-windows."""
+    num_local = x.shape[-1]
+    exact = isinstance(num_local, int) and num_local <= 2**24
+    dtype = x.dtype if exact else jnp.int32
+    ids = jnp.arange(num_local, dtype=dtype)
+
+    def score(x: Any, where: Any, top: Any, ids: Any) -> Any:
+        hit = _elementwise.mask(x, where, -jnp.inf) >= top
+        return hit.astype(dtype) * (num_local - ids)
+
+    found_at = _reductions.class_reduce(jnp.max, score, x, where, top, ids, num_classes=num_local)[
+        ..., 0
+    ]
+    found = found_at > 0
+    local_max = jnp.where(found, top[..., 0], -jnp.inf)
+    first = jnp.where(found, num_local - found_at, jnp.zeros((), dtype)).astype(jnp.int32)
+    return _aux_outputs.global_argmax(local_max, first, axis_name, num_local)
+
+
+def _logits_argmax(
+    x: jax.Array, where: jax.Array | None, norm: _normaliser.Normaliser, axis_name: Hashable | None
+) -> jax.Array:
+    """Argmax from the normaliser's row max (clipped to the finite floats: a row holding
+    ``+inf``, whose ``log_sum`` is ``+inf``, is compared with ``+inf`` instead)."""
+    top = jnp.where(norm.log_sum == jnp.inf, jnp.full_like(norm.shift, jnp.inf), norm.shift)
+    return _first_argmax(x, where, top, axis_name)
+
+
+def _cpu_row_stats(
+    x: jax.Array,
+    where: jax.Array | None,
+    norm: _normaliser.Normaliser,
+    inverse: jax.Array,
+    axis_name: Hashable | None,
+) -> tuple[jax.Array, jax.Array]:
+    """CPU: ``(entropy, argmax)`` of each row of the (scaled) logits ``x``, a class sum
+    and a class max after the normaliser's two passes. (On GPU and TPU they come from the
+    normaliser's own pass: :func:`~jxent._normaliser.online_normaliser_aux`.)"""
+    return _entropy(x, where, norm, inverse, axis_name), _logits_argmax(x, where, norm, axis_name)
+
+
+def _exponentials_and_stats(
+    x: jax.Array, where: jax.Array | None, axis_name: Hashable | None
+) -> tuple[jax.Array, _normaliser.Normaliser, jax.Array, tuple[jax.Array, jax.Array]]:
+    """:func:`~jxent._normaliser.exponentials` and each row's ``(entropy, argmax)``."""
+
+    def cpu() -> Any:
+        e, norm, inverse = _normaliser.exponentials(x, where, axis_name)
+        return e, norm, inverse, _cpu_row_stats(x, where, norm, inverse, axis_name)
+
+    def accelerator() -> Any:
+        norm, inverse, _, stats = _normaliser.online_normaliser_aux(x, where, axis_name)
+        e = jnp.exp(_elementwise.mask(x, where, -jnp.inf) - norm.shift)  # a formula only
+        return e, norm, inverse, tuple(stats)
+
+    return _reductions.on_cpu(cpu, accelerator)
+
+
+def _softmax_factor(
+    p_scale: jax.Array,
+    x: jax.Array | None,
+    where: jax.Array | None,
+    norm: _normaliser.Normaliser,
+    inverse: jax.Array,
+    entropy: jax.Array | None,
+    stat_cotangents: Any,
+    inv_t: float,
+) -> jax.Array:
+    """What multiplies ``e = exp(x - shift)`` in the logits' gradient: the loss's
+    ``p_scale`` plus, with ``return_aux``, the aux outputs' share
+
+        d(g_lse·lse + g_H·H)/dz_c = p_c·(g_lse - g_H·(log p_c + H)),   z = x / T,
+
+    with ``log p_c = (z_c - shift) - log_sum`` (the caller multiplies by ``e``, not ``p``,
+    so ``inverse`` enters here). ``x``: the scaled logits, None without ``return_aux``."""
+    if x is None or entropy is None:
+        return p_scale
+    g_lse, g_entropy = (jnp.asarray(g, norm.shift.dtype) for g in stat_cotangents[:2])
+    log_sum = norm.log_sum[..., 0]
+    log_sum = jnp.where(jnp.isneginf(log_sum), jnp.zeros_like(log_sum), log_sum)
+    row = inverse * (inv_t * (g_lse - g_entropy * (entropy - log_sum)))[..., None]
+    per_class = inverse * (inv_t * g_entropy)[..., None]
+    return p_scale + row - per_class * _shifted(x, where, norm.shift)
+
+
 # ----------------------------------------------------------------------------- integer labels
 
 
@@ -138,6 +285,8 @@ class IntegerConfig(NamedTuple):
     label_smoothing: float
     z_loss: float
     axis_name: Hashable | None
+    temperature: float = 1.0
+    return_aux: bool = False
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(4,))
@@ -147,7 +296,9 @@ def integer_ce(
     where: jax.Array | None,
     weights: jax.Array | None,
     cfg: IntegerConfig,
-) -> tuple[jax.Array, jax.Array]:
+) -> tuple[Any, ...]:
+    """``(loss, weight)`` per example, and with ``cfg.return_aux`` a third output
+    ``(lse, entropy, argmax, correct, counted)`` (see :mod:`jxent._aux_outputs`)."""
     return _integer_ce_fwd(logits, labels, where, weights, cfg)[0]
 
 
@@ -169,42 +320,58 @@ def _neg_log_probs(x: jax.Array, lse_hi: jax.Array, lse_lo: jax.Array) -> jax.Ar
     return (lse_hi - x) + lse_lo
 
 
+# (target logit, exponentials, normaliser, 1 / Σ e, (entropy, argmax) or ())
+_Normalised = tuple[jax.Array, jax.Array, _normaliser.Normaliser, jax.Array, tuple[Any, ...]]
+
+
 def _gather_then_normalise(
-    logits: jax.Array, where: jax.Array | None, targets: _labels.Targets, axis_name: Hashable | None
-) -> tuple[jax.Array, jax.Array, _normaliser.Normaliser, jax.Array]:
-    """CPU: the target logit by a gather, then :func:`~jxent._normaliser.exponentials`.
+    logits: jax.Array, where: jax.Array | None, targets: _labels.Targets, cfg: IntegerConfig
+) -> _Normalised:
+    """CPU: the target logit by a gather, then :func:`~jxent._normaliser.exponentials`
+    (and with ``cfg.return_aux`` each row's entropy and argmax, see :func:`_cpu_row_stats`).
 
     The gather reads the half-precision logits and converts one value per row. Its
     result also orders the gather before any pass that may overwrite the logits'
     buffer (``read_first``, see :func:`~jxent._reductions.row_shift`).
     """
+    axis_name = cfg.axis_name
     x_y = _labels.take(logits, targets.local, targets.in_shard, axis_name)
-    x_y = x_y.astype(_dtypes.compute_dtype(logits.dtype))
+    x_y = _scaled(x_y, _dtypes.compute_dtype(logits.dtype), cfg.temperature)
     active_x_y = jnp.where(targets.active, x_y, jnp.full_like(x_y, -jnp.inf))
-    x = logits.astype(x_y.dtype)
+    x = _scaled(logits, x_y.dtype, cfg.temperature)
     e, norm, inverse = _normaliser.exponentials(x, where, axis_name, read_first=active_x_y)
-    return x_y, e, norm, inverse
+    stats = _cpu_row_stats(x, where, norm, inverse, axis_name) if cfg.return_aux else ()
+    return x_y, e, norm, inverse, stats
 
 
 def _normalise_and_pick(
-    logits: jax.Array, where: jax.Array | None, targets: _labels.Targets, axis_name: Hashable | None
-) -> tuple[jax.Array, jax.Array, _normaliser.Normaliser, jax.Array]:
-    """GPU / TPU: the normaliser and the target logit in one pass over the logits.
+    logits: jax.Array, where: jax.Array | None, targets: _labels.Targets, cfg: IntegerConfig
+) -> _Normalised:
+    """GPU / TPU: the normaliser and the target logit in one pass over the logits (with
+    ``cfg.return_aux`` also each row's entropy and argmax, in the same pass).
 
     The target logit is a third sum of the online reduction (the logit where the class
     id equals the label, else 0): one kernel reads the logits once, where a gather
     fused into another elementwise kernel would count as a second read of the whole
     array (and, on TPU, made XLA store a float32 copy of bf16 logits).
     """
-    x = logits.astype(_dtypes.compute_dtype(logits.dtype))
+    axis_name = cfg.axis_name
+    x = _scaled(logits, _dtypes.compute_dtype(logits.dtype), cfg.temperature)
     is_target = _target_mask(targets, x.shape[-1]) & targets.in_shard[..., None]
     picked = jnp.where(is_target, x, jnp.zeros_like(x))
-    norm, inverse, (x_y,) = _normaliser.online_normaliser(x, where, axis_name, sums=(picked,))
+    stats: tuple[jax.Array, ...] = ()
+    if cfg.return_aux:
+        norm, inverse, (x_y,), online = _normaliser.online_normaliser_aux(
+            x, where, axis_name, sums=(picked,)
+        )
+        stats = tuple(online)
+    else:
+        norm, inverse, (x_y,) = _normaliser.online_normaliser(x, where, axis_name, sums=(picked,))
     x_y = _loss_reduction.psum_over(x_y, axis_name)
     e = jnp.exp(
         _elementwise.mask(x, where, -jnp.inf) - norm.shift
     )  # unused: the residual is the logits
-    return x_y, e, norm, inverse
+    return x_y, e, norm, inverse, stats
 
 
 def _integer_ce_fwd(
@@ -213,18 +380,18 @@ def _integer_ce_fwd(
     where: jax.Array | None,
     weights: jax.Array | None,
     cfg: IntegerConfig,
-) -> tuple[tuple[jax.Array, jax.Array], tuple[Any, ...]]:
+) -> tuple[tuple[Any, ...], tuple[Any, ...]]:
     dtype = _dtypes.compute_dtype(logits.dtype)
     num_local = logits.shape[-1]
     targets = _resolve_targets(
         labels, where, weights, cfg.ignore_index, cfg.axis_name, dtype, num_local
     )
     # Only O(batch) values: the target's -log p from the target logit, no log-softmax array.
-    x_y, e, norm, inverse = _reductions.on_cpu(
-        lambda: _gather_then_normalise(logits, where, targets, cfg.axis_name),
-        lambda: _normalise_and_pick(logits, where, targets, cfg.axis_name),
+    args = (logits, where, targets, cfg)
+    x_y, e, norm, inverse, stats = _reductions.on_cpu(
+        lambda: _gather_then_normalise(*args), lambda: _normalise_and_pick(*args)
     )
-    x = logits.astype(dtype)
+    x = _scaled(logits, dtype, cfg.temperature)
     eps = cfg.label_smoothing
     target_nll = norm.log_sum[..., 0] + (norm.shift[..., 0] - x_y)
     loss = (1.0 - eps) * _elementwise.weighted(targets.weight, target_nll)
@@ -251,9 +418,16 @@ def _integer_ce_fwd(
     if cfg.z_loss:
         loss = loss + cfg.z_loss * norm.lse()[..., 0] ** 2
     loss = _labels.nan_where_bad(targets, jnp.where(targets.active, loss, jnp.zeros_like(loss)))
+    outputs: tuple[Any, ...] = (loss, targets.weight)
+    entropy = None
+    if cfg.return_aux:
+        entropy, argmax = stats
+        correct = _aux_outputs.correct_predictions(argmax, labels, targets)
+        outputs = (*outputs, (norm.lse()[..., 0], entropy, argmax, correct, targets.active))
     # The logits themselves are needed again only for the class-weight gradient's smoothing
-    # term; otherwise the exponentials e (the one logits-sized residual) suffice.
-    keep_logits = logits if (weights is not None and eps) else None
+    # term and the entropy's gradient; otherwise the exponentials e (the one logits-sized
+    # residual) suffice.
+    keep_logits = logits if (weights is not None and eps) or cfg.return_aux else None
     residuals = (
         keep_logits,
         _normaliser.exponentials_residual(logits, e),
@@ -265,12 +439,13 @@ def _integer_ce_fwd(
         target_nll,
         num_classes,
         smoothing_mass,
+        entropy,
     )
-    return (loss, targets.weight), residuals
+    return outputs, residuals
 
 
 def _integer_ce_bwd(
-    cfg: IntegerConfig, residuals: tuple[Any, ...], cotangents: tuple[jax.Array, jax.Array]
+    cfg: IntegerConfig, residuals: tuple[Any, ...], cotangents: tuple[Any, ...]
 ) -> tuple[Any, ...]:
     (
         logits,
@@ -283,11 +458,14 @@ def _integer_ce_bwd(
         target_nll,
         num_classes,
         smoothing_mass,
+        entropy,
     ) = residuals
-    g_loss, g_weight = cotangents
+    g_loss, g_weight = cotangents[:2]
+    g_stats = cotangents[2] if cfg.return_aux else None
     dtype = norm.shift.dtype
     num_local = saved_e.shape[-1]
     eps = cfg.label_smoothing
+    inv_t = 1.0 / cfg.temperature  # d(x / T)/dx: every logits term carries it
     w_y = targets.weight  # already 0 for inactive examples
     coef = _labels.nan_where_bad(targets, jnp.where(targets.active, g_loss, jnp.zeros_like(g_loss)))
     # d loss / d x_c = p_c·A - (1-ε)·w_y·[c = y] - (ε/C)·w_c, with A the total target mass.
@@ -295,13 +473,15 @@ def _integer_ce_bwd(
     if cfg.z_loss:
         mass = mass + 2.0 * cfg.z_loss * _elementwise.finite_or_zero(norm.lse()[..., 0])
     mass = jnp.where(targets.active, mass, jnp.zeros_like(mass))
-    p_scale = (coef * mass * inverse[..., 0])[..., None]
-    e = _normaliser.exponentials_from_residual(saved_e, where, norm)
-    grad = e * p_scale
+    coef_x = coef * inv_t
+    p_scale = (coef_x * mass * inverse[..., 0])[..., None]
+    e = _normaliser.exponentials_from_residual(saved_e, where, norm, inv_t)
+    x = None if entropy is None else _scaled(logits, dtype, cfg.temperature)
+    grad = e * _softmax_factor(p_scale, x, where, norm, inverse, entropy, g_stats, inv_t)
     if eps:
         w = _smoothing_weights(weights, where, e.shape, dtype)
-        grad = grad - _expand(coef * eps / num_classes) * w
-    grad = _add_at_targets(grad, targets, -coef * (1.0 - eps) * w_y)
+        grad = grad - _expand(coef_x * eps / num_classes) * w
+    grad = _add_at_targets(grad, targets, -coef_x * (1.0 - eps) * w_y)
     dlogits = grad.astype(saved_e.dtype)
 
     dweights = None
@@ -316,7 +496,9 @@ def _integer_ce_bwd(
         dw = _scatter_to_classes(per_example, targets, num_local, dtype)
         if eps:
             spread = _elementwise.mask(
-                _neg_log_probs(logits.astype(dtype), *norm.lse_parts()), where, 0.0
+                _neg_log_probs(_scaled(logits, dtype, cfg.temperature), *norm.lse_parts()),
+                where,
+                0.0,
             )
             dw = dw + _batch_sum(_expand(coef * eps / num_classes) * spread)
         dweights = _sharding.sum_to_primal(dw, weights).astype(weights.dtype)
@@ -333,6 +515,8 @@ class DenseConfig(NamedTuple):
     label_smoothing: float
     z_loss: float
     axis_name: Hashable | None
+    temperature: float = 1.0
+    return_aux: bool = False
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(4,))
@@ -342,7 +526,10 @@ def dense_ce(
     where: jax.Array | None,
     weights: jax.Array | None,
     cfg: DenseConfig,
-) -> tuple[jax.Array, jax.Array]:
+) -> tuple[Any, ...]:
+    """``(loss, weight)`` per example, and with ``cfg.return_aux`` a third output
+    ``(lse, entropy, argmax, correct, counted)``, ``correct`` comparing with the targets'
+    argmax (see :mod:`jxent._aux_outputs`)."""
     return _dense_ce_fwd(logits, labels, where, weights, cfg)[0]
 
 
@@ -373,10 +560,13 @@ def _dense_ce_fwd(
     where: jax.Array | None,
     weights: jax.Array | None,
     cfg: DenseConfig,
-) -> tuple[tuple[jax.Array, jax.Array], tuple[Any, ...]]:
+) -> tuple[tuple[Any, ...], tuple[Any, ...]]:
     dtype = _dtypes.compute_dtype(logits.dtype)
-    x = logits.astype(dtype)
-    e, norm, inverse = _normaliser.exponentials(x, where, cfg.axis_name)
+    x = _scaled(logits, dtype, cfg.temperature)
+    if cfg.return_aux:
+        e, norm, inverse, stats = _exponentials_and_stats(x, where, cfg.axis_name)
+    else:
+        e, norm, inverse = _normaliser.exponentials(x, where, cfg.axis_name)
     num_classes = _row_class_count(x, where, cfg.axis_name)
 
     def targets(labels: Any, where: Any, weights: Any, num_classes: Any) -> Any:
@@ -412,6 +602,15 @@ def _dense_ce_fwd(
         # the logits first instead of copying them (see _reductions.row_shift). Short rows keep e,
         # and the gradient overwrites e instead.
         mass = mass + jnp.minimum(jnp.abs(loss), 0.0)
+    outputs: tuple[Any, ...] = (loss, row_valid.astype(dtype))
+    entropy = None
+    if cfg.return_aux:
+        entropy, argmax = stats
+        lse = norm.lse()[..., 0]
+        t = labels.astype(dtype)
+        top = _reductions.class_max(_elementwise.mask(t, where, -jnp.inf), cfg.axis_name)
+        correct = (argmax == _first_argmax(t, where, top, cfg.axis_name)) & row_valid
+        outputs = (*outputs, (lse, entropy, argmax, correct, row_valid))
     residuals = (
         logits,
         _normaliser.exponentials_residual(logits, e),
@@ -423,28 +622,35 @@ def _dense_ce_fwd(
         mass,
         num_classes,
         row_valid,
+        entropy,
     )
-    return (loss, row_valid.astype(dtype)), residuals
+    return outputs, residuals
 
 
 def _dense_ce_bwd(
-    cfg: DenseConfig, residuals: tuple[Any, ...], cotangents: tuple[jax.Array, jax.Array]
+    cfg: DenseConfig, residuals: tuple[Any, ...], cotangents: tuple[Any, ...]
 ) -> tuple[Any, ...]:
-    logits, e, labels, where, weights, norm, inverse, mass, num_classes, row_valid = residuals
-    g_loss, _ = cotangents  # the example weight (row valid or not) is piecewise constant
+    (logits, e, labels, where, weights, norm, inverse, mass, num_classes, row_valid, entropy) = (
+        residuals
+    )
+    g_loss = cotangents[0]  # the example weight (row valid or not) is piecewise constant
+    g_stats = cotangents[2] if cfg.return_aux else None
     dtype = norm.shift.dtype
+    inv_t = 1.0 / cfg.temperature  # d(x / T)/dx: every logits term carries it
     coef = jnp.where(row_valid, g_loss, jnp.zeros_like(g_loss))[..., None]
     wt = _smoothed_weighted_targets(labels, where, weights, _expand(num_classes), cfg, dtype)
     if cfg.z_loss:
         mass = mass + 2.0 * cfg.z_loss * _elementwise.finite_or_zero(norm.lse()[..., 0])
-    p_scale = coef * (mass * inverse[..., 0])[..., None]
-    e = _normaliser.exponentials_from_residual(e, where, norm)
-    dlogits = (e * p_scale - coef * wt).astype(logits.dtype)
+    p_scale = coef * inv_t * (mass * inverse[..., 0])[..., None]
+    e = _normaliser.exponentials_from_residual(e, where, norm, inv_t)
+    x = _scaled(logits, dtype, cfg.temperature)
+    factor = _softmax_factor(
+        p_scale, None if entropy is None else x, where, norm, inverse, entropy, g_stats, inv_t
+    )
+    dlogits = (e * factor - (coef * inv_t) * wt).astype(logits.dtype)
     # d loss / d t_c = (1-ε)·w_c·(-log p_c): the negative log-probability, for distillation.
     # (XLA drops this computation when the labels' gradient is not used.)
-    neg_log_p = _elementwise.mask(
-        _neg_log_probs(logits.astype(dtype), *norm.lse_parts()), where, 0.0
-    )
+    neg_log_p = _elementwise.mask(_neg_log_probs(x, *norm.lse_parts()), where, 0.0)
     w = jnp.ones((), dtype) if weights is None else weights.astype(dtype)
     dlabels = (coef * (1.0 - cfg.label_smoothing) * w * neg_log_p).astype(labels.dtype)
     dweights = None

@@ -14,6 +14,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax import lax
 
+from jxent import _aux_outputs
 from jxent._elementwise import mask, safe_reciprocal
 from jxent._reductions import (
     block_size,
@@ -141,15 +142,46 @@ def _online_combine(a: tuple[jax.Array, ...], b: tuple[jax.Array, ...]) -> tuple
     be NaN) are merged unscaled. A NaN max stays NaN (``maximum`` propagates it).
     """
     (m1, s1, *rest1), (m2, s2, *rest2) = a, b
-    top = jnp.maximum(m1, m2)
-    gap = jnp.where(m1 == m2, jnp.zeros_like(m1), jnp.minimum(m1, m2) - top)
-    scale = jnp.exp(gap)
+    top, _, scale = _merge_maxima(m1, m2)
     total = jnp.where(m1 >= m2, s1 + s2 * scale, s1 * scale + s2)
     return (top, total, *(r1 + r2 for r1, r2 in zip(rest1, rest2, strict=True)))
 
 
-def _online_reduce(operands: Sequence[jax.Array]) -> list[jax.Array]:
-    """:func:`_online_combine` over the last axis of ``(x, ones, *sums)``.
+def _merge_maxima(m1: jax.Array, m2: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """The merged max, ``gap = smaller - larger`` (0 for equal maxima, including two
+    ``±inf``) and ``exp(gap)``."""
+    top = jnp.maximum(m1, m2)
+    gap = jnp.where(m1 == m2, jnp.zeros_like(m1), jnp.minimum(m1, m2) - top)
+    return top, gap, jnp.exp(gap)
+
+
+def _lagged(gap: jax.Array) -> jax.Array:
+    """``exp(gap)·(-gap)``: what rebasing a partial spread to a max ``-gap`` higher adds
+    per unit of its sum; 0, never ``0·inf``, for an empty partial (``gap = -inf``)."""
+    return jnp.exp(gap) * jnp.minimum(-gap, jnp.finfo(gap.dtype).max)
+
+
+def _online_combine_aux(
+    a: tuple[jax.Array, ...], b: tuple[jax.Array, ...]
+) -> tuple[jax.Array, ...]:
+    """:func:`_online_combine` of ``(max m, Σ exp(x - m), spread, index, *sums)``, for the
+    cross-entropies' ``return_aux``: ``spread = Σ exp(x - m)·(m - x)`` (rebased to the
+    merged max like the sum: the entropy is ``log_sum + spread / Σ exp(x - m)``) and the
+    first index of the max (the lower one of equal maxima, whatever the merge order)."""
+    (m1, s1, w1, i1, *rest1), (m2, s2, w2, i2, *rest2) = a, b
+    top, gap, scale = _merge_maxima(m1, m2)
+    lagged = _lagged(gap)
+    first = m1 >= m2
+    total = jnp.where(first, s1 + s2 * scale, s1 * scale + s2)
+    spread = jnp.where(first, w1 + scale * w2 + lagged * s2, scale * w1 + lagged * s1 + w2)
+    index = jnp.where(m1 == m2, jnp.minimum(i1, i2), jnp.where(first, i1, i2))
+    rest = (r1 + r2 for r1, r2 in zip(rest1, rest2, strict=True))
+    return (top, total, spread, index, *rest)
+
+
+def _online_reduce(operands: Sequence[jax.Array], aux: bool = False) -> list[jax.Array]:
+    """:func:`_online_combine` over the last axis of ``(x, ones, *sums)`` (with ``aux``,
+    :func:`_online_combine_aux` over ``(x, ones, zeros, class ids, *sums)``).
 
     On GPU a long row (> :data:`GPU_ROW`) is first reduced in blocks (see
     :func:`gpu_block_size`), then the ``[..., ceil(C / b)]`` partials: XLA:GPU splits a
@@ -162,9 +194,14 @@ def _online_reduce(operands: Sequence[jax.Array]) -> list[jax.Array]:
     last = operands[0].ndim - 1
     dtype = operands[0].dtype
     inits = tuple(np.asarray(v, dtype) for v in (-jnp.inf, *(0.0 for _ in operands[1:])))
+    combine = _online_combine
+    if aux:  # the class ids start from the largest int32: any id is lower
+        ids = np.asarray(np.iinfo(np.int32).max, np.int32)
+        inits = (*inits[:3], ids, *inits[4:])
+        combine = _online_combine_aux
 
     def whole() -> list[jax.Array]:
-        return list(lax.reduce(tuple(operands), inits, _online_combine, (last,)))
+        return list(lax.reduce(tuple(operands), inits, combine, (last,)))
 
     num_classes = operands[0].shape[-1]
     block = gpu_block_size(num_classes)
@@ -174,8 +211,8 @@ def _online_reduce(operands: Sequence[jax.Array]) -> list[jax.Array]:
     def blocked() -> list[jax.Array]:
         # Padding with the identity (-inf, 0, 0, ...) leaves each row's result unchanged.
         views = tuple(padded_blocks(a, block, v) for a, v in zip(operands, inits, strict=True))
-        partial = lax.reduce(views, inits, _online_combine, (last + 1,))
-        return list(lax.reduce(tuple(partial), inits, _online_combine, (last,)))
+        partial = lax.reduce(views, inits, combine, (last + 1,))
+        return list(lax.reduce(tuple(partial), inits, combine, (last,)))
 
     return platform_dependent(cuda=blocked, rocm=blocked, default=whole)
 
@@ -211,6 +248,41 @@ def _online_stats_jvp(
     ]
 
 
+@jax.custom_jvp
+def _online_stats_aux(
+    x: jax.Array, ones: jax.Array, zeros: jax.Array, ids: jax.Array, *sums: jax.Array
+) -> list[jax.Array]:
+    """``(max m, Σ exp(x - m), Σ exp(x - m)·(m - x), first argmax, *row sums)`` (see
+    :func:`_online_combine_aux`); a ``custom_jvp`` for the reason :func:`_online_stats` is."""
+    return _online_reduce((x, ones, zeros, ids, *sums), aux=True)
+
+
+@_online_stats_aux.defjvp
+def _online_stats_aux_jvp(
+    primals: tuple[jax.Array, ...], tangents: tuple[jax.Array, ...]
+) -> tuple[list[jax.Array], list[Any]]:
+    # As _online_stats_jvp, m held constant; the spread moves by Σ e·((m - x) - 1)·dx, its
+    # (m - x) capped so that a masked entry's e = 0 times it is 0. The argmax has none.
+    x, *_ = primals
+    dx, _, _, _, *dsums = tangents
+    top, total, spread, index, *row_sums = _online_stats_aux(*primals)
+    finite_top = jnp.where(jnp.isfinite(top), top, jnp.zeros_like(top))[..., None]
+    e = jnp.exp(x - finite_top)
+    lag = jnp.minimum(finite_top - x, jnp.finfo(x.dtype).max)
+    tangent_sums = (class_sum(t)[..., 0] for t in (e * dx, e * (lag - 1.0) * dx, *dsums))
+    dtotal, dspread, *dplain = tangent_sums
+    dindex = np.zeros(index.shape, jax.dtypes.float0)
+    primal_out = [top, total, spread, index, *row_sums]
+    return primal_out, [jnp.zeros_like(top), dtotal, dspread, dindex, *dplain]
+
+
+class OnlineAux(NamedTuple):
+    """Per-row statistics of :func:`online_normaliser_aux` (over the global row)."""
+
+    entropy: jax.Array  # -Σ p log p; 0 for an empty row
+    argmax: jax.Array  # int32 global id of the first maximum; 0 for an empty row
+
+
 def online_normaliser(
     x: jax.Array,
     where: jax.Array | None = None,
@@ -232,15 +304,55 @@ def online_normaliser(
     on empty rows and ``+inf`` on rows holding ``+inf``. ``log_sum`` is differentiable
     (see :func:`_online_stats`), for ``grad`` of ``grad`` and ``jax.hessian``.
     """
+    norm, inverse, row_sums, _ = _online(x, where, axis_name, sums, aux=False)
+    return norm, inverse, row_sums
+
+
+def online_normaliser_aux(
+    x: jax.Array,
+    where: jax.Array | None = None,
+    axis_name: Hashable | None = None,
+    sums: Sequence[jax.Array] = (),
+) -> tuple[Normaliser, jax.Array, list[jax.Array], OnlineAux]:
+    """:func:`online_normaliser` and, from the same pass over ``x``, each row's entropy
+    and argmax (see :func:`_online_combine_aux`), for the cross-entropies' ``return_aux``."""
+    norm, inverse, row_sums, aux = _online(x, where, axis_name, sums, aux=True)
+    assert aux is not None
+    return norm, inverse, row_sums, aux
+
+
+def _online(
+    x: jax.Array,
+    where: jax.Array | None,
+    axis_name: Hashable | None,
+    sums: Sequence[jax.Array],
+    aux: bool,
+) -> tuple[Normaliser, jax.Array, list[jax.Array], OnlineAux | None]:
     xm = mask(x, where, -jnp.inf)
     dtype = xm.dtype
     operands = (xm, jnp.ones_like(xm), *(jnp.asarray(v, dtype) for v in sums))
-    top, total, *row_sums = _online_stats(*operands)
+    if aux:
+        ids = lax.broadcasted_iota(jnp.int32, xm.shape, xm.ndim - 1)
+        top, total, spread, index, *row_sums = _online_stats_aux(
+            xm, operands[1], jnp.zeros_like(xm), ids, *operands[2:]
+        )
+    else:
+        top, total, *row_sums = _online_stats(*operands)
+    local_top = top
     if axis_name is not None:
         global_top = lax.pmax(top, axis_name)
         local_gap = jnp.where(top == global_top, jnp.zeros_like(top), top - global_top)
+        if aux:  # each shard's spread rebased to the global max (see _online_combine_aux)
+            spread = lax.psum(jnp.exp(local_gap) * spread + _lagged(local_gap) * total, axis_name)
         total = lax.psum(total * jnp.exp(local_gap), axis_name)
         top = global_top
+    stats = None
+    if aux:
+        # H = Σ p·(lse - x) = Σ p·(top - x) + log_sum, both sums relative to top.
+        entropy = jnp.log(total) + spread * safe_reciprocal(total)
+        entropy = jnp.where(jnp.isneginf(top), jnp.zeros_like(top), entropy)
+        argmax = _aux_outputs.global_argmax(local_top, index, axis_name, xm.shape[-1])
+        stats = OnlineAux(entropy, argmax)
     finfo = jnp.finfo(dtype)
     shift = lax.stop_gradient(jnp.clip(top, finfo.min, finfo.max))
     # total · exp(top - shift) = Σ exp(x - shift): 0 on an empty row (top = -inf), +inf on
@@ -248,7 +360,7 @@ def online_normaliser(
     # is the softmax (the derivative of the running sum alone would lack the max's part).
     total = total * jnp.exp(top - shift)
     norm = Normaliser(shift[..., None], jnp.log(total)[..., None])
-    return norm, safe_reciprocal(total)[..., None], row_sums
+    return norm, safe_reciprocal(total)[..., None], row_sums, stats
 
 
 def exponentials_residual(logits: jax.Array, e: jax.Array) -> jax.Array:
@@ -267,12 +379,15 @@ def exponentials_residual(logits: jax.Array, e: jax.Array) -> jax.Array:
 
 
 def exponentials_from_residual(
-    saved: jax.Array, where: jax.Array | None, norm: Normaliser
+    saved: jax.Array, where: jax.Array | None, norm: Normaliser, scale: float = 1.0
 ) -> jax.Array:
-    """Inverse of :func:`exponentials_residual`, in the compute dtype."""
+    """Inverse of :func:`exponentials_residual`, in the compute dtype. ``scale``: the factor
+    the logits were multiplied by before the normaliser (``1 / temperature``)."""
 
     def recompute() -> jax.Array:
-        return jnp.exp(mask(saved.astype(norm.shift.dtype), where, -jnp.inf) - norm.shift)
+        x = saved.astype(norm.shift.dtype)
+        x = x if scale == 1.0 else x * scale
+        return jnp.exp(mask(x, where, -jnp.inf) - norm.shift)
 
     if block_size(saved.shape[-1]):
         return recompute()

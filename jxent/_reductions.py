@@ -75,8 +75,9 @@ def _blocked_reduce(
     """
     if num_classes % block:
         values = fn(*args)
-        # Sums pad with 0; maxima (only of floats here) with -inf, which _floored_max floors.
-        identity = 0 if op is jnp.sum else -jnp.inf
+        # Sums pad with 0; maxima with the lowest value (-inf for floats, which
+        # _floored_max floors).
+        identity = 0 if op is jnp.sum else _lowest(values.dtype)
         partial = op(padded_blocks(values, block, identity), axis=-1)
     else:
 
@@ -91,6 +92,11 @@ def _blocked_reduce(
     if barrier:
         partial = lax.optimization_barrier(partial)
     return op(partial, axis=-1, keepdims=True)
+
+
+def _lowest(dtype: Any) -> Any:
+    """The identity of a max over ``dtype``: ``-inf``, or the most negative integer."""
+    return -jnp.inf if jnp.issubdtype(dtype, jnp.floating) else jnp.iinfo(dtype).min
 
 
 def padded_blocks(a: jax.Array, block: int, fill: Any) -> jax.Array:

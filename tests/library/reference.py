@@ -27,6 +27,9 @@ Array = np.ndarray
 class Result:
     value: Array
     grads: dict[str, Array] = field(default_factory=dict)
+    # Each example's share of the mean's denominator (w_y for counted integer labels, 1 for
+    # counted dense rows, else 0), flattened; set by the cross-entropy references.
+    weight: Array | None = None
 
 
 # ----------------------------------------------------------------------------- layout
@@ -166,7 +169,7 @@ def _integer_family(
     grads = {"logits": rows.from_rows(grad_x)}
     if weights is not None:
         grads["class_weights"] = grad_w
-    return Result(np.asarray(value), grads)
+    return Result(np.asarray(value), grads, weight)
 
 
 def integer_cross_entropy(
@@ -294,7 +297,7 @@ def dense_cross_entropy(
     }
     if weights is not None:
         grads["class_weights"] = np.sum(g[:, None] * dw, axis=0)
-    return Result(np.asarray(value), grads)
+    return Result(np.asarray(value), grads, valid)
 
 
 # ----------------------------------------------------------------------------- binary
@@ -383,3 +386,125 @@ def kl_divergence_with_log_targets(
         "log_targets": rows.from_rows(g[:, None] * dlt),
     }
     return Result(rows.batch(loss), grads)
+
+
+# ----------------------------------------------------------------------------- extras
+
+
+def token_weighted_reduction(
+    loss, mean_weight, *, token_weights=None, normalizer=None, reduction="none", cotangent=None
+):
+    """``Σ_n t_n·ℓ_n`` (``sum``), divided by ``Σ_n t_n·m_n`` or by ``normalizer`` (``mean``;
+    0 over a zero denominator), or ``t_n·ℓ_n`` (``none``) with per-example token weights
+    ``t`` (1 by default) and mean weights ``m`` (flat arrays).
+
+    Returns ``(value, dv/dℓ, dv/dm, dv/dt, dv/dnormalizer)``; for ``none`` the derivatives
+    are those of ``Σ_n v_n·t_n·ℓ_n`` with cotangent ``v`` (all ones unless given).
+    """
+    loss = np.asarray(loss, np.float64).reshape(-1)
+    m = np.asarray(mean_weight, np.float64).reshape(-1)
+    n = loss.shape[0]
+    t = np.ones(n) if token_weights is None else np.asarray(token_weights, np.float64).reshape(-1)
+    zero = np.zeros(n)
+    if reduction == "none":
+        v = np.ones(n) if cotangent is None else np.asarray(cotangent, np.float64).reshape(-1)
+        return t * loss, v * t, zero, v * loss, 0.0
+    total = np.sum(t * loss)
+    if reduction == "sum":
+        return total, t, zero, loss, 0.0
+    if normalizer is not None:
+        d = float(normalizer)
+        if d == 0:
+            return np.float64(0.0), zero, zero, zero, 0.0
+        return total / d, t / d, zero, loss / d, -total / d**2
+    d = np.sum(t * m)
+    if d == 0:
+        return np.float64(0.0), zero, zero, zero, 0.0
+    value = total / d
+    return value, t / d, -value / d * t, loss / d - value / d * m, 0.0
+
+
+def cross_entropy_extras(
+    logits,
+    labels,
+    *,
+    dense=False,
+    token_weights=None,
+    normalizer=None,
+    temperature=1.0,
+    reduction="none",
+    cotangent=None,
+    **options,
+) -> Result:
+    """The integer (or ``dense``) cross-entropy of ``logits / T`` with per-example token
+    weights and an explicit mean denominator (see :func:`token_weighted_reduction`).
+
+    Gradients: ``logits`` (carrying ``1/T``), ``class_weights`` (including the mean's
+    denominator ``Σ t_n·w_{y_n}``), ``token_weights``, ``normalizer``, ``labels`` (dense).
+    """
+    base = dense_cross_entropy if dense else integer_cross_entropy
+    x = np.asarray(logits, np.float64) / temperature
+    per_example = base(x, labels, **options)
+    value, d_loss, d_mean_weight, d_tokens, d_norm = token_weighted_reduction(
+        per_example.value,
+        per_example.weight,
+        token_weights=token_weights,
+        normalizer=normalizer,
+        reduction=reduction,
+        cotangent=cotangent,
+    )
+    chained = base(x, labels, cotangent=d_loss, **options).grads
+    grads = {"logits": chained["logits"] / temperature}
+    if "labels" in chained:
+        grads["labels"] = chained["labels"]
+    if "class_weights" in chained:
+        grads["class_weights"] = chained["class_weights"]
+        if not dense:  # the mean weight of a counted example is w_y
+            counted = per_example.weight != 0
+            y = np.asarray(labels).astype(np.int64).reshape(-1)
+            np.add.at(grads["class_weights"], y[counted], d_mean_weight[counted])
+    if token_weights is not None:
+        grads["token_weights"] = d_tokens.reshape(np.shape(token_weights))
+    if normalizer is not None:
+        grads["normalizer"] = np.float64(d_norm)
+    shape = np.shape(per_example.value)
+    value = np.asarray(value).reshape(shape if reduction == "none" else ())
+    return Result(value, grads, per_example.weight)
+
+
+def first_argmax(values, mask) -> int:
+    """The first index of the largest unmasked value (0 for a row with none)."""
+    if not mask.any():
+        return 0
+    return int(np.argmax(np.where(mask, values, -np.inf)))
+
+
+def row_statistics(logits, *, axis=-1, where=None, temperature=1.0) -> dict[str, Array]:
+    """Per row of ``z = logits / T`` over its unmasked classes: ``lse`` (``-inf`` for an
+    empty row), the entropy ``H = -Σ_c p_c log p_c`` (0 for an empty row), ``argmax``
+    (first maximum), and the gradients of their row sums with respect to the logits:
+    ``d lse / dx = p / T`` and ``d H / dx = -p·(log p + H) / T``."""
+    rows = Rows(np.shape(logits), axis)
+    z = rows.to_rows(np.asarray(logits, np.float64)) / temperature
+    m = np.ones_like(z, bool) if where is None else rows.to_rows(np.asarray(where, bool))
+    n_rows = z.shape[0]
+    lse, entropy = np.full(n_rows, -np.inf), np.zeros(n_rows)
+    argmax = np.zeros(n_rows, np.int64)
+    grad_lse, grad_entropy = np.zeros_like(z), np.zeros_like(z)
+    for n in range(n_rows):
+        argmax[n] = first_argmax(z[n], m[n])
+        if not m[n].any():
+            continue
+        lse[n] = _lse(z[n], m[n])
+        log_p = np.where(m[n], z[n] - lse[n], 0.0)
+        p = np.where(m[n], np.exp(log_p), 0.0)
+        entropy[n] = -np.sum(p * log_p)
+        grad_lse[n] = p / temperature
+        grad_entropy[n] = -p * (log_p + entropy[n]) / temperature
+    return {
+        "lse": rows.batch(lse),
+        "entropy": rows.batch(entropy),
+        "argmax": rows.batch(argmax),
+        "grad_lse": rows.from_rows(grad_lse),
+        "grad_entropy": rows.from_rows(grad_entropy),
+    }
