@@ -408,6 +408,38 @@ def _fused_candidates() -> dict[str, Callable[..., Array]]:
     return {"jxent": jxent.fused_linear_cross_entropy, "optax-unfused": unfused}
 
 
+def _logging_aux(fn: Callable[..., Any]) -> Callable[..., Array]:
+    """``fn(..., return_aux=True)`` as a trainer that logs every auxiliary output uses it: the
+    loss, with each output kept alive (``+ 0·stop_gradient(...)``, which XLA does not fold),
+    and no gradient through them."""
+
+    def loss(*args: Array) -> Array:
+        value, aux = fn(*args, return_aux=True)
+        logged = sum(
+            jnp.sum(jnp.asarray(field, jnp.float32))
+            for field in (aux.lse, aux.z_loss, aux.entropy, aux.argmax, aux.correct)
+        )
+        return value + 0.0 * jax.lax.stop_gradient(logged)
+
+    return loss
+
+
+def _integer_ce_aux_candidates() -> dict[str, Callable[..., Array]]:
+    plain = jxent.softmax_cross_entropy_with_integer_labels
+    return {"jxent+aux": _logging_aux(plain), "jxent": plain}
+
+
+def _fused_aux_candidates() -> dict[str, Callable[..., Array]]:
+    plain = jxent.fused_linear_cross_entropy
+    return {"jxent+aux": _logging_aux(plain), "jxent": plain}
+
+
+_AUX_TARGETS = (
+    Target("aux-overhead", "fwd+bwd", "time_ratio", 1.05, "time with aux / without"),
+    Target("aux-overhead", "fwd+bwd", "temp_ratio", 1.05, "temp with aux / without"),
+)
+
+
 def _binary_ce_candidates() -> dict[str, Callable[..., Array]]:
     return {
         "jxent": jxent.sigmoid_binary_cross_entropy,
@@ -519,6 +551,33 @@ CASES: tuple[Case, ...] = (
             Target("fused-memory", "fwd+bwd", "temp_ratio", 1 / 16, "temp jxent/unfused"),
             Target("fused-time", "fwd+bwd", "time_ratio", 1.0, "time jxent/unfused"),
         ),
+    ),
+    # The auxiliary outputs (return_aux=True) against the loss alone: CPU suite only.
+    Case(
+        op="ce_int_aux",
+        summary="mean(CE(logits, integer labels)) logging every auxiliary output",
+        candidates=_integer_ce_aux_candidates,
+        reference="jxent",
+        inputs=logits_and_labels,
+        objective=mean_objective,
+        op_args=2,
+        traffic=logits_passes(1, 2),
+        targets=_AUX_TARGETS,
+        suites=("cpu",),
+    ),
+    Case(
+        op="fused_aux",
+        summary="mean(CE(x @ w, integer labels)) logging every auxiliary output",
+        candidates=_fused_aux_candidates,
+        reference="jxent",
+        inputs=features_weights_labels,
+        objective=lambda fn: fn,
+        op_args=3,
+        shape_rank=3,
+        argnums=(0, 1),
+        floor=fused_traffic,
+        targets=_AUX_TARGETS,
+        suites=("cpu",),
     ),
     # Compiled for accelerators only so far (aot.py): no CPU or device targets yet.
     _loss(

@@ -175,7 +175,8 @@ def fused_linear_cross_entropy(
     during the forward pass (three matmuls in all, like the unfused computation);
     ``reduction="none"`` re-forms each chunk's logits in the backward pass (four matmuls).
     On GPU and TPU the loops run over blocks of the vocabulary instead, each covering all
-    tokens (``[N, block]`` float32 logits within 32 MiB, at least 128 classes): the forward
+    tokens (``[N, block]`` float32 logits within 64 MiB on GPU, 32 MiB on TPU, at least 128
+    classes): the forward
     pass merges the blocks' log-normalisers, the backward pass re-forms each block's logits
     and writes its slice of ``w``'s gradient once, in ``w``'s dtype (four matmuls), so that
     no float32 copy of ``w`` is held. Calling it without differentiating does no gradient
