@@ -22,14 +22,7 @@ from jxent import (
     _sharding,
     _validation,
 )
-from jxent._cross_entropy_kernels import (
-    DenseConfig,
-    IntegerConfig,
-    NLLConfig,
-    dense_ce,
-    integer_ce,
-    nll,
-)
+from jxent._cross_entropy_kernels import Config, label_loss
 from jxent._jit import jitted
 
 
@@ -62,9 +55,9 @@ def _prepare(
 
 
 def _run_sharded(
-    impl: Any, cfg: Any, prepared: _Prepared, labels: jax.Array, labels_kind: str
+    cfg: Config, prepared: _Prepared, labels: jax.Array, labels_kind: str
 ) -> tuple[Any, ...]:
-    """``impl(logits, labels, where, weights, cfg)``: per example losses and weights (and
+    """:func:`~jxent._cross_entropy_kernels.label_loss`: per example losses and weights (and
     the aux statistics with ``cfg.return_aux``).
 
     Logits sharded over explicit mesh axes are handled shard by shard (see
@@ -72,7 +65,7 @@ def _run_sharded(
     """
     plan = _sharding.plan(prepared.logits)
     if plan is None:
-        return impl(prepared.logits, labels, prepared.where, prepared.weights, cfg)
+        return label_loss(prepared.logits, labels, prepared.where, prepared.weights, cfg)
     cfg = cfg._replace(axis_name=plan.axis_name)
     args = (
         (prepared.logits, _sharding.LOGITS),
@@ -81,9 +74,9 @@ def _run_sharded(
         (prepared.weights, _sharding.CLASSES),
     )
     out_kinds: tuple[Any, ...] = (_sharding.BATCH, _sharding.BATCH)
-    if getattr(cfg, "return_aux", False):  # (lse, entropy, argmax, correct, counted)
+    if cfg.return_aux:  # (lse, entropy, argmax, correct, counted)
         out_kinds = (*out_kinds, (_sharding.BATCH,) * 5)
-    return _sharding.map_shards(lambda *a: impl(*a, cfg), plan, args, out_kinds)
+    return _sharding.map_shards(lambda *a: label_loss(*a, cfg), plan, args, out_kinds)
 
 
 def _token_weights(
@@ -334,11 +327,12 @@ def softmax_cross_entropy_with_integer_labels(
       <https://arxiv.org/abs/1512.00567>`_, 2016 (label smoothing).
     """
     _validation.check_ignore_index(ignore_index)
-    cfg = IntegerConfig(
+    cfg = Config(
+        "integer",
+        axis_name,
         ignore_index,
         _validation.check_unit_interval(label_smoothing, "label_smoothing"),
         _validation.check_nonnegative(z_loss, "z_loss"),
-        axis_name,
         _validation.check_positive(temperature, "temperature"),
         bool(return_aux),
     )
@@ -350,7 +344,7 @@ def softmax_cross_entropy_with_integer_labels(
         weights, prepared.layout, _dtypes.compute_dtype(prepared.logits.dtype)
     )
     denominator = _normalizer(normalizer, reduction)
-    outputs = _run_sharded(integer_ce, cfg, prepared, int_labels, _sharding.BATCH)
+    outputs = _run_sharded(cfg, prepared, int_labels, _sharding.BATCH)
     return _finish(outputs, token_weights, denominator, reduction, cfg.z_loss)
 
 
@@ -434,12 +428,13 @@ def softmax_cross_entropy(
       Reverse mode only (a ``jax.custom_vjp``): use ``jax.jacrev`` and ``jax.hessian``, not
       ``jax.jvp`` / ``jax.jacfwd``; see :doc:`gradients`.
     """
-    cfg = DenseConfig(
-        _validation.check_unit_interval(label_smoothing, "label_smoothing"),
-        _validation.check_nonnegative(z_loss, "z_loss"),
+    cfg = Config(
+        "dense",
         axis_name,
-        _validation.check_positive(temperature, "temperature"),
-        bool(return_aux),
+        label_smoothing=_validation.check_unit_interval(label_smoothing, "label_smoothing"),
+        z_loss=_validation.check_nonnegative(z_loss, "z_loss"),
+        temperature=_validation.check_positive(temperature, "temperature"),
+        return_aux=bool(return_aux),
     )
     prepared = _prepare(logits, axis, where, class_weights, reduction, axis_name)
     targets = _dtypes.as_floating(labels, "labels (dense targets)")
@@ -455,7 +450,7 @@ def softmax_cross_entropy(
         weights, prepared.layout, _dtypes.compute_dtype(prepared.logits.dtype)
     )
     denominator = _normalizer(normalizer, reduction)
-    outputs = _run_sharded(dense_ce, cfg, prepared, targets, _sharding.LOGITS)
+    outputs = _run_sharded(cfg, prepared, targets, _sharding.LOGITS)
     return _finish(outputs, token_weights, denominator, reduction, cfg.z_loss)
 
 
@@ -515,8 +510,8 @@ def nll_loss(
     if check_labels and axis_name is None:
         _labels.check_in_range(labels, prepared.layout.num_classes, ignore_index)
     int_labels = _integer_labels(labels, prepared.layout, ignore_index)
-    cfg = NLLConfig(ignore_index, axis_name)
-    loss, weight = _run_sharded(nll, cfg, prepared, int_labels, _sharding.BATCH)
+    cfg = Config("nll", axis_name, ignore_index)
+    loss, weight = _run_sharded(cfg, prepared, int_labels, _sharding.BATCH)
     return _loss_reduction.reduce_loss(loss, weight, reduction)
 
 

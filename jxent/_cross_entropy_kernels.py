@@ -1,7 +1,8 @@
 """The ``custom_vjp`` kernels of the cross-entropy losses (integer and dense labels, NLL).
 
-The public functions are in :mod:`jxent._cross_entropy`; each kernel here is a
-``custom_vjp`` trio (``impl`` / ``fwd`` / ``bwd``) on class-last arrays.
+The public functions are in :mod:`jxent._cross_entropy`; here is one ``custom_vjp``,
+:func:`label_loss`, whose static ``Config.kind`` picks the forward and backward rules of one
+loss (integer labels, dense labels, NLL), on class-last arrays.
 
 Conventions shared by every loss here (they are PyTorch's ``cross_entropy`` / ``nll_loss``):
 
@@ -45,6 +46,19 @@ from jxent import (
     _reductions,
     _sharding,
 )
+
+
+class Config(NamedTuple):
+    """Static options of one call (the custom_vjp's ``nondiff_argnums``)."""
+
+    kind: str  # "integer", "dense" or "nll": which loss, i.e. which forward and backward rules
+    axis_name: Hashable | None
+    ignore_index: int | None = None
+    label_smoothing: float = 0.0
+    z_loss: float = 0.0
+    temperature: float = 1.0
+    return_aux: bool = False
+
 
 # ----------------------------------------------------------------------------- targets
 
@@ -280,28 +294,6 @@ def _softmax_factor(
 # ----------------------------------------------------------------------------- integer labels
 
 
-class IntegerConfig(NamedTuple):
-    ignore_index: int | None
-    label_smoothing: float
-    z_loss: float
-    axis_name: Hashable | None
-    temperature: float = 1.0
-    return_aux: bool = False
-
-
-@functools.partial(jax.custom_vjp, nondiff_argnums=(4,))
-def integer_ce(
-    logits: jax.Array,
-    labels: jax.Array,
-    where: jax.Array | None,
-    weights: jax.Array | None,
-    cfg: IntegerConfig,
-) -> tuple[Any, ...]:
-    """``(loss, weight)`` per example, and with ``cfg.return_aux`` a third output
-    ``(lse, entropy, argmax, correct, counted)`` (see :mod:`jxent._aux_outputs`)."""
-    return _integer_ce_fwd(logits, labels, where, weights, cfg)[0]
-
-
 def _smoothing_weights(
     weights: jax.Array | None, where: jax.Array | None, shape: tuple[int, ...], dtype: Any
 ) -> jax.Array:
@@ -325,7 +317,7 @@ _Normalised = tuple[jax.Array, jax.Array, _normaliser.Normaliser, jax.Array, tup
 
 
 def _gather_then_normalise(
-    logits: jax.Array, where: jax.Array | None, targets: _labels.Targets, cfg: IntegerConfig
+    logits: jax.Array, where: jax.Array | None, targets: _labels.Targets, cfg: Config
 ) -> _Normalised:
     """CPU: the target logit by a gather, then :func:`~jxent._normaliser.exponentials`
     (and with ``cfg.return_aux`` each row's entropy and argmax, see :func:`_cpu_row_stats`).
@@ -345,7 +337,7 @@ def _gather_then_normalise(
 
 
 def _normalise_and_pick(
-    logits: jax.Array, where: jax.Array | None, targets: _labels.Targets, cfg: IntegerConfig
+    logits: jax.Array, where: jax.Array | None, targets: _labels.Targets, cfg: Config
 ) -> _Normalised:
     """GPU / TPU: the normaliser and the target logit in one pass over the logits (with
     ``cfg.return_aux`` also each row's entropy and argmax, in the same pass).
@@ -379,7 +371,7 @@ def _integer_ce_fwd(
     labels: jax.Array,
     where: jax.Array | None,
     weights: jax.Array | None,
-    cfg: IntegerConfig,
+    cfg: Config,
 ) -> tuple[tuple[Any, ...], tuple[Any, ...]]:
     dtype = _dtypes.compute_dtype(logits.dtype)
     num_local = logits.shape[-1]
@@ -445,7 +437,7 @@ def _integer_ce_fwd(
 
 
 def _integer_ce_bwd(
-    cfg: IntegerConfig, residuals: tuple[Any, ...], cotangents: tuple[Any, ...]
+    cfg: Config, residuals: tuple[Any, ...], cotangents: tuple[Any, ...]
 ) -> tuple[Any, ...]:
     (
         logits,
@@ -505,32 +497,7 @@ def _integer_ce_bwd(
     return dlogits, None, None, dweights
 
 
-integer_ce.defvjp(_integer_ce_fwd, _integer_ce_bwd)
-
-
 # ----------------------------------------------------------------------------- dense labels
-
-
-class DenseConfig(NamedTuple):
-    label_smoothing: float
-    z_loss: float
-    axis_name: Hashable | None
-    temperature: float = 1.0
-    return_aux: bool = False
-
-
-@functools.partial(jax.custom_vjp, nondiff_argnums=(4,))
-def dense_ce(
-    logits: jax.Array,
-    labels: jax.Array,
-    where: jax.Array | None,
-    weights: jax.Array | None,
-    cfg: DenseConfig,
-) -> tuple[Any, ...]:
-    """``(loss, weight)`` per example, and with ``cfg.return_aux`` a third output
-    ``(lse, entropy, argmax, correct, counted)``, ``correct`` comparing with the targets'
-    argmax (see :mod:`jxent._aux_outputs`)."""
-    return _dense_ce_fwd(logits, labels, where, weights, cfg)[0]
 
 
 def _smoothed_weighted_targets(
@@ -538,7 +505,7 @@ def _smoothed_weighted_targets(
     where: jax.Array | None,
     weights: jax.Array | None,
     num_classes: Any,
-    cfg: DenseConfig,
+    cfg: Config,
     dtype: Any,
 ) -> jax.Array:
     """``w_c·t'_c`` with ``t' = (1-ε)·t + ε/C``, 0 on masked classes.
@@ -559,7 +526,7 @@ def _dense_ce_fwd(
     labels: jax.Array,
     where: jax.Array | None,
     weights: jax.Array | None,
-    cfg: DenseConfig,
+    cfg: Config,
 ) -> tuple[tuple[Any, ...], tuple[Any, ...]]:
     dtype = _dtypes.compute_dtype(logits.dtype)
     x = _scaled(logits, dtype, cfg.temperature)
@@ -628,7 +595,7 @@ def _dense_ce_fwd(
 
 
 def _dense_ce_bwd(
-    cfg: DenseConfig, residuals: tuple[Any, ...], cotangents: tuple[Any, ...]
+    cfg: Config, residuals: tuple[Any, ...], cotangents: tuple[Any, ...]
 ) -> tuple[Any, ...]:
     (logits, e, labels, where, weights, norm, inverse, mass, num_classes, row_valid, entropy) = (
         residuals
@@ -661,26 +628,7 @@ def _dense_ce_bwd(
     return dlogits, dlabels, None, dweights
 
 
-dense_ce.defvjp(_dense_ce_fwd, _dense_ce_bwd)
-
-
 # ----------------------------------------------------------------------------- NLL
-
-
-class NLLConfig(NamedTuple):
-    ignore_index: int | None
-    axis_name: Hashable | None
-
-
-@functools.partial(jax.custom_vjp, nondiff_argnums=(4,))
-def nll(
-    log_probs: jax.Array,
-    labels: jax.Array,
-    where: jax.Array | None,
-    weights: jax.Array | None,
-    cfg: NLLConfig,
-) -> tuple[jax.Array, jax.Array]:
-    return _nll_fwd(log_probs, labels, where, weights, cfg)[0]
 
 
 def _nll_fwd(
@@ -688,7 +636,7 @@ def _nll_fwd(
     labels: jax.Array,
     where: jax.Array | None,
     weights: jax.Array | None,
-    cfg: NLLConfig,
+    cfg: Config,
 ) -> tuple[tuple[jax.Array, jax.Array], tuple[Any, ...]]:
     dtype = _dtypes.compute_dtype(log_probs.dtype)
     num_local = log_probs.shape[-1]
@@ -704,7 +652,7 @@ def _nll_fwd(
 
 
 def _nll_bwd(
-    cfg: NLLConfig, residuals: tuple[Any, ...], cotangents: tuple[jax.Array, jax.Array]
+    cfg: Config, residuals: tuple[Any, ...], cotangents: tuple[jax.Array, jax.Array]
 ) -> tuple[Any, ...]:
     log_probs, weights, targets, lp_y = residuals
     g_loss, g_weight = cotangents
@@ -723,4 +671,45 @@ def _nll_bwd(
     return dlog_probs, None, None, dweights
 
 
-nll.defvjp(_nll_fwd, _nll_bwd)
+# ----------------------------------------------------------------------------- the custom_vjp
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(4,))
+def label_loss(
+    logits: jax.Array,
+    labels: jax.Array,
+    where: jax.Array | None,
+    weights: jax.Array | None,
+    cfg: Config,
+) -> tuple[Any, ...]:
+    """``(loss, weight)`` per example of the loss ``cfg.kind`` names, on class-last arrays.
+
+    With ``cfg.return_aux`` (integer and dense labels) a third output ``(lse, entropy,
+    argmax, correct, counted)`` (see :mod:`jxent._aux_outputs`); for dense labels
+    ``correct`` compares with the targets' argmax. The log-probabilities of ``"nll"`` come as
+    ``logits``."""
+    return _fwd(logits, labels, where, weights, cfg)[0]
+
+
+def _fwd(
+    logits: jax.Array,
+    labels: jax.Array,
+    where: jax.Array | None,
+    weights: jax.Array | None,
+    cfg: Config,
+) -> tuple[tuple[Any, ...], tuple[Any, ...]]:
+    forward, _ = _RULES[cfg.kind]
+    return forward(logits, labels, where, weights, cfg)
+
+
+def _bwd(cfg: Config, residuals: tuple[Any, ...], cotangents: tuple[Any, ...]) -> tuple[Any, ...]:
+    _, backward = _RULES[cfg.kind]
+    return backward(cfg, residuals, cotangents)
+
+
+_RULES: dict[str, tuple[Any, Any]] = {
+    "integer": (_integer_ce_fwd, _integer_ce_bwd),
+    "dense": (_dense_ce_fwd, _dense_ce_bwd),
+    "nll": (_nll_fwd, _nll_bwd),
+}
+label_loss.defvjp(_fwd, _bwd)
