@@ -48,6 +48,9 @@ class Config:
     devices: int = 1
     chunk_steps: int = 39
     data_dir: str | None = None
+    # Minutes of wall time for the run, compilation, training and final evaluation (None: no
+    # limit); training stops early enough for the evaluation to fit, the schedule cut off.
+    time_limit: float | None = None
 
     def __post_init__(self) -> None:
         # Fill every None with the model's default, so a saved config.json is explicit.
@@ -63,6 +66,8 @@ class Config:
                 self.context // 2 if self.model == "transformer" else self.context - self.order + 1
             )
             object.__setattr__(self, "eval_stride", stride)
+        if self.time_limit is not None and not self.time_limit > 0:
+            raise ValueError(f"time_limit must be positive minutes or None, got {self.time_limit}")
 
 
 MODEL_DEFAULTS: dict[str, dict[str, Any]] = {

@@ -71,6 +71,15 @@ def make_parser() -> argparse.ArgumentParser:
         help="words scored per evaluation window (default: context/2 for the transformer, "
         "context-n+1 for the NPLM)",
     )
+    parser.add_argument(
+        "--time-limit",
+        metavar="MINUTES",
+        type=float,
+        default=None,
+        help="stop training when the run (compilation, training and the final evaluation) "
+        "would pass this many minutes of wall time, the learning-rate schedule planned for "
+        "--epochs cut off; then evaluate as at the end of a run (default: no limit)",
+    )
     parser.add_argument("--seed", type=int, default=defaults.seed)
     parser.add_argument("--loss", choices=train.LOSSES, default=defaults.loss)
     parser.add_argument(
@@ -151,10 +160,17 @@ def train_and_report(args: argparse.Namespace, config: Config, run_dir: Path, re
         raise
     if not result.interrupted and cli.main_process():
         best = min(result.records, key=lambda r: r["valid_perplexity"])
+        limited = result.time_limit_stop
         print(
             f"\n{EXPERIMENT}: test perplexity {result.test_perplexity:.2f} (best valid "
-            f"{best['valid_perplexity']:.2f} at epoch {best['epoch']}); "
+            f"{best['valid_perplexity']:.2f} at epoch {best['epoch']:g}); "
             f"{time.perf_counter() - t0:.0f} s wall; {describe(config)}\n"
-            f"run directory: {run_dir}"
+            + (
+                ""
+                if limited is None
+                else f"stopped at the {config.time_limit:g}-minute time limit after "
+                f"{limited['steps']} steps ({limited['epoch']:.3g} of {config.epochs} epochs)\n"
+            )
+            + f"run directory: {run_dir}"
         )
     return result.exit_code

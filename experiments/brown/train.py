@@ -262,6 +262,8 @@ class LMResult:
     sample: str | None
     interrupted: bool
     exit_code: int
+    # Where the time limit stopped training (``loop.Outcome.time_limit_stop``), or None.
+    time_limit_stop: dict[str, Any] | None = None
 
 
 def perplexity(ce_sum: Any, words: Any) -> float:
@@ -284,6 +286,8 @@ def fit(
     stop: StopRequest | None = None,
     on_chunk: Callable[[int, int], None] | None = None,
     cache_key: Any = None,
+    time_limit: float | None = None,
+    started: float | None = None,
 ) -> LMResult:
     """Trains ``model`` on ``corpus.ids[corpus.train]``, checkpointing every epoch (see ``loop``).
 
@@ -291,7 +295,10 @@ def fit(
     if there is none). ``on_chunk(epoch, step)`` is a test hook called after every chunk.
     ``cache_key``: a hashable value that fully determines ``optimizer`` (e.g. the experiment's
     frozen config); runs in one process with equal keys share compiled step functions.
+    ``time_limit``: seconds from ``started`` (a ``loop.clock()`` value, default now) within
+    which training and the final evaluation must end (see ``loop.TimeLimit``).
     """
+    started = loop.clock() if started is None else started
     mesh = devices.make_mesh(options.devices, options.batch_size)
     replicated = NamedSharding(mesh, P())
     graphdef, params = nnx.split(model, nnx.Param)
@@ -379,6 +386,15 @@ def fit(
         resume=resume,
         stop=stop,
         on_chunk=on_chunk,
+        time_limit=None
+        if time_limit is None
+        else loop.TimeLimit(
+            time_limit,
+            started,
+            # Until an evaluation is timed: forward passes over the validation and test
+            # windows, at a third of a train step's cost per window.
+            evaluation_steps=(valid[0].shape[0] + test[0].shape[0]) / (3 * options.batch_size),
+        ),
     )
     best_params = outcome.state["best_params"]
     if outcome.interrupted:
@@ -392,7 +408,15 @@ def fit(
         words = generate(best_params, prompt, jax.random.key(options.seed))
         sample = " ".join(corpus.words(np.asarray(words)))
         loop.log(f"sample (after the first {options.context} test words): {sample}")
-    return LMResult(jax.device_get(best_params), outcome.records, test_ppl, sample, False, 0)
+    return LMResult(
+        jax.device_get(best_params),
+        outcome.records,
+        test_ppl,
+        sample,
+        False,
+        0,
+        outcome.time_limit_stop,
+    )
 
 
 def build_optimizer(config: Config, steps_per_epoch: int) -> optax.GradientTransformation:
@@ -449,7 +473,9 @@ def train_and_evaluate(
     """Trains, evaluates and writes every artefact of one run into ``run_dir``.
 
     ``corpus`` replaces the Brown loader (tests); ``plots_too=False`` skips the PNG.
+    ``config.time_limit`` counts from here.
     """
+    started = loop.clock()
     if corpus is None:
         corpus = load_corpus(config)
     run_dir.mkdir(parents=True, exist_ok=True)
@@ -466,7 +492,10 @@ def train_and_evaluate(
         resume=resume,
         stop=stop,
         on_chunk=on_chunk,
-        cache_key=(EXPERIMENT, config, corpus.vocab_size),
+        # The limit changes no step function: runs with and without one share them.
+        cache_key=(EXPERIMENT, dataclasses.replace(config, time_limit=None), corpus.vocab_size),
+        time_limit=None if config.time_limit is None else 60 * config.time_limit,
+        started=started,
     )
     if result.interrupted or jax.process_index() != 0:
         return result
@@ -483,6 +512,7 @@ def train_and_evaluate(
             "wall_seconds_this_process": time.perf_counter() - t0,
             "peak_rss_bytes": peak_rss_bytes(),
             "sample": result.sample,
+            "time_limit_stop": result.time_limit_stop,
         },
     )
     if plots_too:

@@ -11,6 +11,12 @@ does the rest, the same way for every experiment:
   engine's record, a checkpoint, ``metrics.jsonl`` and a log line.
 * Interrupts: checked between chunks; the state and the mid-epoch position are checkpointed, so
   that a resume replays exactly the chunks an uninterrupted run would have run.
+* A time limit (``TimeLimit``): checked between chunks too. When the next chunk and the final
+  evaluation would no longer fit, training stops there (the learning-rate schedule is simply
+  cut off); a stop mid-epoch still evaluates (``end_epoch``) and records the partial epoch, its
+  ``epoch`` a fraction (2.5: half of the third). The run is then finished: a resume with the
+  same epochs trains no further; one with more epochs continues from the stop with a fresh
+  time budget.
 """
 
 from __future__ import annotations
@@ -105,10 +111,34 @@ class Outcome:
     state: Any
     records: list[dict[str, Any]]
     interrupted: bool
+    # Set when the time limit stopped training: {"epoch": epochs trained (a fraction after a
+    # mid-epoch stop), "steps": steps trained in all, "epochs": the epochs planned, "seconds":
+    # the time counted}.
+    time_limit_stop: dict[str, Any] | None = None
 
     @property
     def exit_code(self) -> int:
         return EXIT_INTERRUPTED if self.interrupted else 0
+
+
+@dataclasses.dataclass(frozen=True)
+class TimeLimit:
+    """Stop training once ``seconds`` since ``started`` (a ``clock()`` value) would be exceeded.
+
+    ``final_evaluations``: how many times ``end_epoch``'s duration the evaluation after the
+    stop takes (2: validation, then the test set); before this process has timed an
+    ``end_epoch``, ``evaluation_steps`` train steps' worth of time is reserved instead.
+    """
+
+    seconds: float
+    started: float
+    final_evaluations: float = 2.0
+    evaluation_steps: float = 0.0
+
+
+def clock() -> float:
+    """The time limit's clock (a module function, so that tests can replace it)."""
+    return time.perf_counter()
 
 
 # Step functions by key (see ``compiled_once``): tests run many tiny trainings in one process.
@@ -145,9 +175,10 @@ def run(
     resume: bool = False,
     stop: StopRequest | None = None,
     on_chunk: Callable[[int, int], None] | None = None,
+    time_limit: TimeLimit | None = None,
 ) -> Outcome:
     """Trains ``state`` (a pytree of device arrays with ``sharding``) for ``schedule.epochs``
-    epochs of ``n_steps`` steps.
+    epochs of ``n_steps`` steps, or until ``time_limit``.
 
     ``resume`` continues from the newest complete checkpoint under ``run_dir``; ``stop`` is the
     interruption flag, checked between chunks; ``on_chunk(epoch, step)`` is a test hook called
@@ -171,6 +202,14 @@ def run(
     records: list[dict[str, Any]] = list(position["records"])
     if main_process:
         runfiles.write_metrics(run_dir / runfiles.METRICS, records)
+    earlier_stop = position.get("time_limit_stop")
+    if earlier_stop is not None and earlier_stop["epochs"] >= epochs:
+        # Stopped by its time limit: finished, unless --epochs has grown since.
+        checkpointer.close()
+        log(f"{run_dir} stopped at its time limit: {_describe_stop(earlier_stop)}")
+        return Outcome(state, records, False, earlier_stop)
+    budget = _Budget(time_limit, 0.0 if earlier_stop else float(position.get("elapsed", 0.0)))
+    budget.chunk_steps = max(b - a for a, b in chunks)
 
     start_epoch, start_step = int(position["epoch"]), int(position["step"])
     interrupted = False
@@ -194,9 +233,11 @@ def run(
             dynamic_ncols=True,
         )
         t0 = time.perf_counter()
+        limit_stop = None
         for start, stop_step in chunks:
             if stop_step <= first_step:
                 continue
+            chunk_t0 = clock()
             state, chunk_loss = hooks.run_chunk(state, order[start:stop_step], dropout_root, start)
             if isinstance(chunk_loss, dict):
                 chunk_loss = dict(chunk_loss)
@@ -212,6 +253,12 @@ def run(
             bar.set_postfix(hooks.show_loss(loss_sum / loss_steps), refresh=False)
             if on_chunk is not None:
                 on_chunk(epoch, stop_step)
+            budget.step_seconds = (clock() - chunk_t0) / (stop_step - start)
+            if stop_step < n_steps and not stop and budget.exhausted():
+                limit_stop = budget.stop(
+                    epoch + stop_step / n_steps, epoch * n_steps + stop_step, epochs
+                )
+                break
             if stop and stop_step < n_steps:
                 interrupted = True
                 mid = {
@@ -220,6 +267,7 @@ def run(
                     "loss_sum": loss_sum,
                     "metric_sums": metric_sums,
                     "records": records,
+                    "elapsed": budget.elapsed(),
                 }
                 checkpointer.save(epoch * n_steps + stop_step, state, mid)
                 break
@@ -230,18 +278,36 @@ def run(
         train_loss = loss_sum / max(loss_steps, 1)
         means = {name: total / max(metric_steps, 1) for name, total in metric_sums.items()}
         stats = EpochStats(train_loss, trained_steps, train_seconds, tuple(records), means)
+        eval_t0 = clock()
         state, metrics = hooks.end_epoch(state, stats)
-        record = {"epoch": epoch + 1, "train_loss": train_loss, **metrics}
+        budget.eval_seconds = clock() - eval_t0
+        done = limit_stop["epoch"] if limit_stop else epoch + 1
+        record = {"epoch": done, "train_loss": train_loss, **metrics}
         record["train_seconds"] = train_seconds
+        if limit_stop:
+            record["steps"] = loss_steps  # of the epoch's n_steps: the limit cut it short
         records.append(record)
         # The checkpoint carries the records; metrics.jsonl may run ahead of a checkpoint that is
         # still being written, never behind it (a resume rewrites it from the checkpoint).
-        end = {"epoch": epoch + 1, "step": 0, "loss_sum": 0.0, "metric_sums": {}}
+        if limit_stop:
+            # Mid-epoch: the position of the stop, from which more --epochs would continue.
+            end = {"epoch": epoch, "step": loss_steps, "loss_sum": loss_sum}
+            end["metric_sums"] = metric_sums
+        else:
+            end = {"epoch": epoch + 1, "step": 0, "loss_sum": 0.0, "metric_sums": {}}
+            if epoch + 1 < epochs and not stop and budget.exhausted():
+                limit_stop = budget.stop(epoch + 1, (epoch + 1) * n_steps, epochs)
         end["records"] = records
-        checkpointer.save((epoch + 1) * n_steps, state, end)
+        end["elapsed"] = budget.elapsed()
+        if limit_stop:
+            end["time_limit_stop"] = limit_stop
+        checkpointer.save(end["epoch"] * n_steps + end["step"], state, end)
         if main_process:
             runfiles.write_metrics(run_dir / runfiles.METRICS, records)
-        log(f"epoch {epoch + 1:3d}/{epochs}  {hooks.describe(record)}")
+        log(f"epoch {done:3g}/{epochs}  {hooks.describe(record)}")
+        if limit_stop:
+            log(f"time limit: {_describe_stop(limit_stop)}")
+            break
         if stop:
             interrupted = epoch + 1 < epochs
             break
@@ -252,7 +318,46 @@ def run(
             f"{run_dir / runfiles.CHECKPOINTS}; continue with --resume {run_dir}",
             file=sys.stderr,
         )
-    return Outcome(state, records, interrupted)
+    return Outcome(state, records, interrupted, limit_stop)
+
+
+@dataclasses.dataclass
+class _Budget:
+    """The time limit's bookkeeping: ``elapsed`` counts from the limit's start, plus the time
+    an interrupted run had spent before (``before``); this process's last chunk (its time per
+    step; the first includes compilation, which errs early) and last ``end_epoch`` forecast
+    the next chunk and the final evaluation."""
+
+    limit: TimeLimit | None
+    before: float
+    step_seconds: float = 0.0
+    chunk_steps: int = 1
+    eval_seconds: float | None = None
+
+    def elapsed(self) -> float:
+        return self.before + (clock() - self.limit.started if self.limit else 0.0)
+
+    def exhausted(self) -> bool:
+        """Whether another chunk and the final evaluation would pass the limit."""
+        if self.limit is None:
+            return False
+        if self.eval_seconds is None:
+            evaluation = self.limit.evaluation_steps * self.step_seconds
+        else:
+            evaluation = self.limit.final_evaluations * self.eval_seconds
+        chunk = self.chunk_steps * self.step_seconds
+        return self.elapsed() + chunk + evaluation > self.limit.seconds
+
+    def stop(self, epoch: float, steps: int, epochs: int) -> dict[str, Any]:
+        return {"epoch": epoch, "steps": steps, "epochs": epochs, "seconds": self.elapsed()}
+
+
+def _describe_stop(stop: dict[str, Any]) -> str:
+    return (
+        f"training stopped after {stop['steps']} steps ({stop['epoch']:.3g} of "
+        f"{stop['epochs']} epochs), "
+        f"{stop['seconds']:.0f} s into the run"
+    )
 
 
 def abstract_like(state: Any, sharding: Any) -> Any:

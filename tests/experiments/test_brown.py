@@ -11,6 +11,7 @@ import json
 import math
 import shutil
 import signal
+import time
 
 import jax
 import jax.numpy as jnp
@@ -21,7 +22,7 @@ from flax import nnx
 
 from experiments.brown import compare, ensemble, input_pipeline, main, models, train
 from experiments.brown.configs import Config
-from experiments.common import runfiles, signals
+from experiments.common import loop, runfiles, signals
 from experiments.data import brown
 
 TINY = Config(
@@ -313,3 +314,110 @@ def test_compare_measures_both_losses_steps_and_memory(corpus):
     # Same model and optimizer state in and out; only the loss's temporaries differ.
     assert memory["jxent"]["argument_bytes"] == memory["optax"]["argument_bytes"] > 0
     assert all(m["temp_bytes"] > 0 for m in memory.values())
+
+
+@pytest.fixture
+def late_clock(monkeypatch):
+    """The time limit's clock, which jumps an hour ahead after the chunk ``late_clock.at``
+    ((epoch, step), as ``on_chunk`` sees it): training then looks out of time, deterministically."""
+
+    class Clock:
+        at: tuple[int, int] | None = None
+        offset = 0.0
+
+        def __call__(self):
+            return time.perf_counter() + self.offset
+
+        def on_chunk(self, epoch, step):
+            if (epoch, step) == self.at:
+                self.offset = 3600.0
+
+    fake = Clock()
+    monkeypatch.setattr(loop, "clock", fake)
+    return fake
+
+
+N_STEPS = input_pipeline.steps_per_epoch(2200, TINY.batch_size, TINY.context)  # 34
+
+
+def test_time_limit_stops_mid_epoch_and_still_reports_test_perplexity(tmp_path, corpus,
+                                                                     late_clock):  # fmt: skip
+    limited = dataclasses.replace(TINY, time_limit=30.0)
+    late_clock.at = (1, 17)
+    result = train.train_and_evaluate(limited, tmp_path, corpus=corpus, progress=False,
+                                      on_chunk=late_clock.on_chunk, plots_too=False)  # fmt: skip
+    assert not result.interrupted and result.exit_code == 0
+    stop = result.time_limit_stop
+    assert stop["steps"] == N_STEPS + 17 and stop["epochs"] == 2 and stop["seconds"] > 3600
+    assert stop["epoch"] == pytest.approx(1 + 17 / N_STEPS)
+    # The partial epoch is evaluated and recorded; the test set is scored as at a run's end.
+    assert [r["epoch"] for r in result.records] == [1, stop["epoch"]]
+    assert result.records[-1]["steps"] == 17
+    assert math.isfinite(result.test_perplexity) and result.test_perplexity < corpus.vocab_size
+    results = json.loads((tmp_path / "results.json").read_text())
+    assert results["time_limit_stop"] == stop
+    assert results["test_perplexity"] == pytest.approx(result.test_perplexity)
+    assert json.loads((tmp_path / "config.json").read_text())["time_limit"] == 30.0
+    assert runfiles.read_metrics(tmp_path / "metrics.jsonl") == result.records
+
+
+def test_time_limit_at_an_epoch_boundary_and_resumes_after_it(tmp_path, corpus, late_clock):
+    limited = dataclasses.replace(TINY, time_limit=30.0)
+    late_clock.at = (0, N_STEPS)  # out of time after epoch 1's last chunk
+    first = train.train_and_evaluate(limited, tmp_path, corpus=corpus, progress=False,
+                                     on_chunk=late_clock.on_chunk, plots_too=False)  # fmt: skip
+    assert first.time_limit_stop["steps"] == N_STEPS and first.time_limit_stop["epoch"] == 1
+    assert [r["epoch"] for r in first.records] == [1]
+    # A run stopped by its limit is finished: resuming it with the same config trains nothing.
+    again = train.train_and_evaluate(limited, tmp_path, corpus=corpus, progress=False,
+                                     resume=True, plots_too=False)  # fmt: skip
+    assert again.records == first.records and again.test_perplexity == first.test_perplexity
+    assert again.time_limit_stop == first.time_limit_stop
+    # More epochs continue from the stop, with a fresh time budget (the clock is back to real).
+    late_clock.offset = 0.0
+    longer = dataclasses.replace(limited, epochs=3)
+    extended = train.train_and_evaluate(longer, tmp_path, corpus=corpus, progress=False,
+                                        resume=True, plots_too=False)  # fmt: skip
+    assert extended.time_limit_stop is None
+    assert [r["epoch"] for r in extended.records] == [1, 2, 3]
+    assert without_timings(extended.records[:1]) == without_timings(first.records)
+
+
+def test_resume_continues_a_run_stopped_mid_epoch_by_its_limit(tmp_path, corpus, late_clock):
+    limited = dataclasses.replace(TINY, time_limit=30.0)
+    late_clock.at = (0, 17)
+    first = train.train_and_evaluate(limited, tmp_path, corpus=corpus, progress=False,
+                                     on_chunk=late_clock.on_chunk, plots_too=False)  # fmt: skip
+    assert first.time_limit_stop["steps"] == 17
+    late_clock.offset = 0.0
+    longer = dataclasses.replace(limited, epochs=3)
+    extended = train.train_and_evaluate(longer, tmp_path, corpus=corpus, progress=False,
+                                        resume=True, plots_too=False)  # fmt: skip
+    # The partial epoch's record stays (a validation measured then); the epoch is completed.
+    epochs = [r["epoch"] for r in extended.records]
+    assert epochs == [pytest.approx(17 / N_STEPS), 1, 2, 3]
+    assert extended.time_limit_stop is None and math.isfinite(extended.test_perplexity)
+
+
+def test_time_limit_flag_is_saved_and_reported(tmp_path, capsys, corpus, monkeypatch,
+                                               late_clock):  # fmt: skip
+    monkeypatch.setattr(train, "load_corpus", lambda config: corpus)
+    late_clock.at = (0, 17)
+    monkeypatch.setattr(train.loop, "run", _with_on_chunk(train.loop.run, late_clock.on_chunk))
+    run_dir = tmp_path / "run"
+    code = main.main([
+        "--epochs", "3", "--batch-size", "4", "--context", "16", "--width", "32",
+        "--depth", "1", "--heads", "2", "--chunk-steps", "17", "--learning-rate", "1e-2",
+        "--warmup-steps", "5", "--dropout", "0.1", "--time-limit", "0.5", "--no-progress",
+        "--out-dir", str(run_dir),
+    ])  # fmt: skip
+    assert code == 0
+    assert json.loads((run_dir / "config.json").read_text())["time_limit"] == 0.5
+    out = capsys.readouterr().out
+    assert "stopped at the 0.5-minute time limit after 17 steps (0.5 of 3 epochs)" in out
+    assert "test perplexity" in out
+
+
+def _with_on_chunk(run, on_chunk):
+    """``loop.run`` with its test hook set (the command line has none)."""
+    return lambda *args, **kwargs: run(*args, **{**kwargs, "on_chunk": on_chunk})
