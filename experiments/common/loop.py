@@ -213,6 +213,7 @@ def run(
 
     start_epoch, start_step = int(position["epoch"]), int(position["step"])
     interrupted = False
+    limit_stop = None  # also when a finished run resumes with nothing left to train
     for epoch in range(start_epoch, epochs):
         key = epoch_key(schedule.seed, epoch)
         dropout_root = jax.random.fold_in(key, 1)  # disjoint from the order's fold_in(key, 0)

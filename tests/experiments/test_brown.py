@@ -421,3 +421,37 @@ def test_time_limit_flag_is_saved_and_reported(tmp_path, capsys, corpus, monkeyp
 def _with_on_chunk(run, on_chunk):
     """``loop.run`` with its test hook set (the command line has none)."""
     return lambda *args, **kwargs: run(*args, **{**kwargs, "on_chunk": on_chunk})
+
+
+def test_resume_of_a_finished_run_trains_nothing_and_reports_it_again(tmp_path, corpus, reference):
+    run_dir = tmp_path / "run"
+    shutil.copytree(reference[0], run_dir)
+    again = train.train_and_evaluate(
+        TINY, run_dir, corpus=corpus, progress=False, resume=True, plots_too=False
+    )
+    assert again.records == reference[1].records and again.time_limit_stop is None
+    assert again.test_perplexity == reference[1].test_perplexity
+
+
+def test_an_interrupted_run_resumes_with_the_time_it_had_spent(tmp_path, corpus, late_clock):
+    limited = dataclasses.replace(TINY, time_limit=30.0)
+    late_clock.at = (0, 17)
+
+    def late_then_interrupt(epoch, step):
+        late_clock.on_chunk(epoch, step)
+        if (epoch, step) == (0, 17):
+            signal.raise_signal(signal.SIGINT)
+
+    stop = signals.StopRequest()
+    with stop.installed():
+        first = train.train_and_evaluate(limited, tmp_path, corpus=corpus, progress=False,
+                                         stop=stop, on_chunk=late_then_interrupt,
+                                         plots_too=False)  # fmt: skip
+    assert first.interrupted and first.time_limit_stop is None
+    late_clock.offset = 0.0
+    # The hour counted before the interrupt is over the 30 minutes: the resume trains the
+    # epoch's last chunk (a process always trains one before it can forecast) and stops.
+    resumed = train.train_and_evaluate(limited, tmp_path, corpus=corpus, progress=False,
+                                       resume=True, plots_too=False)  # fmt: skip
+    assert resumed.time_limit_stop["epoch"] == 1 and resumed.time_limit_stop["seconds"] > 3600
+    assert [r["epoch"] for r in resumed.records] == [1] and math.isfinite(resumed.test_perplexity)
