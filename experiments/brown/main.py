@@ -163,7 +163,7 @@ def train_and_report(args: argparse.Namespace, config: Config, run_dir: Path, re
         limited = result.time_limit_stop
         print(
             f"\n{EXPERIMENT}: test perplexity {result.test_perplexity:.2f} (best valid "
-            f"{best['valid_perplexity']:.2f} at epoch {best['epoch']:g}); "
+            f"{best['valid_perplexity']:.2f} at epoch {best['epoch']:.3g}); "
             f"{time.perf_counter() - t0:.0f} s wall; {describe(config)}\n"
             + (
                 ""
