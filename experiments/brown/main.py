@@ -78,7 +78,8 @@ def make_parser() -> argparse.ArgumentParser:
         default=None,
         help="stop training when the run (compilation, training and the final evaluation) "
         "would pass this many minutes of wall time, the learning-rate schedule planned for "
-        "--epochs cut off; then evaluate as at the end of a run (default: no limit)",
+        "--epochs cut off; then evaluate as at the end of a run (default: 20 for the "
+        "transformer, 0 = no limit for the NPLM)",
     )
     parser.add_argument("--seed", type=int, default=defaults.seed)
     parser.add_argument("--loss", choices=train.LOSSES, default=defaults.loss)

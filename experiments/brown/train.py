@@ -494,7 +494,7 @@ def train_and_evaluate(
         on_chunk=on_chunk,
         # The limit changes no step function: runs with and without one share them.
         cache_key=(EXPERIMENT, dataclasses.replace(config, time_limit=None), corpus.vocab_size),
-        time_limit=None if config.time_limit is None else 60 * config.time_limit,
+        time_limit=60 * config.time_limit if config.time_limit else None,
         started=started,
     )
     if result.interrupted or jax.process_index() != 0:

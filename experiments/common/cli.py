@@ -60,11 +60,15 @@ def _tuples(values: dict[str, Any]) -> dict[str, Any]:
 
 
 def load_config(config_cls: type, run_dir: Path) -> Any | None:
-    """The ``config_cls`` saved in ``run_dir/config.json``, or None if there is none."""
+    """The ``config_cls`` saved in ``run_dir/config.json``, or None if there is none.
+
+    A field added after the run was saved takes the value the class's ``BEFORE_FIELD``
+    mapping gives (what runs did before the field existed), else the class default."""
     path = run_dir / runfiles.CONFIG
     if not path.is_file():
         return None
-    return config_cls(**_tuples(json.loads(path.read_text())))
+    saved = {**getattr(config_cls, "BEFORE_FIELD", {}), **json.loads(path.read_text())}
+    return config_cls(**_tuples(saved))
 
 
 def explicit_flags(parser: argparse.ArgumentParser, argv: Sequence[str] | None) -> set[str]:
