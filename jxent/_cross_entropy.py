@@ -5,6 +5,7 @@ The conventions they share, and the kernels, are in :mod:`jxent._cross_entropy_k
 
 from __future__ import annotations
 
+import inspect
 from collections.abc import Callable, Hashable
 from typing import Any, Literal, NamedTuple
 
@@ -23,7 +24,7 @@ from jxent import (
     _validation,
 )
 from jxent._cross_entropy_kernels import Config, label_loss
-from jxent._jit import jitted
+from jxent._jit import jitted, same_parameters
 
 
 class _Prepared(NamedTuple):
@@ -515,24 +516,8 @@ def nll_loss(
     return _loss_reduction.reduce_loss(loss, weight, reduction)
 
 
-def cross_entropy(
-    logits: ArrayLike,
-    labels: ArrayLike,
-    axis: int | tuple[int, ...] | None = -1,
-    where: ArrayLike | None = None,
-    *,
-    class_weights: ArrayLike | None = None,
-    ignore_index: int | None = None,
-    label_smoothing: float = 0.0,
-    z_loss: float = 0.0,
-    reduction: Literal["none", "sum", "mean"] = "mean",
-    check_labels: bool = False,
-    axis_name: Hashable | None = None,
-    weights: ArrayLike | None = None,
-    normalizer: ArrayLike | None = None,
-    temperature: float = 1.0,
-    return_aux: bool = False,
-) -> Any:
+@same_parameters(softmax_cross_entropy_with_integer_labels, reduction="mean")
+def cross_entropy(logits: ArrayLike, labels: ArrayLike, *args: Any, **kwargs: Any) -> Any:
     r"""Softmax cross-entropy that picks its form from the labels' dtype; mean by default.
 
     .. math::
@@ -574,38 +559,23 @@ def cross_entropy(
       >>> jax.grad(jxent.cross_entropy)(logits, jnp.array([0, 1])).shape
       (2, 3)
     """
-    labels = _as_array(labels, "labels")
+    options = inspect.signature(cross_entropy).bind(logits, labels, *args, **kwargs)
+    options.apply_defaults()
+    arguments = options.arguments
+    labels = arguments["labels"] = _as_array(labels, "labels")
     label_dtype = labels.dtype
-    extras: dict[str, Any] = {
-        "weights": weights,
-        "normalizer": normalizer,
-        "temperature": temperature,
-        "return_aux": return_aux,
-    }
     if jnp.issubdtype(label_dtype, jnp.integer):
-        return softmax_cross_entropy_with_integer_labels(
-            logits,
-            labels,
-            axis,
-            where,
-            class_weights=class_weights,
-            ignore_index=ignore_index,
-            label_smoothing=label_smoothing,
-            z_loss=z_loss,
-            reduction=reduction,
-            check_labels=check_labels,
-            axis_name=axis_name,
-            **extras,
-        )
+        return softmax_cross_entropy_with_integer_labels(**arguments)
     if not jnp.issubdtype(label_dtype, jnp.floating):
         raise TypeError(
             f"labels must be integer class ids or floating probabilities, got dtype {label_dtype}."
         )
+    ignore_index = arguments.pop("ignore_index")
     if ignore_index is not None:
         raise ValueError(
             f"ignore_index={ignore_index} applies to integer labels; got floating labels."
         )
-    if check_labels:
+    if arguments.pop("check_labels"):
         raise ValueError("check_labels=True applies to integer labels; got floating labels.")
     if labels.shape != np.shape(logits):
         # PyTorch reads floating labels as probabilities only when they have the input's
@@ -616,15 +586,4 @@ def cross_entropy(
             f"{label_dtype}. For class ids, pass integers (e.g. labels.astype(jnp.int32)); "
             f"for broadcast probabilities, use jxent.softmax_cross_entropy."
         )
-    return softmax_cross_entropy(
-        logits,
-        labels,
-        axis,
-        where,
-        class_weights=class_weights,
-        label_smoothing=label_smoothing,
-        z_loss=z_loss,
-        reduction=reduction,
-        axis_name=axis_name,
-        **extras,
-    )
+    return softmax_cross_entropy(**arguments)

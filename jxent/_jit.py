@@ -80,3 +80,27 @@ def _check_static(name: str, value: Any) -> None:
             f"{type(value).__name__} {value!r}; pass a Python number, tuple or string, e.g. "
             f"float(...) of a concrete scalar."
         )
+
+
+def same_parameters(
+    source: Callable[P, Any], **defaults: Any
+) -> Callable[[Callable[..., R]], Callable[P, R]]:
+    """Gives the decorated function ``source``'s parameter list (for type checkers through
+    ``ParamSpec``, for ``help()`` and Sphinx through ``__signature__``), with ``defaults``
+    replacing some default values: one parameter list for two public functions that take
+    the same arguments, such as a dispatcher and the function it mostly calls."""
+    signature = inspect.signature(source)
+    unknown = sorted(set(defaults) - set(signature.parameters))
+    if unknown:
+        raise TypeError(f"same_parameters: {source.__name__} has no parameters {unknown}.")
+    parameters = [
+        p.replace(default=defaults[p.name]) if p.name in defaults else p
+        for p in signature.parameters.values()
+    ]
+
+    def decorate(fn: Callable[..., R]) -> Callable[P, R]:
+        fn.__signature__ = signature.replace(parameters=parameters)  # type: ignore[attr-defined]
+        fn.__annotations__ = dict(source.__annotations__)  # for typing.get_type_hints
+        return fn
+
+    return decorate

@@ -259,7 +259,7 @@ def test_help_states_each_default_once(capsys):
     assert "(default: runs/mnist_mlp/<timestamp>) " in flat["mnist_mlp"]
     assert "pixels (0: off) (default: 2) " in flat["mnist_mlp"]  # other defaults still shown
     assert "--join-timeout SECONDS how long" in flat["mnist_lenet5"]
-    assert "--epochs EPOCHS default: transformer 5, nplm 5 " in flat["brown_lm"]
+    assert "--epochs EPOCHS default: transformer 12, nplm 5 " in flat["brown_lm"]
     assert "--heartbeat-timeout SECONDS" in flat["brown_lm"]
     assert flat["five_clusters"].endswith(
         "--out-dir OUT_DIR default: runs/five_clusters/<timestamp>"

@@ -156,3 +156,17 @@ def test_readme_signatures_match_the_code():
         params = list(inspect.signature(fn).parameters)
         assert all(n in params for n in names), (fn.__name__, names, params)
         assert names == sorted(names, key=params.index), (fn.__name__, names)
+
+
+def test_cross_entropy_has_the_integer_losss_parameters_with_mean_by_default():
+    """``cross_entropy`` takes its parameter list from the integer loss (one definition,
+    ``jxent._jit.same_parameters``), only ``reduction`` defaulting to ``"mean"``."""
+    from jxent._jit import same_parameters
+
+    mine = inspect.signature(jxent.cross_entropy).parameters
+    theirs = inspect.signature(jxent.softmax_cross_entropy_with_integer_labels).parameters
+    assert list(mine) == list(theirs)
+    assert mine["reduction"].default == "mean" and theirs["reduction"].default == "none"
+    assert all(mine[n] == theirs[n] for n in theirs if n != "reduction")
+    with pytest.raises(TypeError, match="no parameters \\['reductions'\\]"):
+        same_parameters(jxent.softmax_cross_entropy, reductions="mean")
