@@ -16,34 +16,27 @@ Writes ``vocab_blocks.md`` and ``vocab_blocks.json`` to ``--out`` (default docs/
 
 from __future__ import annotations
 
+import argparse
+import json
 import os
+import sys
+from collections.abc import Sequence
+from typing import Any
 
-for _key, _value in (  # before JAX starts: see benchmarks/aot.py
-    ("JAX_PLATFORMS", "cpu"),
-    ("TPU_SKIP_MDS_QUERY", "1"),
-    ("TPU_WORKER_HOSTNAMES", "localhost"),
-    ("ALLOW_MULTIPLE_LIBTPU_LOAD", "1"),
-):
-    os.environ.setdefault(_key, _value)
+# Run from a checkout without installing: make the repository root importable.
+_REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+if _REPO_ROOT not in sys.path:
+    sys.path.insert(0, _REPO_ROOT)
 
-import argparse  # noqa: E402
-import json  # noqa: E402
-import sys  # noqa: E402
-from collections.abc import Sequence  # noqa: E402
-from typing import Any  # noqa: E402
+# benchmarks.aot sets the environment for compiling without a device before JAX starts.
+from benchmarks import aot  # noqa: E402, I001
+from benchmarks.measure import environment  # noqa: E402
 
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 from jax import lax  # noqa: E402
 from jax.sharding import NamedSharding  # noqa: E402
 from jax.sharding import PartitionSpec as P  # noqa: E402
-
-_REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-if _REPO_ROOT not in sys.path:
-    sys.path.insert(0, _REPO_ROOT)
-
-from benchmarks import aot  # noqa: E402
-from benchmarks.measure import environment  # noqa: E402
 
 BLOCKS = (128, 256, 512, 1024, 2048, 4096, 8192)
 MIB = 2**20
