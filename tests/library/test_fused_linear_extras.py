@@ -10,13 +10,13 @@ with the token weights, the normaliser and the aux fields written with ``jax.nn`
 from __future__ import annotations
 
 import functools
-import re
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 import reference as ref
+from hlo_checks import assert_no_transposed_copy_of_w
 from jax import export
 from jax.sharding import AxisType, NamedSharding
 from jax.sharding import PartitionSpec as P
@@ -323,13 +323,6 @@ def test_vd_layout_equals_dv(kernel):
     np.testing.assert_allclose(vd_grads[2], dv_grads[2], rtol=1e-5, atol=1e-6)
 
 
-def _instructions_of_shape(text, dims):
-    """(dtype, opcode, first operand) of each instruction of the compiled HLO with result
-    shape ``dims``."""
-    shape = ",".join(map(str, dims))
-    return re.findall(rf"= (\w+)\[{shape}\]\{{[^}}]*\}} ([a-z-]+)\(%?([\w.-]*)", text)
-
-
 @pytest.mark.parametrize("kernel", list(KERNELS))
 def test_vd_layout_makes_no_transposed_copy_of_w(kernel):
     """The compiled CPU program of loss, gradients and aux outputs holds no [D, V] array and
@@ -347,15 +340,7 @@ def test_vd_layout_makes_no_transposed_copy_of_w(kernel):
         return value + jnp.sum(aux.entropy)
 
     text = jax.jit(jax.value_and_grad(loss, argnums=(0, 1))).lower(*spec).compile().as_text()
-    assert _instructions_of_shape(text, (d, v)) == []
-    # (A copy of a broadcast zero, a loop's initial gradient accumulator, is not one of w.)
-    copies = [
-        i
-        for i in _instructions_of_shape(text, (v, d))
-        if i[1] in ("copy", "transpose") and "broadcast" not in i[2]
-    ]
-    assert copies == []
-    assert _instructions_of_shape(text, (v, d))  # the pattern does match w's gradient
+    assert_no_transposed_copy_of_w(text, v, d)
 
 
 @pytest.mark.compiled_memory
