@@ -5,7 +5,6 @@ The conventions they share, and the kernels, are in :mod:`jxent._cross_entropy_k
 
 from __future__ import annotations
 
-import inspect
 from collections.abc import Callable, Hashable
 from typing import Any, Literal, NamedTuple
 
@@ -559,23 +558,23 @@ def cross_entropy(logits: ArrayLike, labels: ArrayLike, *args: Any, **kwargs: An
       >>> jax.grad(jxent.cross_entropy)(logits, jnp.array([0, 1])).shape
       (2, 3)
     """
-    options = inspect.signature(cross_entropy).bind(logits, labels, *args, **kwargs)
-    options.apply_defaults()
-    arguments = options.arguments
-    labels = arguments["labels"] = _as_array(labels, "labels")
+    # Passed on as given (no signature binding on this per-step path): the parameters after
+    # ``where`` are keyword-only, so ``reduction`` can only come as a keyword.
+    options = {"reduction": "mean", **kwargs}
+    labels = _as_array(labels, "labels")
     label_dtype = labels.dtype
     if jnp.issubdtype(label_dtype, jnp.integer):
-        return softmax_cross_entropy_with_integer_labels(**arguments)
+        return softmax_cross_entropy_with_integer_labels(logits, labels, *args, **options)
     if not jnp.issubdtype(label_dtype, jnp.floating):
         raise TypeError(
             f"labels must be integer class ids or floating probabilities, got dtype {label_dtype}."
         )
-    ignore_index = arguments.pop("ignore_index")
+    ignore_index = options.pop("ignore_index", None)
     if ignore_index is not None:
         raise ValueError(
             f"ignore_index={ignore_index} applies to integer labels; got floating labels."
         )
-    if arguments.pop("check_labels"):
+    if options.pop("check_labels", False):
         raise ValueError("check_labels=True applies to integer labels; got floating labels.")
     if labels.shape != np.shape(logits):
         # PyTorch reads floating labels as probabilities only when they have the input's
@@ -586,4 +585,4 @@ def cross_entropy(logits: ArrayLike, labels: ArrayLike, *args: Any, **kwargs: An
             f"{label_dtype}. For class ids, pass integers (e.g. labels.astype(jnp.int32)); "
             f"for broadcast probabilities, use jxent.softmax_cross_entropy."
         )
-    return softmax_cross_entropy(**arguments)
+    return softmax_cross_entropy(logits, labels, *args, **options)
