@@ -71,7 +71,7 @@ def _compile(target: str, op: str, shape: tuple[int, ...], dtype: str, mode: str
 def compiled(aot: Any, target: str, op: str, shape: tuple[int, ...], dtype: str, who: str):
     """The fwd+bwd record of ``who`` (jxent or "reference"); a failed compile fails the test."""
     rec = _compile(target, op, shape, dtype, "fwd+bwd", who)
-    assert not rec.note.startswith(("compile failed", "cost analysis failed")), (
+    assert not rec.note.startswith(("compile failed", "cost analysis failed", aot.DOES_NOT_FIT)), (
         f"{who} {op} {shape} {dtype} for {target}: {rec.note}"
     )
     return rec
@@ -352,6 +352,15 @@ def test_make_aot_writes_json_table_and_plot_labelled_compiled_not_run(aot, tmp_
     dumped = sorted(p.name for p in (tmp_path / "hlo").iterdir())
     assert len(dumped) == len(records) and "h100_ce_int_64x256_float32_fwdbwd_jxent.hlo" in dumped
     assert "ENTRY" in (tmp_path / "hlo" / dumped[0]).read_text()
+
+
+def test_a_shape_beyond_the_targets_memory_is_reported_as_such_not_as_a_failure(aot, tmp_path):
+    # float32 logits of 65536 x 131072 are 32 GiB: more than a v5e's 16 GiB of HBM.
+    argv = ["--targets=v5e", "--ops=logsumexp", "--dtypes=float32", "--modes=fwd"]
+    assert aot.main([*argv, "--shapes=65536x131072", f"--out={tmp_path}", "--no-plot"]) == 0
+    records = json.loads((tmp_path / "aot.json").read_text())["records"]
+    assert [r["note"].split(":")[0] for r in records] == [aot.DOES_NOT_FIT] * 2
+    assert "exceeds available HBM" in (tmp_path / "aot.md").read_text()
 
 
 # --------------------------------------------------------------------------------------------
