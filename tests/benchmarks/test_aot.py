@@ -92,9 +92,7 @@ def _known(failures: dict[str, str], *params: str) -> Any:
 # Missed at main after the accelerator fixes (2026-12-02, jax 0.10.2, plugins of
 # requirements-aot.lock): the failure message measured then. A fix makes the test XPASS, which
 # fails it: remove the entry.
-FUSED_TEMP_FAILURES: dict[str, str] = {
-    "v5e-bfloat16": "temp 129 MiB (the f32 [N, D] dx accumulator is 128), optax 2004 MiB",
-}
+FUSED_TEMP_FAILURES: dict[str, str] = {}
 
 
 @pytest.mark.parametrize(
