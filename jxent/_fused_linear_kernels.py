@@ -1093,12 +1093,42 @@ class _SplitFloat32Accumulator(NamedTuple):
         return jnp.zeros(self.shape, jnp.bfloat16), jnp.zeros(self.shape, jnp.bfloat16)
 
     def add(self, acc: tuple[jax.Array, jax.Array], term: jax.Array) -> tuple[jax.Array, ...]:
-        bits = lax.bitcast_convert_type(self.value(acc) + term, jnp.uint32)
-        return _bfloat16_bits(bits >> 16), _bfloat16_bits(bits)
+        return _float32_halves(self.value(acc) + term)
 
     def value(self, acc: tuple[jax.Array, jax.Array]) -> jax.Array:
-        high, low = (lax.bitcast_convert_type(a, jnp.uint16).astype(jnp.uint32) for a in acc)
-        return lax.bitcast_convert_type((high << 16) | low, jnp.float32)
+        return _joined_halves(*acc)
+
+
+# The halves are bit manipulations, through which JAX would differentiate to zero: their JVPs
+# (used when the backward rule is differentiated again, e.g. jax.hessian) carry the tangent
+# of the float32 sum as a compensated pair of bfloat16 values instead (hi + lo, ~16 bits).
+@jax.custom_jvp
+def _float32_halves(total: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """A float32 array's high and low 16 bits, each reinterpreted as bfloat16."""
+    bits = lax.bitcast_convert_type(total, jnp.uint32)
+    return _bfloat16_bits(bits >> 16), _bfloat16_bits(bits)
+
+
+@_float32_halves.defjvp
+def _float32_halves_jvp(primals: tuple[jax.Array], tangents: tuple[jax.Array]) -> Any:
+    (total,), (tangent,) = primals, tangents
+    high = tangent.astype(jnp.bfloat16)
+    return _float32_halves(total), (high, (tangent - high.astype(tangent.dtype)).astype(high.dtype))
+
+
+@jax.custom_jvp
+def _joined_halves(high: jax.Array, low: jax.Array) -> jax.Array:
+    """The float32 array whose high and low 16 bits ``high`` and ``low`` hold."""
+    high_bits, low_bits = (
+        lax.bitcast_convert_type(a, jnp.uint16).astype(jnp.uint32) for a in (high, low)
+    )
+    return lax.bitcast_convert_type((high_bits << 16) | low_bits, jnp.float32)
+
+
+@_joined_halves.defjvp
+def _joined_halves_jvp(primals: tuple[jax.Array, ...], tangents: tuple[jax.Array, ...]) -> Any:
+    (high, low), (d_high, d_low) = primals, tangents
+    return _joined_halves(high, low), d_high.astype(jnp.float32) + d_low.astype(jnp.float32)
 
 
 def _bfloat16_bits(bits: jax.Array) -> jax.Array:
