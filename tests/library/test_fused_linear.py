@@ -458,6 +458,68 @@ def test_tpu_path_keeps_w_blocks_exact():
     jax.tree.map(np.testing.assert_array_equal, *results)
 
 
+def _relative_error(got, want):
+    """Largest |got - want| relative to max |want| (``want`` in float64)."""
+    return np.max(np.abs(np.asarray(got, np.float64) - want)) / np.max(np.abs(want))
+
+
+def test_tpu_bfloat16_input_gradient_halves_are_the_float32_sum():
+    """For bfloat16 ``x`` the TPU branch keeps the input gradient's float32 sum over the
+    vocabulary blocks as two 16-bit halves (``_SplitFloat32Accumulator``: half the
+    temporaries), the GPU branch as one float32 array: the same sums, bit for bit, so dx
+    and dw are as close to the float64 reference as before, within bfloat16 rounding."""
+    x, w, _, y = _inputs(seed=5, n=256, d=64, v=1000)
+    x16, w16 = jnp.asarray(x, jnp.bfloat16), jnp.asarray(w, jnp.bfloat16)
+    loss = functools.partial(_fused_linear.with_kernel("blocked", vocab_block=128), labels=y)
+    grads = jax.grad(loss, argnums=(0, 1))
+    results, programs = {}, {}
+    for platform in ("cuda", "tpu"):  # 8 blocks, the last overlapping its predecessor
+        jax.clear_caches()
+        _reductions.simulated_platform = platform
+        try:
+            programs[platform] = str(jax.make_jaxpr(grads)(x16, w16))
+            results[platform] = jax.tree.map(np.asarray, grads(x16, w16))
+        finally:
+            _reductions.simulated_platform = None
+            jax.clear_caches()
+    assert "bitcast_convert_type" in programs["tpu"]  # the halves are in play...
+    assert "bitcast_convert_type" not in programs["cuda"]  # ...and only on TPU
+    x32, w32 = np.asarray(x16, np.float32), np.asarray(w16, np.float32)
+    want = reference(x32, w32, y, reduction="mean")[1:3]
+    errors = {
+        platform: [_relative_error(g, r) for g, r in zip(got, want, strict=True)]
+        for platform, got in results.items()
+    }
+    print(
+        f"relative (dx, dw) error vs float64: float32 sum {errors['cuda']}, halves {errors['tpu']}"
+    )
+    jax.tree.map(np.testing.assert_array_equal, results["tpu"], results["cuda"])
+    assert max(errors["tpu"]) < 2**-7  # within bfloat16's rounding
+
+
+@pytest.mark.slow
+def test_tpu_bfloat16_input_gradient_halves_are_differentiable():
+    """The halves are bit manipulations, which JAX differentiates to zero; their custom JVPs
+    carry the tangent instead, so second derivatives through the TPU branch's backward rule
+    (here ``d(dx)/dx``, which flows only through the halves) match the GPU branch's."""
+    x, w, _, y = _inputs(seed=6, n=12, d=8, v=300)
+    x16, w16 = jnp.asarray(x, jnp.bfloat16), jnp.asarray(w, jnp.bfloat16)
+    loss = functools.partial(_fused_linear.with_kernel("blocked", vocab_block=128), labels=y)
+    second = jax.jacrev(jax.grad(loss), argnums=0)
+    results = {}
+    for platform in ("cuda", "tpu"):  # 3 blocks
+        jax.clear_caches()
+        _reductions.simulated_platform = platform
+        try:
+            results[platform] = np.asarray(second(x16, w16), np.float64)
+        finally:
+            _reductions.simulated_platform = None
+            jax.clear_caches()
+    scale = np.max(np.abs(results["cuda"]))
+    assert scale > 0
+    np.testing.assert_allclose(results["tpu"], results["cuda"], rtol=0, atol=2**-7 * scale)
+
+
 def _dw_error(kernel, x, w, y):
     """Largest |dw - dw_float64| relative to max |dw_float64|, for bfloat16 x and w."""
     x16, w16 = jnp.asarray(x, jnp.bfloat16), jnp.asarray(w, jnp.bfloat16)
