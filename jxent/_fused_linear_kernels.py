@@ -808,6 +808,8 @@ _impl.defvjp(_fwd, _bwd, symbolic_zeros=True)
 # than the chunked kernel) and temporaries bounded by the block: no N·V, no D·V buffer. The
 # aux statistics merge like the log-normaliser (the entropy by _rebased, the first maximum
 # by comparison), and aux cotangents join the backward pass's re-formed logits for free.
+# Under GSPMD (meshes of Auto axes) the blocks run over vocabulary groups (_Block,
+# _vocabulary_groups) so that each device's share of a block is a slice of its own classes.
 
 
 class _Block(NamedTuple):
@@ -1147,7 +1149,8 @@ def local_loss(
     options: Config,
 ) -> Any:
     """The loss over the rows of ``x`` (this device's, under explicit sharding): the chunked
-    kernel on CPU, the vocabulary-blocked one on GPU and TPU (``options.kernel`` forces one).
+    kernel on CPU, the vocabulary-blocked one on GPU and TPU, over vocabulary groups on
+    meshes of ``Auto`` axes (:func:`_vocabulary_groups`); ``options.kernel`` forces one.
     With ``options.return_aux``, ``(loss, CrossEntropyAux)``."""
     batch_shape = x.shape[:-1]
     num_rows = math.prod(batch_shape)
@@ -1164,7 +1167,11 @@ def local_loss(
         return _chunked_loss(ops, options, num_rows)
 
     def blocked_on(accelerator: str) -> Any:
-        cfg = options._replace(num_rows=num_rows, accelerator=accelerator, vocab_groups=groups)
+        # (A symbolic V on an Auto mesh reaches here only when a test forces the kernel.)
+        groups_or_one = max(groups, 1)
+        cfg = options._replace(
+            num_rows=num_rows, accelerator=accelerator, vocab_groups=groups_or_one
+        )
         return _blocked_impl(ops, cfg)
 
     def blocked() -> Any:
