@@ -22,7 +22,7 @@ from jax.sharding import AxisType, NamedSharding
 from jax.sharding import PartitionSpec as P
 
 import jxent
-from jxent import _fused_linear
+from jxent import _fused_linear, _reductions
 from jxent._aux_outputs import CrossEntropyAux
 
 pytestmark = pytest.mark.numerics
@@ -449,6 +449,40 @@ def test_auto_mesh_with_w_vocabulary_sharded_in_vd_layout(kernel, v):
         np.testing.assert_allclose(g, h, rtol=1e-4, atol=1e-6)
     # w (v x D) is never moved between devices: the collectives carry per-row values, the
     # [16, D] input gradient and (summed over "b") slices of w's gradient.
+    assert largest_collective(compiled.as_text(), ("all-gather", "all-to-all")) <= 16 * D
+
+
+@pytest.mark.parametrize("platform", ["cuda", "tpu"])
+def test_auto_mesh_on_accelerators_runs_the_blocked_kernel_over_groups(platform):
+    """The public function on an Auto mesh, traced for GPU or TPU (float32 w: the TPU branch
+    multiplies each block of w by a loop-dependent 1): the blocked kernel over 8 vocabulary
+    groups, equal to one device, with w left where it is."""
+    mesh = jax.make_mesh((2, 4), ("b", "v"), axis_types=(AxisType.Auto,) * 2)
+    x, w, b, y, _ = _inputs(6, n=16, v=40)
+    options = {**OPTIONS, "class_weights": np.linspace(0.5, 2.0, 40, dtype=np.float32)}
+
+    def loss(x, w, b):
+        return jxent.fused_linear_cross_entropy(x, w, y, bias=b, **options)
+
+    args = (
+        jax.device_put(x, NamedSharding(mesh, P("b", None))),
+        jax.device_put(w, NamedSharding(mesh, P(None, "v"))),
+        jax.device_put(b, NamedSharding(mesh, P("v"))),
+    )
+    step = jax.jit(jax.value_and_grad(loss, argnums=(0, 1, 2)))
+    jax.clear_caches()
+    _reductions.simulated_platform = platform
+    try:
+        assert "name=_blocked_impl" in str(jax.make_jaxpr(loss)(*args))
+        compiled = step.lower(*args).compile()
+        value, grads = compiled(*args)
+    finally:
+        _reductions.simulated_platform = None
+        jax.clear_caches()
+    want_value, want_grads = jax.value_and_grad(loss, argnums=(0, 1, 2))(x, w, b)
+    np.testing.assert_allclose(value, want_value, rtol=1e-5)
+    for g, h in zip(grads, want_grads, strict=True):
+        np.testing.assert_allclose(g, h, rtol=1e-4, atol=1e-6)
     assert largest_collective(compiled.as_text(), ("all-gather", "all-to-all")) <= 16 * D
 
 
