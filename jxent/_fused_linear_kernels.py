@@ -98,6 +98,7 @@ class Config(NamedTuple):
     temperature: float = 1.0  # the logits are divided by it after the soft cap
     return_aux: bool = False  # the kernels also return RowStats
     w_layout: str = "dv"  # "dv": w is [D, V]; "vd": [V, D]
+    vocab_groups: int = 1  # G: the blocked kernel's vocabulary viewed as [G, V / G] (GSPMD)
 
 
 class Operands(NamedTuple):
@@ -807,15 +808,26 @@ _impl.defvjp(_fwd, _bwd, symbolic_zeros=True)
 # than the chunked kernel) and temporaries bounded by the block: no N·V, no D·V buffer. The
 # aux statistics merge like the log-normaliser (the entropy by _rebased, the first maximum
 # by comparison), and aux cotangents join the backward pass's re-formed logits for free.
+# Under GSPMD (meshes of Auto axes) the blocks run over vocabulary groups (_Block,
+# _vocabulary_groups) so that each device's share of a block is a slice of its own classes.
 
 
 class _Block(NamedTuple):
     """One vocabulary block: columns ``[start, start + size)`` of this device's classes, of
     which those before ``nominal`` (the last block's overlap with its predecessor) are not
-    this block's to count."""
+    this block's to count.
+
+    With ``groups = G > 1`` (meshes of ``Auto`` axes, see :func:`_vocabulary_groups`) the
+    classes are viewed as ``[G, V / G]`` and the block is columns ``[start, start + size)``
+    of every group, ``G · size`` classes laid out group by group: block column ``c`` is class
+    ``(c // size) · V / G + start + c % size``. GSPMD shards the ``G`` axis like ``w``'s
+    vocabulary, so every device reads a block of its own classes."""
 
     start: jax.Array
-    fresh: jax.Array  # [1, size] bool: the column belongs to this block
+    fresh: jax.Array  # [1, groups · size] bool: the column belongs to this block
+    size: Any  # columns per group
+    groups: int
+    group_length: Any  # V / G
     w: jax.Array
     bias: jax.Array | None
     class_weights: jax.Array | None
@@ -852,20 +864,82 @@ def _num_blocks(num_classes: Any, block: Any) -> Any:
     return (num_classes + block - 1) // block
 
 
+def _group_length(w: jax.Array, cfg: Config) -> Any:
+    """Classes per group of the blocked kernel's vocabulary (``V / G``; ``V`` for ``G = 1``)."""
+    return num_local_classes(w, cfg) // cfg.vocab_groups
+
+
+def _blocked_size(x: jax.Array, w: jax.Array, cfg: Config) -> Any:
+    """Classes per group and block: the budget's ``[N, block]`` float32 logits per block
+    and group. With ``G`` groups over ``G`` devices that share the rows and the classes,
+    each device holds ``G / devices`` of the ``[N, G · block]`` logits: one budget."""
+    return vocab_block_size(x.shape[0], _group_length(w, cfg), cfg.vocab_block, cfg.accelerator)
+
+
 def _vocab_block(i: Any, size: Any, ops: Operands, cfg: Config) -> _Block:
     """Block ``i``. All blocks have the same size (static shapes); the last starts at
-    ``V - size`` and leaves its overlap with the previous block to that block."""
+    ``V / G - size`` and leaves its overlap with the previous block to that block."""
     nominal = i * size
-    start = jnp.minimum(nominal, num_local_classes(ops.w, cfg) - size)
-    fresh = start + lax.broadcasted_iota(jnp.int32, (1, size), 1) >= nominal
+    groups, length = cfg.vocab_groups, _group_length(ops.w, cfg)
+    start = jnp.minimum(nominal, length - size)
+    column = lax.broadcasted_iota(jnp.int32, (1, groups * size), 1)
+    fresh = start + (column if groups == 1 else column % size) >= nominal
+    block = _Block(start, fresh, size, groups, length, ops.w, None, None)
 
     def cut(a: jax.Array | None) -> jax.Array | None:
-        return None if a is None else lax.dynamic_slice_in_dim(a, start, size, axis=a.ndim - 1)
+        return None if a is None else _block_columns(a, block, axis=a.ndim - 1)
 
-    w_block = _classes_slice(ops.w, start, size, cfg)
+    w_block = _block_columns(ops.w, block, vocab_axis(cfg.w_layout))
     if cfg.accelerator == "tpu" and w_block.dtype == jnp.float32:
         w_block = _varying_in_loop(w_block, i)
-    return _Block(start, fresh, w_block, cut(ops.bias), cut(ops.class_weights))
+    return block._replace(w=w_block, bias=cut(ops.bias), class_weights=cut(ops.class_weights))
+
+
+def _grouped(a: jax.Array, block: _Block, axis: int) -> jax.Array:
+    """``a`` with its vocabulary ``axis`` split into ``[G, V / G]`` (a local reshape when
+    the vocabulary's shards are whole groups)."""
+    return a.reshape((*a.shape[:axis], block.groups, -1, *a.shape[axis + 1 :]))
+
+
+def _ungrouped(a: jax.Array, axis: int) -> jax.Array:
+    """``a`` with axes ``axis`` and ``axis + 1`` (groups, columns) merged again."""
+    return a.reshape((*a.shape[:axis], -1, *a.shape[axis + 2 :]))
+
+
+def _block_columns(a: jax.Array, block: _Block, axis: int) -> jax.Array:
+    """The block's columns of ``a`` along its vocabulary ``axis``: ``[.., G · size, ..]``."""
+    if block.groups == 1:
+        return lax.dynamic_slice_in_dim(a, block.start, block.size, axis=axis)
+    grouped = _grouped(a, block, axis)
+    return _ungrouped(lax.dynamic_slice_in_dim(grouped, block.start, block.size, axis + 1), axis)
+
+
+def _write_block(a: jax.Array, new: jax.Array, block: _Block, axis: int) -> jax.Array:
+    """``a`` with the block's own columns (along ``axis``) replaced by ``new``'s; its
+    overlap with the previous block keeps the previous block's values."""
+    keep = _keep_fresh(block, new, _block_columns(a, block, axis), axis)
+    if block.groups == 1:
+        return lax.dynamic_update_slice_in_dim(a, keep, block.start, axis=axis)
+    grouped = _grouped(a, block, axis)
+    keep = _grouped(keep, block, axis)
+    return _ungrouped(lax.dynamic_update_slice_in_dim(grouped, keep, block.start, axis + 1), axis)
+
+
+def _column_classes(column: jax.Array, block: _Block) -> jax.Array:
+    """This device's class ids of block columns."""
+    if block.groups == 1:
+        return column + block.start
+    return (column // block.size) * block.group_length + block.start + column % block.size
+
+
+def _class_columns(classes: jax.Array, block: _Block) -> jax.Array:
+    """The block columns of class ids, outside ``[0, G · size)`` for classes not in it."""
+    if block.groups == 1:
+        return classes - block.start
+    group, offset = jnp.divmod(classes, block.group_length)
+    offset = offset - block.start
+    inside = (offset >= 0) & (offset < block.size)
+    return jnp.where(inside, group * block.size + offset, -1)
 
 
 def _varying_in_loop(w_block: jax.Array, i: Any) -> jax.Array:
@@ -894,18 +968,22 @@ def _varying_like(arrays: Any, *references: jax.Array) -> Any:
     return jax.tree.map(lambda a: lax.pcast(a, axes, to="varying"), arrays)
 
 
-def _blocked_statistics(ops: Operands, cfg: Config) -> tuple[Any, ...]:
+def _blocked_statistics(ops: Operands, rows: _labels.Targets, cfg: Config) -> tuple[Any, ...]:
     """Per-row log-normalisers over all classes (and ``Σ_c w_c z_c`` for label smoothing,
-    and the aux statistics), merged block by block: an online logsumexp, then one across the
-    vocabulary's devices."""
+    the aux statistics, and with vocabulary groups the target logits), merged block by
+    block: an online logsumexp, then one across the vocabulary's devices."""
     x = ops.x
     num_local = num_local_classes(ops.w, cfg)
-    size = vocab_block_size(x.shape[0], num_local, cfg.vocab_block, cfg.accelerator)
+    size = _blocked_size(x, ops.w, cfg)
     dtype = _dtypes.compute_dtype(x.dtype)
     smoothing = bool(cfg.label_smoothing)
+    # Under GSPMD (groups), gathering w's columns at the labels from a sharded vocabulary is
+    # an all-reduce of [N, D] (and on TPU a transposed copy of w for the gather): the target
+    # logit is read off the blocks' logits instead, a sum over one block column per row.
+    picks_target = cfg.vocab_groups > 1
 
     def add_block(i: Any, carry: tuple[Any, ...]) -> tuple[Any, ...]:
-        lse, weighted, aux = carry
+        lse, weighted, target, aux = carry
         block = _vocab_block(i, size, ops, cfg)
         raw = _product_logits(x, block.w, block.bias, cfg)
         z, _ = _scaled_logits(raw, cfg)
@@ -919,20 +997,23 @@ def _blocked_statistics(ops: Operands, cfg: Config) -> tuple[Any, ...]:
             weights = 1.0 if block.class_weights is None else block.class_weights.astype(dtype)
             spread = jnp.where(block.fresh, weights, 0.0)
             weighted = weighted + jnp.sum(z * spread, axis=1)
-        return lse, weighted, aux
+        if picks_target:
+            target = target + _block_target_logits(z, rows.local, block)
+        return lse, weighted, target, aux
 
-    rows = x.shape[0]
+    num_rows = x.shape[0]
     aux_init = None
     if cfg.return_aux:
         aux_init = (
-            jnp.zeros((rows,), dtype),
-            jnp.full((rows,), -jnp.inf, dtype),
-            jnp.zeros((rows,), jnp.int32),
+            jnp.zeros((num_rows,), dtype),
+            jnp.full((num_rows,), -jnp.inf, dtype),
+            jnp.zeros((num_rows,), jnp.int32),
         )
-    init = (jnp.full((rows,), -jnp.inf, dtype), jnp.zeros((rows,), dtype), aux_init)
+    zeros = jnp.zeros((num_rows,), dtype)
+    init = (jnp.full((num_rows,), -jnp.inf, dtype), zeros, zeros, aux_init)
     init = _varying_like(init, x, ops.w)
-    num_blocks = _num_blocks(num_local, size)
-    lse, weighted, aux = lax.fori_loop(0, num_blocks, add_block, init)
+    num_blocks = _num_blocks(_group_length(ops.w, cfg), size)
+    lse, weighted, target, aux = lax.fori_loop(0, num_blocks, add_block, init)
     total = _merge_devices_lse(lse, cfg.axis_name)
     stats = None
     if aux is not None:
@@ -940,7 +1021,15 @@ def _blocked_statistics(ops: Operands, cfg: Config) -> tuple[Any, ...]:
         entropy = _loss_reduction.psum_over(_rebased(lse, entropy, total), cfg.axis_name)
         argmax = _aux_outputs.global_argmax(top, arg, cfg.axis_name, num_local)
         stats = RowStats(total, entropy, argmax)
-    return total, (_loss_reduction.psum_over(weighted, cfg.axis_name) if smoothing else None), stats
+    weighted = _loss_reduction.psum_over(weighted, cfg.axis_name) if smoothing else None
+    return total, weighted, stats, (target if picks_target else None)
+
+
+def _block_target_logits(z: jax.Array, labels: jax.Array, block: _Block) -> jax.Array:
+    """Each row's logit at its label if the label is one of the block's own classes, else 0."""
+    column = lax.broadcasted_iota(jnp.int32, z.shape, 1)
+    hit = block.fresh & (column == _class_columns(labels, block)[:, None])
+    return jnp.sum(jnp.where(hit, z, jnp.zeros_like(z)), axis=1)
 
 
 def _merge_block_stats(
@@ -958,7 +1047,7 @@ def _merge_block_stats(
     block_entropy, block_top, block_arg = _entropy_and_max(z, block_lse, raw, block.fresh)
     entropy = _rebased(lse, entropy, total) + _rebased(block_lse, block_entropy, total)
     better = block_top > top
-    arg = jnp.where(better, (block_arg + block.start).astype(arg.dtype), arg)
+    arg = jnp.where(better, _column_classes(block_arg, block).astype(arg.dtype), arg)
     return entropy, jnp.where(better, block_top, top), arg
 
 
@@ -983,8 +1072,9 @@ def _blocked_fwd(ops: Operands, cfg: Config) -> tuple[Any, tuple[Any, ...]]:
 def _blocked_forward(ops: Operands, cfg: Config) -> tuple[Any, tuple[Any, ...]]:
     """The loss over all ``N`` rows and what the backward pass needs."""
     rows, classes = _setup(ops, cfg)
-    lse, weighted, stats = _blocked_statistics(ops, cfg)
-    target = _target_logits(ops.x, ops.w, ops.bias, rows, cfg)
+    lse, weighted, stats, target = _blocked_statistics(ops, rows, cfg)
+    if target is None:
+        target = _target_logits(ops.x, ops.w, ops.bias, rows, cfg)
     losses = _row_losses(lse, target, weighted, rows, classes, cfg)
     out = _assemble(losses, stats, rows, ops.token_weights, cfg)
     # What the token weights' gradient needs: the per-row losses and the reduced loss.
@@ -1002,7 +1092,7 @@ def _blocked_bwd(cfg: Config, saved: tuple[Any, ...], ct: Any) -> tuple[Operands
     classes = _class_totals(ops.class_weights, num_local_classes(w, cfg), cfg, dtype)
     g = g.astype(dtype)
     scale = _loss_scale(rows, ops.token_weights, g, cfg)
-    size = vocab_block_size(x.shape[0], num_local_classes(w, cfg), cfg.vocab_block, cfg.accelerator)
+    size = _blocked_size(x, w, cfg)
 
     dx_sum = _input_grad_accumulator(x, cfg)
 
@@ -1010,22 +1100,17 @@ def _blocked_bwd(cfg: Config, saved: tuple[Any, ...], ct: Any) -> tuple[Operands
         dx, dw, db = carry
         block = _vocab_block(i, size, ops, cfg)
         z, capped = _chunk_logits(x, block.w, block.bias, cfg)
-        block_rows = rows._replace(local=rows.local - block.start)
+        block_rows = rows._replace(local=_class_columns(rows.local, block))
         block_classes = classes._replace(weights=block.class_weights)
         dz = _chunk_logits_grad(z, capped, lse, block_rows, scale, block_classes, cfg, aux)
         dz = jnp.where(block.fresh, dz, jnp.zeros_like(dz))
         dz_op = dz.astype(x.dtype)
         # float32 accumulation over all N tokens inside the GEMM; rounded once to dw's dtype.
         dw_block = _weight_grad_product(x, dz_op, cfg, dtype).astype(dw.dtype)
-        old = _classes_slice(dw, block.start, size, cfg)
-        keep = _keep_fresh(block, dw_block, old, vocab_axis(cfg.w_layout))
-        dw = _classes_update(dw, keep, block.start, cfg)
+        dw = _write_block(dw, dw_block, block, vocab_axis(cfg.w_layout))
         dx = dx_sum.add(dx, _input_grad_product(dz_op, block.w, cfg, dtype))
         if db is not None:
-            old_b = lax.dynamic_slice_in_dim(db, block.start, size)
-            db = lax.dynamic_update_slice_in_dim(
-                db, _keep_fresh(block, jnp.sum(dz, axis=0), old_b), block.start, axis=0
-            )
+            db = _write_block(db, jnp.sum(dz, axis=0), block, 0)
         return dx, dw, db
 
     # w's gradient is written in w's dtype, block by block, unless the rows are sharded over
@@ -1042,7 +1127,7 @@ def _blocked_bwd(cfg: Config, saved: tuple[Any, ...], ct: Any) -> tuple[Operands
         x,
         w,
     )
-    num_blocks = _num_blocks(num_local_classes(w, cfg), size)
+    num_blocks = _num_blocks(_group_length(w, cfg), size)
     dx, dw, db = lax.fori_loop(0, num_blocks, add_block, init)
     dx = _loss_reduction.psum_over(dx_sum.value(dx), cfg.axis_name).astype(x.dtype)
     dt = None
@@ -1138,8 +1223,10 @@ def _bfloat16_bits(bits: jax.Array) -> jax.Array:
 
 def _input_grad_accumulator(x: jax.Array, cfg: Config) -> Any:
     """Split halves on TPU for a bfloat16 ``x`` whose gradient needs no sum over the
-    vocabulary's devices (a ``psum`` needs the float32 array whole); whole elsewhere."""
-    if cfg.accelerator == "tpu" and x.dtype == jnp.bfloat16 and cfg.axis_name is None:
+    vocabulary's devices (a ``psum``, or GSPMD's partial sums over vocabulary groups, need
+    the float32 array whole); whole elsewhere."""
+    summed_over_devices = cfg.axis_name is not None or cfg.vocab_groups > 1
+    if cfg.accelerator == "tpu" and x.dtype == jnp.bfloat16 and not summed_over_devices:
         return _SplitFloat32Accumulator(x.shape)  # bfloat16's compute dtype is float32
     return _WholeAccumulator(x.shape, _dtypes.compute_dtype(x.dtype))
 
@@ -1157,7 +1244,8 @@ def local_loss(
     options: Config,
 ) -> Any:
     """The loss over the rows of ``x`` (this device's, under explicit sharding): the chunked
-    kernel on CPU, the vocabulary-blocked one on GPU and TPU (``options.kernel`` forces one).
+    kernel on CPU, the vocabulary-blocked one on GPU and TPU, over vocabulary groups on
+    meshes of ``Auto`` axes (:func:`_vocabulary_groups`); ``options.kernel`` forces one.
     With ``options.return_aux``, ``(loss, CrossEntropyAux)``."""
     batch_shape = x.shape[:-1]
     num_rows = math.prod(batch_shape)
@@ -1168,18 +1256,25 @@ def local_loss(
         x.reshape(num_rows, x.shape[-1]), w, bias, flat_labels, class_weights, flat_tokens
     )
 
+    groups = _vocabulary_groups(num_local_classes(w, options), x, w)
+
     def chunked() -> Any:
         return _chunked_loss(ops, options, num_rows)
 
     def blocked_on(accelerator: str) -> Any:
-        return _blocked_impl(ops, options._replace(num_rows=num_rows, accelerator=accelerator))
+        # (A symbolic V on an Auto mesh reaches here only when a test forces the kernel.)
+        groups_or_one = max(groups, 1)
+        cfg = options._replace(
+            num_rows=num_rows, accelerator=accelerator, vocab_groups=groups_or_one
+        )
+        return _blocked_impl(ops, cfg)
 
     def blocked() -> Any:
         return _reductions.platform_dependent(
             tpu=lambda: blocked_on("tpu"), default=lambda: blocked_on("gpu")
         )
 
-    if options.kernel == "chunked" or (options.kernel == "auto" and _gspmd_sharded(x, w)):
+    if options.kernel == "chunked" or (options.kernel == "auto" and groups == 0):
         out = chunked()
     elif options.kernel == "blocked":
         out = blocked()
@@ -1210,18 +1305,32 @@ def _aux_outputs_of(stats: RowStats, ops: Operands, cfg: Config) -> _aux_outputs
     )
 
 
-def _gspmd_sharded(*arrays: jax.Array) -> bool:
-    """Whether the arrays (or the context) live on a mesh of ``Auto`` axes over several
-    devices, which GSPMD partitions by propagation. There the chunked kernel runs on every
-    platform: its ``[T, V]`` dots split along the vocabulary like ``w``, whereas the blocked
-    kernel's dynamic slices of the vocabulary would make GSPMD gather ``w``. (Explicit meshes
-    and ``shard_map`` give each device its own slice of ``w`` and run the blocked kernel.)"""
+def _vocabulary_groups(num_classes: Any, *arrays: jax.Array) -> int:
+    """``G``, the groups the blocked kernel views the vocabulary as (``[G, V / G]``): 1
+    unless the arrays (or the context) live on a mesh of ``Auto`` axes over several devices,
+    which GSPMD partitions by propagation; there ``gcd(V, devices)``, or 0 for a symbolic
+    ``V`` (the chunked kernel runs then).
+
+    GSPMD cannot keep a dynamic slice of a sharded axis local: slicing ``w``'s vocabulary
+    block by block would make it gather ``w``. Each of the ``k`` shards of a vocabulary
+    sharded evenly over mesh axes holds ``G / k`` whole groups (``k`` divides ``V`` and the
+    device count, hence ``G``), so splitting the vocabulary into ``[G, V / G]`` shards the
+    ``G`` axis like the vocabulary, and the blocks, sliced along ``V / G``, are local to
+    every device. (Explicit meshes and ``shard_map`` give each device its own slice of ``w``
+    and need no groups.)"""
     meshes = [jax.typeof(a).sharding.mesh for a in arrays]
     meshes.append(jax.sharding.get_abstract_mesh())
-    return any(
-        AxisType.Auto in getattr(mesh, "axis_types", ()) and getattr(mesh, "size", 1) > 1
-        for mesh in meshes
+    devices = max(
+        (
+            getattr(mesh, "size", 1)
+            for mesh in meshes
+            if AxisType.Auto in getattr(mesh, "axis_types", ())
+        ),
+        default=1,
     )
+    if devices == 1:
+        return 1
+    return math.gcd(num_classes, devices) if isinstance(num_classes, int) else 0
 
 
 def _chunked_loss(ops: Operands, options: Config, num_rows: Any) -> Any:

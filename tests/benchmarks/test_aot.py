@@ -16,14 +16,16 @@ import functools
 import importlib
 import importlib.metadata
 import json
+import os
 import re
+import tempfile
 from typing import Any
 
 import jax
 import pytest
 
 from benchmarks import cases
-from tests.library.hlo_checks import assert_no_transposed_copy_of_w
+from tests.library.hlo_checks import assert_no_transposed_copy_of_w, largest_collective
 
 pytestmark = pytest.mark.aot
 
@@ -163,6 +165,64 @@ def _weight_block_growth(
     (n0, d0, v0), (_, d1, _) = base, bigger
     accelerator = "tpu" if aot.TARGETS[target].platform == "tpu" else "gpu"
     return 4 * (d1 - d0) * vocab_block_size(n0, v0, accelerator=accelerator)
+
+
+# The same on the meshes, per device: x batch-sharded, w vocabulary-sharded (benchmarks/aot.py's
+# "8xh100", batch 2 x vocab 4, and "v5e-2x2", batch 2 x vocab 2) over Auto axes, which GSPMD
+# partitions; optax's logits [N, V] are sharded over both. Measured 2026-12-02 (jax 0.10.2),
+# after the blocked kernel took over the Auto meshes from the chunked one (536 MiB on 8 x H100,
+# 1,390 on v5e 2x2, with its float32 [D, V / vocab devices] dw accumulator).
+MESH_TARGETS = ("8xh100", "v5e-2x2")
+FUSED_MESH_TEMP_FAILURES: dict[str, str] = {
+    "8xh100-bfloat16": "temp 192 MiB per device (the f32 [N/2, D] dx accumulator is 64, "
+    "one f32 [N/2, 4096] logits block 64), optax 251 MiB",
+    "v5e-2x2-bfloat16": "temp 566 MiB per device: XLA:TPU relayouts the device's bf16 "
+    "[D, V/2] shard of w (501 MiB) to split its minor axis into [2, V/4]; with "
+    'w_layout="vd" 65 MiB. optax 501 MiB',
+}
+
+
+@functools.cache
+def _compiled_with_hlo(target: str, op: str, shape: tuple[int, ...], dtype: str, who: str):
+    """The fwd+bwd record of ``who`` and its optimised HLO text."""
+    aot = importlib.import_module("benchmarks.aot")
+    case = cases.case(op)
+    loss = case.losses([who])[who]
+    with tempfile.TemporaryDirectory() as folder:
+        rec = aot.compile_one(
+            aot.TARGETS[target], case, shape, dtype, "fwd+bwd", who, loss, dump_hlo=folder
+        )
+        assert not rec.note.startswith("compile failed"), f"{who} {op} for {target}: {rec.note}"
+        (name,) = os.listdir(folder)
+        with open(os.path.join(folder, name)) as f:
+            return rec, f.read()
+
+
+@pytest.mark.parametrize(
+    ("target", "dtype"),
+    [_known(FUSED_MESH_TEMP_FAILURES, t, "bfloat16") for t in MESH_TARGETS],
+)
+def test_fused_temp_on_auto_meshes_is_at_most_a_sixteenth_of_optax_per_device(aot, target, dtype):
+    mine, _ = _compiled_with_hlo(target, "fused", FUSED_LARGE, dtype, "jxent")
+    ref = compiled(aot, target, "fused", FUSED_LARGE, dtype, "reference")
+    assert mine.temp_bytes <= ref.temp_bytes / 16, (
+        f"fused N=8192 D=4096 V=128256 {dtype} on {target}: temp {mine.temp_bytes / MIB:.0f} "
+        f"MiB per device, optax on x @ w {ref.temp_bytes / MIB:.0f} MiB (limit 1/16)"
+    )
+
+
+@pytest.mark.parametrize("target", MESH_TARGETS)
+def test_fused_on_auto_meshes_moves_neither_logits_nor_w_between_devices(aot, target):
+    """GSPMD keeps every vocabulary block on the device that holds its classes: no
+    all-gather, all-to-all or collective-permute beyond a few values per row (the chunked
+    kernel of before gathered x chunk by chunk, 33M elements on 8 x H100)."""
+    n, d, v = FUSED_LARGE
+    _, text = _compiled_with_hlo(target, "fused", FUSED_LARGE, "bfloat16", "jxent")
+    moved = largest_collective(text, ("all-gather", "all-to-all", "collective-permute"))
+    assert moved <= 8 * n, f"{target}: a collective of {moved:,} elements (x: {n * d:,})"
+    # The all-reduces sum per-row values, dx's partial sums over the vocabulary's devices
+    # and, in the loop, each block of dw over the batch's: none is as large as w's shard.
+    assert largest_collective(text, ("all-reduce",)) < d * v // 4
 
 
 FUSED_VD = (2048, 512, 32768)

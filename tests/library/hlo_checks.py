@@ -26,3 +26,18 @@ def assert_no_transposed_copy_of_w(text: str, v: int, d: int) -> None:
     ]
     assert copies == []
     assert instructions_of_shape(text, (v, d))  # the pattern does match w's gradient
+
+
+def largest_collective(text: str, opcodes: tuple[str, ...]) -> int:
+    """Elements of the largest array among the results of the named collectives (e.g.
+    ``("all-gather", "all-to-all")``, their async ``-start`` forms included) in an optimised
+    HLO module; 0 when there is none."""
+    names = "|".join(map(re.escape, opcodes))
+    sizes = [0]
+    for result in re.findall(rf"= (.*?) (?:{names})(?:-start)?\(", text):
+        for dims in re.findall(r"\[([\d,]*)\]", result):
+            size = 1
+            for dim in filter(None, dims.split(",")):
+                size *= int(dim)
+            sizes.append(size)
+    return max(sizes)

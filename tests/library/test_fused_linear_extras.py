@@ -16,13 +16,13 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 import reference as ref
-from hlo_checks import assert_no_transposed_copy_of_w
+from hlo_checks import assert_no_transposed_copy_of_w, largest_collective
 from jax import export
 from jax.sharding import AxisType, NamedSharding
 from jax.sharding import PartitionSpec as P
 
 import jxent
-from jxent import _fused_linear
+from jxent import _fused_linear, _reductions
 from jxent._aux_outputs import CrossEntropyAux
 
 pytestmark = pytest.mark.numerics
@@ -409,26 +409,81 @@ def test_explicit_mesh_with_w_vocabulary_sharded_in_vd_layout(kernel):
     assert tuple(jax.typeof(grads[1]).sharding.spec)[:1] == ("v",)
 
 
-def test_auto_mesh_with_w_vocabulary_sharded_in_vd_layout():
+# (kernel, V): on a 2 x 4 Auto mesh the blocked kernel views the vocabulary as
+# [gcd(V, 8), V / gcd(V, 8)]: 8 groups of 5 classes (blocks of 2, the last overlapping), or
+# with V = 36 (not a multiple of the 8 devices) 4 groups of 9, one a device of "v".
+AUTO_MESH_CASES = [("auto", 40), ("blocked", 40), ("blocked", 36)]
+
+
+@pytest.mark.parametrize(("kernel", "v"), AUTO_MESH_CASES)
+def test_auto_mesh_with_w_vocabulary_sharded_in_vd_layout(kernel, v):
     mesh = jax.make_mesh((2, 4), ("b", "v"), axis_types=(AxisType.Auto,) * 2)
-    x, w, _, y, t = _inputs(4, n=16, v=40)
+    x, w, _, y, t = _inputs(4, n=16, v=v)
     w_vd = np.ascontiguousarray(w.T)
+    fused = _fused_linear.with_kernel(kernel, 2 if kernel == "blocked" else 0)
 
     def objective(x, w, t):
-        loss, aux = jxent.fused_linear_cross_entropy(
-            x, w, y, weights=t, w_layout="vd", return_aux=True, z_loss=1e-2, ignore_index=-100
+        loss, aux = fused(
+            x,
+            w,
+            y,
+            weights=t,
+            w_layout="vd",
+            return_aux=True,
+            z_loss=1e-2,
+            ignore_index=-100,
+            label_smoothing=0.1,
         )
-        return loss + jnp.sum(aux.lse), aux
+        return loss + jnp.sum(aux.lse) + jnp.sum(aux.entropy), aux
 
     step = jax.value_and_grad(objective, argnums=(0, 1, 2), has_aux=True)
     xs = jax.device_put(x, NamedSharding(mesh, P("b", None)))
     ws = jax.device_put(w_vd, NamedSharding(mesh, P("v", None)))
-    (value, aux), grads = jax.jit(step)(xs, ws, t)
+    compiled = jax.jit(step).lower(xs, ws, t).compile()
+    (value, aux), grads = compiled(xs, ws, t)
     (want_value, want_aux), want_grads = step(x, w_vd, t)
     np.testing.assert_allclose(value, want_value, rtol=1e-5)
     np.testing.assert_array_equal(aux.argmax, want_aux.argmax)
+    np.testing.assert_allclose(aux.entropy, want_aux.entropy, rtol=1e-5, atol=1e-6)
     for g, h in zip(grads, want_grads, strict=True):
         np.testing.assert_allclose(g, h, rtol=1e-4, atol=1e-6)
+    # w (v x D) is never moved between devices: the collectives carry per-row values, the
+    # [16, D] input gradient and (summed over "b") slices of w's gradient.
+    assert largest_collective(compiled.as_text(), ("all-gather", "all-to-all")) <= 16 * D
+
+
+@pytest.mark.parametrize("platform", ["cuda", "tpu"])
+def test_auto_mesh_on_accelerators_runs_the_blocked_kernel_over_groups(platform):
+    """The public function on an Auto mesh, traced for GPU or TPU (float32 w: the TPU branch
+    multiplies each block of w by a loop-dependent 1): the blocked kernel over 8 vocabulary
+    groups, equal to one device, with w left where it is."""
+    mesh = jax.make_mesh((2, 4), ("b", "v"), axis_types=(AxisType.Auto,) * 2)
+    x, w, b, y, _ = _inputs(6, n=16, v=40)
+    options = {**OPTIONS, "class_weights": np.linspace(0.5, 2.0, 40, dtype=np.float32)}
+
+    def loss(x, w, b):
+        return jxent.fused_linear_cross_entropy(x, w, y, bias=b, **options)
+
+    args = (
+        jax.device_put(x, NamedSharding(mesh, P("b", None))),
+        jax.device_put(w, NamedSharding(mesh, P(None, "v"))),
+        jax.device_put(b, NamedSharding(mesh, P("v"))),
+    )
+    step = jax.jit(jax.value_and_grad(loss, argnums=(0, 1, 2)))
+    jax.clear_caches()
+    _reductions.simulated_platform = platform
+    try:
+        assert "name=_blocked_impl" in str(jax.make_jaxpr(loss)(*args))
+        compiled = step.lower(*args).compile()
+        value, grads = compiled(*args)
+    finally:
+        _reductions.simulated_platform = None
+        jax.clear_caches()
+    want_value, want_grads = jax.value_and_grad(loss, argnums=(0, 1, 2))(x, w, b)
+    np.testing.assert_allclose(value, want_value, rtol=1e-5)
+    for g, h in zip(grads, want_grads, strict=True):
+        np.testing.assert_allclose(g, h, rtol=1e-4, atol=1e-6)
+    assert largest_collective(compiled.as_text(), ("all-gather", "all-to-all")) <= 16 * D
 
 
 def test_export_round_trip():
