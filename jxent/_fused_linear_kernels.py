@@ -1106,27 +1106,29 @@ def _blocked_bwd(cfg: Config, saved: tuple[Any, ...], ct: Any) -> tuple[Operands
         dz = jnp.where(block.fresh, dz, jnp.zeros_like(dz))
         dz_op = dz.astype(x.dtype)
         # float32 accumulation over all N tokens inside the GEMM; rounded once to dw's dtype.
-        dw_block = _weight_grad_product(x, dz_op, cfg, dtype).astype(dw.dtype)
-        dw = _write_block(dw, dw_block, block, vocab_axis(cfg.w_layout))
+        dw_block = _weight_grad_product(x, dz_op, cfg, dtype)
+        if sum_each_block:
+            dw_block = _sharding.sum_to_primal(dw_block, w)
+        dw = _write_block(dw, dw_block.astype(dw.dtype), block, vocab_axis(cfg.w_layout))
         dx = dx_sum.add(dx, _input_grad_product(dz_op, block.w, cfg, dtype))
         if db is not None:
             db = _write_block(db, jnp.sum(dz, axis=0), block, 0)
         return dx, dw, db
 
-    # w's gradient is written in w's dtype, block by block, unless the rows are sharded over
-    # devices that share w: then it is a partial sum over this device's rows, kept in float32
-    # until the devices' shares are added.
+    # When the rows are sharded over devices that share w, w's gradient is a sum over
+    # devices. In half precision each block is summed over them before it is rounded and
+    # written (one all-reduce of a block per step): a float32 partial sum of the whole
+    # gradient, waiting for one psum after the loop, would be twice the size of w's shard.
+    # In float32 that partial sum is the gradient's own buffer, and a block's all-reduce
+    # would need a block-sized buffer more.
     rows_sharded = bool(_sharding.varying_axes(x) - _sharding.varying_axes(w))
-    dw_dtype = dtype if rows_sharded else w.dtype
-    init = _varying_like(
-        (
-            dx_sum.zeros(),
-            jnp.zeros(w.shape, dw_dtype),
-            None if ops.bias is None else jnp.zeros(ops.bias.shape, dtype),
-        ),
-        x,
-        w,
+    sum_each_block = rows_sharded and w.dtype != dtype
+    dx_init, db_init = _varying_like(
+        (dx_sum.zeros(), None if ops.bias is None else jnp.zeros(ops.bias.shape, dtype)), x, w
     )
+    dw_varies_like = (w,) if sum_each_block else (x, w)
+    dw_init = _varying_like(jnp.zeros(w.shape, w.dtype), *dw_varies_like)
+    init = (dx_init, dw_init, db_init)
     num_blocks = _num_blocks(_group_length(w, cfg), size)
     dx, dw, db = lax.fori_loop(0, num_blocks, add_block, init)
     dx = _loss_reduction.psum_over(dx_sum.value(dx), cfg.axis_name).astype(x.dtype)

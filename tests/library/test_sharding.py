@@ -212,6 +212,33 @@ def test_fused_linear_cross_entropy(layout, axis_type, reduction, kernel):
     assert largest_all_gather(compiled) <= max(2 * B, B * D)
 
 
+@pytest.mark.parametrize("layout", ["batch", "2d"])
+def test_fused_blocked_kernel_in_bfloat16_sums_each_block_of_dw_over_the_rows_devices(layout):
+    """Rows sharded over devices that share w: in half precision each block of w's gradient
+    is summed over those devices (in float32) before it is rounded, so it matches one device
+    rounded once (a float32 copy of the gradient is no longer kept for one psum at the end)."""
+    mesh, spec = make_mesh(layout, "explicit")
+    batch_axis, vocab_axis = spec
+    fused = _fused_linear.with_kernel("blocked", vocab_block=3)
+    x, w = X.astype(jnp.bfloat16), W.astype(jnp.bfloat16)
+    step = jax.value_and_grad(lambda x, w, y: fused(x, w, y, label_smoothing=0.1), (0, 1))
+    with jax.set_mesh(mesh):
+        sharded = (
+            jax.device_put(x, NamedSharding(mesh, P(batch_axis, None))),
+            jax.device_put(w, NamedSharding(mesh, P(None, vocab_axis))),
+            jax.device_put(LABELS, NamedSharding(mesh, P(batch_axis))),
+        )
+        value, (dx, dw) = jax.jit(step)(*sharded)
+    want_value, (want_dx, want_dw) = jax.jit(step)(x, w, LABELS)
+    assert dw.dtype == jnp.bfloat16 and _spec(dw) == (None, vocab_axis)
+    np.testing.assert_allclose(value, want_value, rtol=1e-2)
+    for got, want in ((dx, want_dx), (dw, want_dw)):
+        # One rounding to bfloat16 on both sides: equal up to the sums' float32 order.
+        np.testing.assert_allclose(
+            np.float32(got), np.float32(want), rtol=2**-7, atol=2**-7 * np.abs(want).max()
+        )
+
+
 def test_fused_loss_refuses_a_sharded_contraction_axis():
     mesh, _ = make_mesh("classes", "explicit")
     w = jax.device_put(W, NamedSharding(mesh, P("v", None)))
