@@ -15,7 +15,7 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
-from jxent import _labels, _loss_reduction
+from jxent import _labels, _loss_reduction, _reductions
 
 
 class CrossEntropyAux(NamedTuple):
@@ -77,6 +77,25 @@ def global_argmax(
     top = lax.pmax(local_max, axis_name)
     mine = jnp.where(local_max == top, local_argmax + offset, jnp.iinfo(jnp.int32).max)
     return lax.pmin(mine.astype(jnp.int32), axis_name)
+
+
+def after(stats: tuple[jax.Array, jax.Array], value: jax.Array) -> jax.Array:
+    """CPU: ``value`` (per row, keepdims) plus a zero computed from the ``(entropy,
+    argmax)`` statistics, ``min(isnan(H) + argmax, 0)``: never NaN, and XLA cannot prove
+    it 0. (GPU and TPU: ``value``.)
+
+    For a kernel's residual: the backward pass then reads it only once the statistics are
+    done. Without that order XLA:CPU may run the backward pass first (the statistics being
+    only logged, it needs none of them) and, the exponentials it would overwrite being
+    still needed by the statistics' class sums, write the gradient into a fresh
+    logits-sized buffer."""
+
+    def ordered() -> jax.Array:
+        entropy, argmax = stats
+        zero = jnp.minimum(jnp.isnan(entropy).astype(jnp.int32) + argmax, 0)
+        return value + zero.astype(value.dtype)[..., None]
+
+    return _reductions.on_cpu(ordered, lambda: value)
 
 
 def correct_predictions(

@@ -43,7 +43,6 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 from jax._src import core as jax_core
-from jax.custom_derivatives import SymbolicZero
 from jax.sharding import AxisType
 
 from jxent import (
@@ -55,6 +54,7 @@ from jxent import (
     _normaliser,
     _reductions,
     _sharding,
+    _symbolic_zeros,
 )
 
 # The default chunk keeps one [T, V] float32 logits block within this many bytes: big enough
@@ -648,26 +648,14 @@ def _split_cotangent(
 ) -> tuple[Any, AuxCotangent | None]:
     """The loss's cotangent (zeros for a symbolic zero) and the aux outputs' (None when
     both are symbolic zeros: nothing to re-form for)."""
+    dense = _symbolic_zeros.dense
     if not cfg.return_aux:
-        return _dense(ct), None
+        return dense(ct), None
     g, stats_ct = ct
-    lse, entropy = stats_ct.lse, stats_ct.entropy
-    if isinstance(lse, SymbolicZero) and isinstance(entropy, SymbolicZero):
-        return _dense(g), None
+    if _symbolic_zeros.is_zero(stats_ct.lse) and _symbolic_zeros.is_zero(stats_ct.entropy):
+        return dense(g), None
     assert stats is not None
-    return _dense(g), AuxCotangent(_dense(lse), _dense(entropy), stats.entropy)
-
-
-def _dense(ct: Any) -> Any:
-    if isinstance(ct, SymbolicZero):
-        aval: Any = ct.aval
-        return jnp.zeros(aval.shape, aval.dtype)
-    return ct
-
-
-def _primal_values(ops: Any) -> Any:
-    """The arrays of a custom_vjp's ``fwd`` arguments under ``symbolic_zeros=True``."""
-    return jax.tree.map(lambda p: p.value, ops, is_leaf=lambda p: hasattr(p, "perturbed"))
+    return dense(g), AuxCotangent(dense(stats_ct.lse), dense(stats_ct.entropy), stats.entropy)
 
 
 # ----------------------------------------------------------------------------- custom_vjp
@@ -710,7 +698,7 @@ def _impl(ops: Operands, cfg: Config) -> Any:
 
 
 def _fwd(ops: Operands, cfg: Config) -> tuple[Any, tuple[Any, ...]]:
-    ops = _primal_values(ops)
+    ops = _symbolic_zeros.primal_values(ops)
     if cfg.reduction == "none":
         return _fwd_reforming(ops, cfg)
     rows, classes = _setup(ops, cfg)
@@ -977,7 +965,7 @@ def _blocked_impl(ops: Operands, cfg: Config) -> Any:
 
 
 def _blocked_fwd(ops: Operands, cfg: Config) -> tuple[Any, tuple[Any, ...]]:
-    return _blocked_forward(_primal_values(ops), cfg)
+    return _blocked_forward(_symbolic_zeros.primal_values(ops), cfg)
 
 
 def _blocked_forward(ops: Operands, cfg: Config) -> tuple[Any, tuple[Any, ...]]:

@@ -93,6 +93,7 @@ def exponentials(
     axis_name: Hashable | None = None,
     *,
     read_first: jax.Array | None = None,
+    maxima: jax.Array | None = None,
 ) -> tuple[jax.Array, Normaliser, jax.Array]:
     """``e = exp(x - shift)`` (0 where masked), the :class:`Normaliser` and ``1 / Σ e``.
 
@@ -104,7 +105,8 @@ def exponentials(
     the gradient over ``e`` in place, so no extra memory is held. For long rows everything
     is computed on the blocked view (see :func:`class_reduce`). ``read_first`` (see
     :func:`row_shift`) orders a gather from ``x`` before the passes that may overwrite
-    ``x``'s buffer.
+    ``x``'s buffer. ``maxima`` (CPU): ``x``'s
+    :func:`~jxent._reductions.chunk_maxima`, from which the row max is taken.
 
     On GPU and TPU the normaliser comes from one pass over ``x`` (see
     :func:`online_normaliser`) and ``e`` is only a formula: the callers save the logits
@@ -115,7 +117,7 @@ def exponentials(
         return jnp.exp(mask(x, where, -jnp.inf) - shift)
 
     def two_pass() -> tuple[jax.Array, Normaliser, jax.Array]:
-        shift = row_shift(x, where, axis_name, read_first=read_first)
+        shift = row_shift(x, where, axis_name, read_first=read_first, maxima=maxima)
         e = exp_shifted(x, where, shift)
         if block_size(x.shape[-1]) is None:
             total = jnp.sum(e, axis=-1, keepdims=True)
