@@ -35,7 +35,6 @@ from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
-from jax import lax
 
 from jxent import (
     _aux_outputs,
@@ -228,17 +227,6 @@ def _first_argmax(
     return _aux_outputs.global_argmax(local_max, first, axis_name, num_local)
 
 
-def _first_true(hit: jax.Array) -> tuple[jax.Array, jax.Array]:
-    """``(any, first index)`` of the true entries along the last axis (index 0 for none),
-    as one float max of ``hit·(n - i)`` (exact for ``n ≤ 2**24``): XLA:CPU vectorises a
-    float max, not ``jnp.argmax``'s variadic reduction. For short rows."""
-    n = hit.shape[-1]
-    ids = jax.lax.broadcasted_iota(jnp.float32, hit.shape, hit.ndim - 1)
-    found_at = jnp.max(jnp.where(hit, n - ids, 0.0), axis=-1)
-    found = found_at > 0
-    return found, jnp.where(found, n - found_at, 0.0).astype(jnp.int32)
-
-
 def _first_argmax_in_chunks(
     x: jax.Array,
     where: jax.Array | None,
@@ -247,26 +235,11 @@ def _first_argmax_in_chunks(
     axis_name: Hashable | None,
 ) -> jax.Array:
     """As :func:`_first_argmax`, from the row's :func:`~jxent._reductions.chunk_maxima`
-    (those the normaliser's max pass made): the first chunk whose max is ``top``, then the
-    first entry of that chunk (gathered) equal to it. No pass over the whole row."""
-    num_local, num_chunks = x.shape[-1], maxima.shape[-1]
-    chunk = num_local // num_chunks
-    found_chunk, j = _first_true(maxima == top)
-
-    def chunk_of(a: jax.Array) -> jax.Array:
-        # Row j of the [rows · chunks, chunk] view: XLA:CPU copies whole rows for such a
-        # gather, where a per-element gather fused into the compare costs ~100x more.
-        runs = a.reshape(-1, chunk)
-        rows = jnp.arange(runs.shape[0] // num_chunks, dtype=j.dtype) * num_chunks
-        picked = lax.optimization_barrier(jnp.take(runs, rows + j.reshape(-1), axis=0))
-        return picked.reshape((*j.shape, chunk))
-
-    values = chunk_of(x if where is None else _elementwise.mask(x, where, -jnp.inf))
-    found, i = _first_true(values == top)
-    found = found & found_chunk
+    (those the normaliser's max pass made; see
+    :func:`~jxent._aux_outputs.first_argmax_in_chunks`): no pass over the whole row."""
+    found, first = _aux_outputs.first_argmax_in_chunks(x, where, maxima, top)
     local_max = jnp.where(found, top[..., 0], -jnp.inf)
-    first = jnp.where(found, j * chunk + i, 0)
-    return _aux_outputs.global_argmax(local_max, first, axis_name, num_local)
+    return _aux_outputs.global_argmax(local_max, first, axis_name, x.shape[-1])
 
 
 def _logits_argmax(

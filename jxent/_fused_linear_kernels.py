@@ -282,10 +282,16 @@ class _Classes(NamedTuple):
 
 
 def _chunk_loss(
-    z: jax.Array, target: jax.Array, rows: _labels.Targets, classes: _Classes, cfg: Config
+    z: jax.Array,
+    target: jax.Array,
+    rows: _labels.Targets,
+    classes: _Classes,
+    cfg: Config,
+    maxima: jax.Array | None = None,
 ) -> tuple[jax.Array, jax.Array]:
-    """Per-row losses (0 when inactive, NaN when bad) and log-normalisers of one chunk."""
-    lse = _normaliser.stable_logsumexp(z, cfg.axis_name)[:, 0]
+    """Per-row losses (0 when inactive, NaN when bad) and log-normalisers of one chunk
+    (``maxima``: ``z``'s :func:`~jxent._reductions.chunk_maxima`, the row max's source)."""
+    lse = _normaliser.stable_logsumexp(z, cfg.axis_name, maxima)[:, 0]
     weighted = None
     if cfg.label_smoothing:
         # Σ_c w_c (lse - z_c) = W·lse - Σ_c w_c z_c: one matrix-vector product for the chunk.
@@ -325,6 +331,7 @@ def _entropy_and_max(
     raw: jax.Array,
     fresh: jax.Array | None = None,
     own_lse: bool = True,
+    maxima: jax.Array | None = None,
 ) -> tuple[jax.Array, jax.Array, jax.Array]:
     """Over the columns of ``z`` (those ``fresh`` marks): ``Σ_c p_c (lse - z_c)`` with
     ``p = exp(z - lse)``, and each row's first maximum of the logits ``raw`` before the soft
@@ -344,6 +351,11 @@ def _entropy_and_max(
     is left. Each sum reads ``z`` through its own expression: XLA:CPU stores an elementwise
     result that two consumers share (``exp(z - lse)`` with the gradient's ``p``, say) as one
     more ``[T, V]`` array, but fuses one that feeds a single reduction.
+
+    ``maxima`` (the chunked kernel, when ``z`` is ``raw``): the
+    :func:`~jxent._reductions.chunk_maxima` the log-normaliser's max pass made; the row
+    max, the shift and the first maximum then come from them, without the two passes
+    over the chunk (a max and :func:`_first_max_column`) they take otherwise.
     """
     if fresh is not None:
         raw = jnp.where(fresh, raw, jnp.asarray(-jnp.inf, raw.dtype))
@@ -353,6 +365,8 @@ def _entropy_and_max(
         # The columns not counted sit at the maximum: their terms e^0·0 vanish, without the
         # 0·inf a -inf logit would give (a NaN that jax.debug_nans reports).
         z = jnp.where(fresh, z, shift[:, None])
+    elif maxima is not None:
+        shift = _elementwise.finite_or_zero(jnp.max(maxima, axis=1))
     else:
         shift = _elementwise.finite_or_zero(jnp.max(z, axis=1))
     below = shift[:, None] - z  # >= 0
@@ -363,6 +377,10 @@ def _entropy_and_max(
     else:
         total = jnp.sum(jnp.exp(z - shift[:, None]), axis=1)
         entropy = jnp.exp(-offset) * (offset * total + spread)
+    if maxima is not None:
+        top = jnp.max(maxima, axis=1)
+        found, first = _aux_outputs.first_argmax_in_chunks(raw, None, maxima, top[:, None])
+        return entropy, top, jnp.where(jnp.isnan(top), -1, jnp.where(found, first, 0))
     top = jnp.max(raw, axis=1)
     return entropy, top, _first_max_column(raw, top)
 
@@ -395,10 +413,17 @@ def _rebased(lse: jax.Array, entropy: jax.Array, total: jax.Array) -> jax.Array:
 
 
 def _chunk_row_stats(
-    z: jax.Array, lse: jax.Array, raw: jax.Array, num_local: Any, cfg: Config
+    z: jax.Array,
+    lse: jax.Array,
+    raw: jax.Array,
+    num_local: Any,
+    cfg: Config,
+    maxima: jax.Array | None = None,
 ) -> RowStats:
-    """One chunk's aux statistics from its logits (scaled and raw) and full log-normalisers."""
-    entropy, top, arg = _entropy_and_max(z, lse, raw, own_lse=cfg.axis_name is None)
+    """One chunk's aux statistics from its logits (scaled and raw) and full log-normalisers
+    (``maxima``: see :func:`_entropy_and_max`)."""
+    own_lse = cfg.axis_name is None
+    entropy, top, arg = _entropy_and_max(z, lse, raw, own_lse=own_lse, maxima=maxima)
     entropy = _loss_reduction.psum_over(entropy, cfg.axis_name)
     return RowStats(lse, entropy, _aux_outputs.global_argmax(top, arg, cfg.axis_name, num_local))
 
@@ -669,11 +694,23 @@ def _chunk_forward(
     raw = _product_logits(x, ops.w, ops.bias, cfg)
     z, capped = _scaled_logits(raw, cfg)
     target = _target_logits(x, ops.w, ops.bias, rows, cfg)
-    loss, lse = _chunk_loss(z, target, rows, classes, cfg)
+    maxima = _run_maxima(raw, cfg) if cfg.return_aux else None
+    loss, lse = _chunk_loss(z, target, rows, classes, cfg, maxima)
     stats = None
     if cfg.return_aux:
-        stats = _chunk_row_stats(z, lse, raw, num_local_classes(ops.w, cfg), cfg)
+        stats = _chunk_row_stats(z, lse, raw, num_local_classes(ops.w, cfg), cfg, maxima)
     return z, capped, loss, lse, stats
+
+
+def _run_maxima(raw: jax.Array, cfg: Config) -> jax.Array | None:
+    """With ``return_aux``: the chunk's :func:`~jxent._reductions.chunk_maxima`, from which
+    the log-normaliser's row max and the aux outputs' argmax both come (one max pass over
+    the chunk instead of three); None when the logits are capped or tempered (``z`` is not
+    ``raw``) or the row has no suitable divisor."""
+    run = _reductions.argmax_chunk(raw.shape[1])
+    if cfg.logit_softcap is not None or cfg.temperature != 1.0 or run is None:
+        return None
+    return _reductions.chunk_maxima(raw, None, run)
 
 
 def _chunked_rows(ops: Operands, cfg: Config) -> tuple[Any, ...]:

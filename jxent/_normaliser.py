@@ -75,7 +75,10 @@ class Normaliser(NamedTuple):
 
 
 def log_normaliser(
-    x: jax.Array, where: jax.Array | None = None, axis_name: Hashable | None = None
+    x: jax.Array,
+    where: jax.Array | None = None,
+    axis_name: Hashable | None = None,
+    maxima: jax.Array | None = None,
 ) -> Normaliser:
     """The log-normaliser of ``x`` (masked by ``where``) over its last axis.
 
@@ -83,8 +86,9 @@ def log_normaliser(
     on it, and a non-finite max (an all ``-inf`` row) is replaced by 0 so that such a row
     gives ``-inf`` rather than NaN. The forward rules of the ``custom_vjp`` functions use
     this, and their outer derivatives (``grad`` of ``grad``) differentiate through it.
+    ``maxima``: see :func:`exponentials`.
     """
-    return exponentials(x, where, axis_name)[1]
+    return exponentials(x, where, axis_name, maxima=maxima)[1]
 
 
 def exponentials(
@@ -396,6 +400,9 @@ def exponentials_from_residual(
     return on_cpu(lambda: saved.astype(norm.shift.dtype), recompute)
 
 
-def stable_logsumexp(x: jax.Array, axis_name: Hashable | None = None) -> jax.Array:
-    """``log Σ exp(x)`` over the last axis (keepdims) of an already masked ``x``."""
-    return log_normaliser(x, None, axis_name).lse()
+def stable_logsumexp(
+    x: jax.Array, axis_name: Hashable | None = None, maxima: jax.Array | None = None
+) -> jax.Array:
+    """``log Σ exp(x)`` over the last axis (keepdims) of an already masked ``x``
+    (``maxima``: see :func:`exponentials`)."""
+    return log_normaliser(x, None, axis_name, maxima).lse()
