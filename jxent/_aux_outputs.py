@@ -15,7 +15,7 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
-from jxent import _labels, _loss_reduction
+from jxent import _elementwise, _labels, _loss_reduction, _reductions
 
 
 class CrossEntropyAux(NamedTuple):
@@ -77,6 +77,60 @@ def global_argmax(
     top = lax.pmax(local_max, axis_name)
     mine = jnp.where(local_max == top, local_argmax + offset, jnp.iinfo(jnp.int32).max)
     return lax.pmin(mine.astype(jnp.int32), axis_name)
+
+
+def after(stats: tuple[jax.Array, jax.Array], value: jax.Array) -> jax.Array:
+    """CPU: ``value`` (per row, keepdims) plus a zero computed from the ``(entropy,
+    argmax)`` statistics, ``min(isnan(H) + argmax, 0)``: never NaN, and XLA cannot prove
+    it 0. (GPU and TPU: ``value``.)
+
+    For a kernel's residual: the backward pass then reads it only once the statistics are
+    done. Without that order XLA:CPU may run the backward pass first (the statistics being
+    only logged, it needs none of them) and, the exponentials it would overwrite being
+    still needed by the statistics' class sums, write the gradient into a fresh
+    logits-sized buffer."""
+
+    def ordered() -> jax.Array:
+        entropy, argmax = stats
+        zero = jnp.minimum(jnp.isnan(entropy).astype(jnp.int32) + argmax, 0)
+        return value + zero.astype(value.dtype)[..., None]
+
+    return _reductions.on_cpu(ordered, lambda: value)
+
+
+def _first_true(hit: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """``(any, first index)`` of the true entries along the last axis (index 0 for none),
+    as one float max of ``hit·(n - i)`` (exact for ``n ≤ 2**24``): XLA:CPU vectorises a
+    float max, not ``jnp.argmax``'s variadic reduction. For short rows."""
+    n = hit.shape[-1]
+    ids = lax.broadcasted_iota(jnp.float32, hit.shape, hit.ndim - 1)
+    found_at = jnp.max(jnp.where(hit, n - ids, 0.0), axis=-1)
+    found = found_at > 0
+    return found, jnp.where(found, n - found_at, 0.0).astype(jnp.int32)
+
+
+def first_argmax_in_chunks(
+    x: jax.Array, where: jax.Array | None, maxima: jax.Array, top: jax.Array
+) -> tuple[jax.Array, jax.Array]:
+    """``(found, first)``: whether ``x`` (masked by ``where``) reaches ``top`` (keepdims)
+    and the first class where it does (0 if none), from ``x``'s
+    :func:`~jxent._reductions.chunk_maxima`: the first run whose max is ``top``, then the
+    first entry of that run (gathered) equal to it. A search through ``C / run`` maxima and
+    one run instead of a pass over the row."""
+    num_chunks = maxima.shape[-1]
+    chunk = x.shape[-1] // num_chunks
+    found_chunk, j = _first_true(maxima == top)
+
+    def chunk_of(a: jax.Array) -> jax.Array:
+        # Row j of the [rows · runs, run] view: a gather of whole rows.
+        runs = a.reshape(-1, chunk)
+        rows = jnp.arange(runs.shape[0] // num_chunks, dtype=j.dtype) * num_chunks
+        return jnp.take(runs, rows + j.reshape(-1), axis=0).reshape((*j.shape, chunk))
+
+    values = chunk_of(_elementwise.mask(x, where, -jnp.inf))
+    found, i = _first_true(values == top)
+    found = found & found_chunk
+    return found, jnp.where(found, j * chunk + i, 0)
 
 
 def correct_predictions(

@@ -45,6 +45,7 @@ from jxent import (
     _normaliser,
     _reductions,
     _sharding,
+    _symbolic_zeros,
 )
 
 
@@ -177,25 +178,26 @@ def _entropy(
     inverse: jax.Array,
     axis_name: Hashable | None,
 ) -> jax.Array:
-    """``H = Σ p·(-log p) = (1 / Σ e)·Σ e·(-log p)`` per row (one more class sum); 0 for
-    empty rows.
+    """``H = Σ p·(-log p) = (1 / Σ e)·Σ e·(hi - x) + lo`` per row (one more class sum),
+    with ``-log p = (hi - x) + lo`` (:meth:`~jxent._normaliser.Normaliser.lse_parts`):
+    non-negative terms, no cancellation; 0 for empty rows (``hi = inf``, ``lo = 0``).
 
-    ``-log p`` in the form of :func:`_neg_log_probs` (capped, so that a masked entry's
-    ``0·inf`` is 0): sharing no subexpression but ``e`` with the exponentials, XLA:CPU
-    fuses it into the sum instead of storing ``x - shift``."""
+    ``e = exp(x - shift)`` is the exponentials the normaliser stored (short rows) or made
+    (long rows), which XLA reuses; ``hi - x`` capped so that a masked or ``-inf`` entry's
+    ``0·inf`` is 0, and ``lo`` added after the sum: the fewest elementwise operations and
+    broadcast operands, each of which costs XLA:CPU's reduction (YNNPACK) about a pass over
+    the row. ``hi`` rather than the shift: XLA:CPU would materialise the broadcast shift
+    (a clamp, which YNNPACK lacks) as a logits-sized array."""
+    hi, lo = norm.lse_parts()
 
-    def terms(x: Any, where: Any, shift: Any, lse_hi: Any, lse_lo: Any) -> Any:
+    def terms(x: Any, where: Any, shift: Any, hi: Any) -> Any:
         x = _elementwise.mask(x, where, -jnp.inf)
-        return jnp.exp(x - shift) * _elementwise.capped(_neg_log_probs(x, lse_hi, lse_lo))
+        return jnp.exp(x - shift) * _elementwise.capped(hi - x)
 
     spread = _reductions.class_reduce(
-        jnp.sum,
-        terms,
-        *(x, where, norm.shift, *norm.lse_parts()),
-        num_classes=x.shape[-1],
-        axis_name=axis_name,
+        jnp.sum, terms, x, where, norm.shift, hi, num_classes=x.shape[-1], axis_name=axis_name
     )
-    return (inverse * spread)[..., 0]
+    return (inverse * spread + lo)[..., 0]
 
 
 def _first_argmax(
@@ -225,13 +227,42 @@ def _first_argmax(
     return _aux_outputs.global_argmax(local_max, first, axis_name, num_local)
 
 
+def _first_argmax_in_chunks(
+    x: jax.Array,
+    where: jax.Array | None,
+    maxima: jax.Array,
+    top: jax.Array,
+    axis_name: Hashable | None,
+) -> jax.Array:
+    """As :func:`_first_argmax`, from the row's :func:`~jxent._reductions.chunk_maxima`
+    (those the normaliser's max pass made; see
+    :func:`~jxent._aux_outputs.first_argmax_in_chunks`): no pass over the whole row."""
+    found, first = _aux_outputs.first_argmax_in_chunks(x, where, maxima, top)
+    local_max = jnp.where(found, top[..., 0], -jnp.inf)
+    return _aux_outputs.global_argmax(local_max, first, axis_name, x.shape[-1])
+
+
 def _logits_argmax(
-    x: jax.Array, where: jax.Array | None, norm: _normaliser.Normaliser, axis_name: Hashable | None
+    x: jax.Array,
+    where: jax.Array | None,
+    norm: _normaliser.Normaliser,
+    axis_name: Hashable | None,
+    maxima: jax.Array | None = None,
 ) -> jax.Array:
     """Argmax from the normaliser's row max (clipped to the finite floats: a row holding
-    ``+inf``, whose ``log_sum`` is ``+inf``, is compared with ``+inf`` instead)."""
+    ``+inf``, whose ``log_sum`` is ``+inf``, is compared with ``+inf`` instead), found
+    through the chunk ``maxima`` when given (see :func:`_first_argmax_in_chunks`)."""
     top = jnp.where(norm.log_sum == jnp.inf, jnp.full_like(norm.shift, jnp.inf), norm.shift)
+    if maxima is not None:
+        return _first_argmax_in_chunks(x, where, maxima, top, axis_name)
     return _first_argmax(x, where, top, axis_name)
+
+
+def _chunk_maxima(x: jax.Array, where: jax.Array | None) -> jax.Array | None:
+    """CPU, with ``return_aux``: the chunk maxima the normaliser's max pass makes (None when
+    the row has no suitable divisor: the argmax then takes a pass of its own)."""
+    chunk = _reductions.argmax_chunk(x.shape[-1])
+    return None if chunk is None else _reductions.chunk_maxima(x, where, chunk)
 
 
 def _cpu_row_stats(
@@ -240,11 +271,14 @@ def _cpu_row_stats(
     norm: _normaliser.Normaliser,
     inverse: jax.Array,
     axis_name: Hashable | None,
+    maxima: jax.Array | None,
 ) -> tuple[jax.Array, jax.Array]:
-    """CPU: ``(entropy, argmax)`` of each row of the (scaled) logits ``x``, a class sum
-    and a class max after the normaliser's two passes. (On GPU and TPU they come from the
-    normaliser's own pass: :func:`~jxent._normaliser.online_normaliser_aux`.)"""
-    return _entropy(x, where, norm, inverse, axis_name), _logits_argmax(x, where, norm, axis_name)
+    """CPU: ``(entropy, argmax)`` of each row of the (scaled) logits ``x``: a class sum
+    after the normaliser's two passes, and the argmax from its max pass's chunk ``maxima``.
+    (On GPU and TPU they come from the normaliser's own pass:
+    :func:`~jxent._normaliser.online_normaliser_aux`.)"""
+    entropy = _entropy(x, where, norm, inverse, axis_name)
+    return entropy, _logits_argmax(x, where, norm, axis_name, maxima)
 
 
 def _exponentials_and_stats(
@@ -253,8 +287,9 @@ def _exponentials_and_stats(
     """:func:`~jxent._normaliser.exponentials` and each row's ``(entropy, argmax)``."""
 
     def cpu() -> Any:
-        e, norm, inverse = _normaliser.exponentials(x, where, axis_name)
-        return e, norm, inverse, _cpu_row_stats(x, where, norm, inverse, axis_name)
+        maxima = _chunk_maxima(x, where)
+        e, norm, inverse = _normaliser.exponentials(x, where, axis_name, maxima=maxima)
+        return e, norm, inverse, _cpu_row_stats(x, where, norm, inverse, axis_name, maxima)
 
     def accelerator() -> Any:
         norm, inverse, _, stats = _normaliser.online_normaliser_aux(x, where, axis_name)
@@ -280,10 +315,12 @@ def _softmax_factor(
         d(g_lse·lse + g_H·H)/dz_c = p_c·(g_lse - g_H·(log p_c + H)),   z = x / T,
 
     with ``log p_c = (z_c - shift) - log_sum`` (the caller multiplies by ``e``, not ``p``,
-    so ``inverse`` enters here). ``x``: the scaled logits, None without ``return_aux``."""
-    if x is None or entropy is None:
+    so ``inverse`` enters here). ``x``: the scaled logits, None without ``return_aux``;
+    ``stat_cotangents``: those of ``(lse, entropy)``, None when both are symbolic zeros (aux
+    outputs that are only logged: no term, and no pass over the logits, for them)."""
+    if x is None or entropy is None or stat_cotangents is None:
         return p_scale
-    g_lse, g_entropy = (jnp.asarray(g, norm.shift.dtype) for g in stat_cotangents[:2])
+    g_lse, g_entropy = (jnp.asarray(g, norm.shift.dtype) for g in stat_cotangents)
     log_sum = norm.log_sum[..., 0]
     log_sum = jnp.where(jnp.isneginf(log_sum), jnp.zeros_like(log_sum), log_sum)
     row = inverse * (inv_t * (g_lse - g_entropy * (entropy - log_sum)))[..., None]
@@ -331,8 +368,11 @@ def _gather_then_normalise(
     x_y = _scaled(x_y, _dtypes.compute_dtype(logits.dtype), cfg.temperature)
     active_x_y = jnp.where(targets.active, x_y, jnp.full_like(x_y, -jnp.inf))
     x = _scaled(logits, x_y.dtype, cfg.temperature)
-    e, norm, inverse = _normaliser.exponentials(x, where, axis_name, read_first=active_x_y)
-    stats = _cpu_row_stats(x, where, norm, inverse, axis_name) if cfg.return_aux else ()
+    maxima = _chunk_maxima(x, where) if cfg.return_aux else None
+    e, norm, inverse = _normaliser.exponentials(
+        x, where, axis_name, read_first=active_x_y, maxima=maxima
+    )
+    stats = _cpu_row_stats(x, where, norm, inverse, axis_name, maxima) if cfg.return_aux else ()
     return x_y, e, norm, inverse, stats
 
 
@@ -416,6 +456,7 @@ def _integer_ce_fwd(
         entropy, argmax = stats
         correct = _aux_outputs.correct_predictions(argmax, labels, targets)
         outputs = (*outputs, (norm.lse()[..., 0], entropy, argmax, correct, targets.active))
+        inverse = _aux_outputs.after(stats, inverse)
     # The logits themselves are needed again only for the class-weight gradient's smoothing
     # term and the entropy's gradient; otherwise the exponentials e (the one logits-sized
     # residual) suffice.
@@ -452,8 +493,7 @@ def _integer_ce_bwd(
         smoothing_mass,
         entropy,
     ) = residuals
-    g_loss, g_weight = cotangents[:2]
-    g_stats = cotangents[2] if cfg.return_aux else None
+    g_loss, g_weight, g_stats = _split_cotangents(cotangents, cfg)
     dtype = norm.shift.dtype
     num_local = saved_e.shape[-1]
     eps = cfg.label_smoothing
@@ -573,6 +613,7 @@ def _dense_ce_fwd(
     entropy = None
     if cfg.return_aux:
         entropy, argmax = stats
+        inverse = _aux_outputs.after(stats, inverse)
         lse = norm.lse()[..., 0]
         t = labels.astype(dtype)
         top = _reductions.class_max(_elementwise.mask(t, where, -jnp.inf), cfg.axis_name)
@@ -600,8 +641,8 @@ def _dense_ce_bwd(
     (logits, e, labels, where, weights, norm, inverse, mass, num_classes, row_valid, entropy) = (
         residuals
     )
-    g_loss = cotangents[0]  # the example weight (row valid or not) is piecewise constant
-    g_stats = cotangents[2] if cfg.return_aux else None
+    # The example weight (row valid or not) is piecewise constant: its cotangent is unused.
+    g_loss, _, g_stats = _split_cotangents(cotangents, cfg)
     dtype = norm.shift.dtype
     inv_t = 1.0 / cfg.temperature  # d(x / T)/dx: every logits term carries it
     coef = jnp.where(row_valid, g_loss, jnp.zeros_like(g_loss))[..., None]
@@ -655,7 +696,7 @@ def _nll_bwd(
     cfg: Config, residuals: tuple[Any, ...], cotangents: tuple[jax.Array, jax.Array]
 ) -> tuple[Any, ...]:
     log_probs, weights, targets, lp_y = residuals
-    g_loss, g_weight = cotangents
+    g_loss, g_weight, _ = _split_cotangents(cotangents, cfg)
     num_local = log_probs.shape[-1]
     coef = _labels.nan_where_bad(targets, jnp.where(targets.active, g_loss, jnp.zeros_like(g_loss)))
     is_target = _target_mask(targets, num_local)
@@ -702,6 +743,27 @@ def _fwd(
     return forward(logits, labels, where, weights, cfg)
 
 
+def _fwd_rule(
+    logits: Any, labels: Any, where: Any, weights: Any, cfg: Config
+) -> tuple[tuple[Any, ...], tuple[Any, ...]]:
+    """:func:`_fwd` on the arrays (``symbolic_zeros=True`` wraps each in a record)."""
+    logits, labels, where, weights = _symbolic_zeros.primal_values((logits, labels, where, weights))
+    return _fwd(logits, labels, where, weights, cfg)
+
+
+def _split_cotangents(cotangents: tuple[Any, ...], cfg: Config) -> tuple[Any, Any, Any]:
+    """``(g_loss, g_weight, g_stats)`` as arrays (zeros for symbolic zeros); ``g_stats``:
+    the cotangents of the aux outputs ``(lse, entropy)``, None without ``return_aux`` or
+    when both are symbolic zeros."""
+    g_loss, g_weight = (_symbolic_zeros.dense(g) for g in cotangents[:2])
+    if not cfg.return_aux:
+        return g_loss, g_weight, None
+    g_lse, g_entropy = cotangents[2][:2]
+    if _symbolic_zeros.is_zero(g_lse) and _symbolic_zeros.is_zero(g_entropy):
+        return g_loss, g_weight, None
+    return g_loss, g_weight, (_symbolic_zeros.dense(g_lse), _symbolic_zeros.dense(g_entropy))
+
+
 def _bwd(cfg: Config, residuals: tuple[Any, ...], cotangents: tuple[Any, ...]) -> tuple[Any, ...]:
     _, backward = _RULES[cfg.kind]
     return backward(cfg, residuals, cotangents)
@@ -712,4 +774,5 @@ _RULES: dict[str, tuple[Any, Any]] = {
     "dense": (_dense_ce_fwd, _dense_ce_bwd),
     "nll": (_nll_fwd, _nll_bwd),
 }
-label_loss.defvjp(_fwd, _bwd)
+# Symbolic zeros: the aux outputs' share of the gradient is skipped when they are only logged.
+label_loss.defvjp(_fwd_rule, _bwd, symbolic_zeros=True)

@@ -43,7 +43,6 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 from jax._src import core as jax_core
-from jax.custom_derivatives import SymbolicZero
 from jax.sharding import AxisType
 
 from jxent import (
@@ -55,6 +54,7 @@ from jxent import (
     _normaliser,
     _reductions,
     _sharding,
+    _symbolic_zeros,
 )
 
 # The default chunk keeps one [T, V] float32 logits block within this many bytes: big enough
@@ -283,10 +283,16 @@ class _Classes(NamedTuple):
 
 
 def _chunk_loss(
-    z: jax.Array, target: jax.Array, rows: _labels.Targets, classes: _Classes, cfg: Config
+    z: jax.Array,
+    target: jax.Array,
+    rows: _labels.Targets,
+    classes: _Classes,
+    cfg: Config,
+    maxima: jax.Array | None = None,
 ) -> tuple[jax.Array, jax.Array]:
-    """Per-row losses (0 when inactive, NaN when bad) and log-normalisers of one chunk."""
-    lse = _normaliser.stable_logsumexp(z, cfg.axis_name)[:, 0]
+    """Per-row losses (0 when inactive, NaN when bad) and log-normalisers of one chunk
+    (``maxima``: ``z``'s :func:`~jxent._reductions.chunk_maxima`, the row max's source)."""
+    lse = _normaliser.stable_logsumexp(z, cfg.axis_name, maxima)[:, 0]
     weighted = None
     if cfg.label_smoothing:
         # Σ_c w_c (lse - z_c) = W·lse - Σ_c w_c z_c: one matrix-vector product for the chunk.
@@ -326,6 +332,7 @@ def _entropy_and_max(
     raw: jax.Array,
     fresh: jax.Array | None = None,
     own_lse: bool = True,
+    maxima: jax.Array | None = None,
 ) -> tuple[jax.Array, jax.Array, jax.Array]:
     """Over the columns of ``z`` (those ``fresh`` marks): ``Σ_c p_c (lse - z_c)`` with
     ``p = exp(z - lse)``, and each row's first maximum of the logits ``raw`` before the soft
@@ -345,6 +352,11 @@ def _entropy_and_max(
     is left. Each sum reads ``z`` through its own expression: XLA:CPU stores an elementwise
     result that two consumers share (``exp(z - lse)`` with the gradient's ``p``, say) as one
     more ``[T, V]`` array, but fuses one that feeds a single reduction.
+
+    ``maxima`` (the chunked kernel, when ``z`` is ``raw``): the
+    :func:`~jxent._reductions.chunk_maxima` the log-normaliser's max pass made; the row
+    max, the shift and the first maximum then come from them, without the two passes
+    over the chunk (a max and :func:`_first_max_column`) they take otherwise.
     """
     if fresh is not None:
         raw = jnp.where(fresh, raw, jnp.asarray(-jnp.inf, raw.dtype))
@@ -354,6 +366,8 @@ def _entropy_and_max(
         # The columns not counted sit at the maximum: their terms e^0·0 vanish, without the
         # 0·inf a -inf logit would give (a NaN that jax.debug_nans reports).
         z = jnp.where(fresh, z, shift[:, None])
+    elif maxima is not None:
+        shift = _elementwise.finite_or_zero(jnp.max(maxima, axis=1))
     else:
         shift = _elementwise.finite_or_zero(jnp.max(z, axis=1))
     below = shift[:, None] - z  # >= 0
@@ -364,6 +378,10 @@ def _entropy_and_max(
     else:
         total = jnp.sum(jnp.exp(z - shift[:, None]), axis=1)
         entropy = jnp.exp(-offset) * (offset * total + spread)
+    if maxima is not None:
+        top = jnp.max(maxima, axis=1)
+        found, first = _aux_outputs.first_argmax_in_chunks(raw, None, maxima, top[:, None])
+        return entropy, top, jnp.where(jnp.isnan(top), -1, jnp.where(found, first, 0))
     top = jnp.max(raw, axis=1)
     return entropy, top, _first_max_column(raw, top)
 
@@ -396,10 +414,17 @@ def _rebased(lse: jax.Array, entropy: jax.Array, total: jax.Array) -> jax.Array:
 
 
 def _chunk_row_stats(
-    z: jax.Array, lse: jax.Array, raw: jax.Array, num_local: Any, cfg: Config
+    z: jax.Array,
+    lse: jax.Array,
+    raw: jax.Array,
+    num_local: Any,
+    cfg: Config,
+    maxima: jax.Array | None = None,
 ) -> RowStats:
-    """One chunk's aux statistics from its logits (scaled and raw) and full log-normalisers."""
-    entropy, top, arg = _entropy_and_max(z, lse, raw, own_lse=cfg.axis_name is None)
+    """One chunk's aux statistics from its logits (scaled and raw) and full log-normalisers
+    (``maxima``: see :func:`_entropy_and_max`)."""
+    own_lse = cfg.axis_name is None
+    entropy, top, arg = _entropy_and_max(z, lse, raw, own_lse=own_lse, maxima=maxima)
     entropy = _loss_reduction.psum_over(entropy, cfg.axis_name)
     return RowStats(lse, entropy, _aux_outputs.global_argmax(top, arg, cfg.axis_name, num_local))
 
@@ -649,26 +674,14 @@ def _split_cotangent(
 ) -> tuple[Any, AuxCotangent | None]:
     """The loss's cotangent (zeros for a symbolic zero) and the aux outputs' (None when
     both are symbolic zeros: nothing to re-form for)."""
+    dense = _symbolic_zeros.dense
     if not cfg.return_aux:
-        return _dense(ct), None
+        return dense(ct), None
     g, stats_ct = ct
-    lse, entropy = stats_ct.lse, stats_ct.entropy
-    if isinstance(lse, SymbolicZero) and isinstance(entropy, SymbolicZero):
-        return _dense(g), None
+    if _symbolic_zeros.is_zero(stats_ct.lse) and _symbolic_zeros.is_zero(stats_ct.entropy):
+        return dense(g), None
     assert stats is not None
-    return _dense(g), AuxCotangent(_dense(lse), _dense(entropy), stats.entropy)
-
-
-def _dense(ct: Any) -> Any:
-    if isinstance(ct, SymbolicZero):
-        aval: Any = ct.aval
-        return jnp.zeros(aval.shape, aval.dtype)
-    return ct
-
-
-def _primal_values(ops: Any) -> Any:
-    """The arrays of a custom_vjp's ``fwd`` arguments under ``symbolic_zeros=True``."""
-    return jax.tree.map(lambda p: p.value, ops, is_leaf=lambda p: hasattr(p, "perturbed"))
+    return dense(g), AuxCotangent(dense(stats_ct.lse), dense(stats_ct.entropy), stats.entropy)
 
 
 # ----------------------------------------------------------------------------- custom_vjp
@@ -682,11 +695,23 @@ def _chunk_forward(
     raw = _product_logits(x, ops.w, ops.bias, cfg)
     z, capped = _scaled_logits(raw, cfg)
     target = _target_logits(x, ops.w, ops.bias, rows, cfg)
-    loss, lse = _chunk_loss(z, target, rows, classes, cfg)
+    maxima = _run_maxima(raw, cfg) if cfg.return_aux else None
+    loss, lse = _chunk_loss(z, target, rows, classes, cfg, maxima)
     stats = None
     if cfg.return_aux:
-        stats = _chunk_row_stats(z, lse, raw, num_local_classes(ops.w, cfg), cfg)
+        stats = _chunk_row_stats(z, lse, raw, num_local_classes(ops.w, cfg), cfg, maxima)
     return z, capped, loss, lse, stats
+
+
+def _run_maxima(raw: jax.Array, cfg: Config) -> jax.Array | None:
+    """With ``return_aux``: the chunk's :func:`~jxent._reductions.chunk_maxima`, from which
+    the log-normaliser's row max and the aux outputs' argmax both come (one max pass over
+    the chunk instead of three); None when the logits are capped or tempered (``z`` is not
+    ``raw``) or the row has no suitable divisor."""
+    run = _reductions.argmax_chunk(raw.shape[1])
+    if cfg.logit_softcap is not None or cfg.temperature != 1.0 or run is None:
+        return None
+    return _reductions.chunk_maxima(raw, None, run)
 
 
 def _chunked_rows(ops: Operands, cfg: Config) -> tuple[Any, ...]:
@@ -711,7 +736,7 @@ def _impl(ops: Operands, cfg: Config) -> Any:
 
 
 def _fwd(ops: Operands, cfg: Config) -> tuple[Any, tuple[Any, ...]]:
-    ops = _primal_values(ops)
+    ops = _symbolic_zeros.primal_values(ops)
     if cfg.reduction == "none":
         return _fwd_reforming(ops, cfg)
     rows, classes = _setup(ops, cfg)
@@ -1066,7 +1091,7 @@ def _blocked_impl(ops: Operands, cfg: Config) -> Any:
 
 
 def _blocked_fwd(ops: Operands, cfg: Config) -> tuple[Any, tuple[Any, ...]]:
-    return _blocked_forward(_primal_values(ops), cfg)
+    return _blocked_forward(_symbolic_zeros.primal_values(ops), cfg)
 
 
 def _blocked_forward(ops: Operands, cfg: Config) -> tuple[Any, tuple[Any, ...]]:

@@ -75,7 +75,10 @@ class Normaliser(NamedTuple):
 
 
 def log_normaliser(
-    x: jax.Array, where: jax.Array | None = None, axis_name: Hashable | None = None
+    x: jax.Array,
+    where: jax.Array | None = None,
+    axis_name: Hashable | None = None,
+    maxima: jax.Array | None = None,
 ) -> Normaliser:
     """The log-normaliser of ``x`` (masked by ``where``) over its last axis.
 
@@ -83,8 +86,9 @@ def log_normaliser(
     on it, and a non-finite max (an all ``-inf`` row) is replaced by 0 so that such a row
     gives ``-inf`` rather than NaN. The forward rules of the ``custom_vjp`` functions use
     this, and their outer derivatives (``grad`` of ``grad``) differentiate through it.
+    ``maxima``: see :func:`exponentials`.
     """
-    return exponentials(x, where, axis_name)[1]
+    return exponentials(x, where, axis_name, maxima=maxima)[1]
 
 
 def exponentials(
@@ -93,6 +97,7 @@ def exponentials(
     axis_name: Hashable | None = None,
     *,
     read_first: jax.Array | None = None,
+    maxima: jax.Array | None = None,
 ) -> tuple[jax.Array, Normaliser, jax.Array]:
     """``e = exp(x - shift)`` (0 where masked), the :class:`Normaliser` and ``1 / Σ e``.
 
@@ -104,7 +109,8 @@ def exponentials(
     the gradient over ``e`` in place, so no extra memory is held. For long rows everything
     is computed on the blocked view (see :func:`class_reduce`). ``read_first`` (see
     :func:`row_shift`) orders a gather from ``x`` before the passes that may overwrite
-    ``x``'s buffer.
+    ``x``'s buffer. ``maxima`` (CPU): ``x``'s
+    :func:`~jxent._reductions.chunk_maxima`, from which the row max is taken.
 
     On GPU and TPU the normaliser comes from one pass over ``x`` (see
     :func:`online_normaliser`) and ``e`` is only a formula: the callers save the logits
@@ -115,7 +121,7 @@ def exponentials(
         return jnp.exp(mask(x, where, -jnp.inf) - shift)
 
     def two_pass() -> tuple[jax.Array, Normaliser, jax.Array]:
-        shift = row_shift(x, where, axis_name, read_first=read_first)
+        shift = row_shift(x, where, axis_name, read_first=read_first, maxima=maxima)
         e = exp_shifted(x, where, shift)
         if block_size(x.shape[-1]) is None:
             total = jnp.sum(e, axis=-1, keepdims=True)
@@ -394,6 +400,9 @@ def exponentials_from_residual(
     return on_cpu(lambda: saved.astype(norm.shift.dtype), recompute)
 
 
-def stable_logsumexp(x: jax.Array, axis_name: Hashable | None = None) -> jax.Array:
-    """``log Σ exp(x)`` over the last axis (keepdims) of an already masked ``x``."""
-    return log_normaliser(x, None, axis_name).lse()
+def stable_logsumexp(
+    x: jax.Array, axis_name: Hashable | None = None, maxima: jax.Array | None = None
+) -> jax.Array:
+    """``log Σ exp(x)`` over the last axis (keepdims) of an already masked ``x``
+    (``maxima``: see :func:`exponentials`)."""
+    return log_normaliser(x, None, axis_name, maxima).lse()

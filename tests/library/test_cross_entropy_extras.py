@@ -650,22 +650,104 @@ def test_long_rows(platform):
     close(aux.entropy, stats["entropy"], rtol=1e-4)
 
 
+def _edge_rows(num_classes, seed=0):
+    """Random logits with rows that test the first argmax found through the chunk maxima:
+    ties within and across chunks, all equal, +inf twice, the largest float beside +inf,
+    NaN, all -inf, only -inf and the lowest float, half -inf."""
+    x = np.random.default_rng(seed).normal(size=(16, num_classes)).astype(np.float32) * 3
+    c, big = num_classes, np.finfo(np.float32).max
+    x[0] = 0.0
+    x[1, [c - 7, 3 * c // 4, c // 3, 5]] = 20.0
+    x[2, [3, c // 2]] = np.inf
+    x[3, [1, 2]], x[3, 4] = big, np.inf
+    x[4, c // 2] = np.nan
+    x[5] = -np.inf
+    x[6], x[6, c - 1] = -np.inf, -big
+    x[7, : c // 2] = -np.inf
+    x[8] = np.round(x[8])  # many equal integers
+    x[9, [0, c - 1]] = 30.0
+    return jnp.asarray(x)
+
+
+@pytest.mark.parametrize("masked", [False, True], ids=["all", "where"])
+@pytest.mark.parametrize("dense", [False, True], ids=["integer", "dense"])
+@pytest.mark.parametrize("num_classes", [200, 40000])
+def test_argmax_from_chunk_maxima_equals_one_pass(num_classes, dense, masked, monkeypatch):
+    """On the CPU the argmax comes from the maxima of runs of classes that the normaliser's
+    max pass makes (200 classes: 8 runs of 25; 40000: 100 of 400): equal to the former
+    separate pass over the row (``argmax_chunk`` None) on every edge row, NaN and infinite
+    rows included (a NaN row's is whatever XLA:CPU's max makes of NaN, as before), and to
+    the reference's first maximum on the rows without NaN; the entropy and lse alike."""
+    x = _edge_rows(num_classes)
+    where = None
+    if masked:
+        where = jax.random.bernoulli(jax.random.key(1), 0.7, x.shape).at[10].set(False)
+    y = jnp.arange(16) * 7 % num_classes
+    labels = jax.nn.one_hot(y, num_classes) if dense else y
+    loss_fn = jxent.softmax_cross_entropy if dense else INT_CE
+
+    def aux(temperature):
+        return loss_fn(x, labels, where=where, temperature=temperature, return_aux=True)[1]
+
+    assert _reductions.argmax_chunk(num_classes) in (25, 400)
+    with simulated(None):
+        chunked = [aux(t) for t in (1.0, 0.5)]
+    monkeypatch.setattr(_reductions, "argmax_chunk", lambda num_classes: None)
+    with simulated(None):
+        one_pass = [aux(t) for t in (1.0, 0.5)]
+    for got, want in zip(chunked, one_pass, strict=True):
+        np.testing.assert_array_equal(got.argmax, want.argmax)
+        np.testing.assert_array_equal(got.correct, want.correct)
+        np.testing.assert_allclose(got.entropy, want.entropy, rtol=1e-6, atol=1e-6)
+        np.testing.assert_array_equal(got.lse, want.lse)
+    m = np.ones(x.shape, bool) if where is None else np.asarray(where)
+    finite_rows = [n for n in range(16) if not np.isnan(np.asarray(x)[n]).any()]
+    want = [ref.first_argmax(np.asarray(x)[n], m[n]) for n in finite_rows]
+    np.testing.assert_array_equal(np.asarray(chunked[0].argmax)[finite_rows], want)
+
+
+@pytest.mark.compiled_memory
+@pytest.mark.parametrize("shape", [(512, 4000), (64, 40000)], ids=["short", "long"])
+def test_logged_aux_outputs_cost_no_logits_sized_array(shape):
+    """Loss and gradient with every aux output logged (none differentiated): the compiled
+    temp memory holds no logits-sized array (it held the argmax's scores, and the backward
+    pass wrote the gradient into a fresh buffer), and the gradient is the loss alone's
+    (the aux outputs' symbolic-zero cotangents add nothing)."""
+    x = jax.random.normal(jax.random.key(2), shape) * 3
+    y = jnp.arange(shape[0]) % shape[1]
+
+    def logged(x):
+        loss, aux = INT_CE(x, y, z_loss=1e-4, reduction="mean", return_aux=True)
+        fields = (aux.lse, aux.z_loss, aux.entropy, aux.argmax, aux.correct)
+        return loss + 0.0 * jax.lax.stop_gradient(sum(jnp.sum(f.astype(x.dtype)) for f in fields))
+
+    step = jax.jit(jax.value_and_grad(logged))
+    temp = step.lower(x).compile().memory_analysis().temp_size_in_bytes
+    assert temp < x.nbytes // 8, temp
+    alone = jax.value_and_grad(lambda x: INT_CE(x, y, z_loss=1e-4, reduction="mean"))(x)
+    assert_trees_close(step(x), alone)
+
+
 # ----------------------------------------------------------------------------- sharding, export
 
 
 @pytest.mark.sharding
 @pytest.mark.parametrize("platform", [None, "cuda"], ids=str)
 @pytest.mark.parametrize("axis_type", [AxisType.Explicit, AxisType.Auto], ids=["explicit", "auto"])
-def test_batch_and_class_sharded(axis_type, platform):
+@pytest.mark.parametrize("num_classes", [16, 512])
+def test_batch_and_class_sharded(num_classes, axis_type, platform):
     """Batch- and class-sharded logits (mesh 2 x 4): loss, aux and gradients equal one
     device's; under explicit sharding the class axis is reduced with the ``axis_name``
-    collectives (the argmax a global id, the first of maxima on different shards)."""
+    collectives (the argmax a global id, the first of maxima on different shards; with
+    512 classes found on the CPU through each shard's chunk maxima)."""
     if len(jax.devices()) < 8:
         pytest.skip("needs 8 (host) devices: see tests/conftest.py")
-    x = jax.random.normal(jax.random.key(5), (8, 16)) * 2
-    # Equal maxima on two class shards (4 classes each): the first one's id wins.
-    x = x.at[1, 2].set(9.0).at[1, 13].set(9.0).at[2, 9].set(9.0).at[2, 14].set(9.0)
-    y = jnp.where(jnp.arange(8) % 3 == 0, IGNORE, jnp.arange(8) * 2 % 16)
+    k = num_classes // 16
+    x = jax.random.normal(jax.random.key(5), (8, num_classes)) * 2
+    # Equal maxima on two class shards (4k classes each): the first one's id wins.
+    x = x.at[1, 2 * k].set(12.0).at[1, 13 * k].set(12.0)
+    x = x.at[2, 9 * k].set(12.0).at[2, 14 * k].set(12.0)
+    y = jnp.where(jnp.arange(8) % 3 == 0, IGNORE, jnp.arange(8) * 2 % num_classes)
     w = jnp.linspace(0.0, 2.0, 8)
 
     def total(x, w):
@@ -690,7 +772,7 @@ def test_batch_and_class_sharded(axis_type, platform):
         got = jax.jit(step)(xs, ws)
     assert got[0][1].argmax.sharding.spec[0] == "b" or axis_type == AxisType.Auto
     assert_trees_close(got, want)
-    np.testing.assert_array_equal(np.asarray(got[0][1].argmax)[1:3], [2, 9])
+    np.testing.assert_array_equal(np.asarray(got[0][1].argmax)[1:3], [2 * k, 9 * k])
 
 
 def test_export_round_trip_with_aux_and_weights():

@@ -560,3 +560,25 @@ def test_gradients_raise_nothing_under_debug_nans(kernel):
     kernel's first merge starts from lse = -inf; its last block's overlap is masked)."""
     with jax.debug_nans(True):
         _check_gradients(kernel, "all", "mean", **OPTIONS)
+
+
+@pytest.mark.parametrize("kw", [{}, {"temperature": 2.0}, {"logit_softcap": 30.0}], ids=str)
+def test_aux_argmax_and_entropy_with_run_maxima(kw):
+    """1000 classes: the CPU kernel takes each chunk's row max and argmax from the maxima of
+    runs of 50 classes (plain logits) or from its own passes (capped or tempered): either
+    way the first of equal maxima of the exact logits (small integers: many ties, one row
+    all zero) and the reference's entropy."""
+    rng = np.random.default_rng(3)
+    x = rng.integers(-3, 4, size=(40, 8)).astype(np.float32)
+    w = rng.integers(-3, 4, size=(8, 1000)).astype(np.float32)
+    x[3] = 0.0
+    y = rng.integers(0, 1000, size=40)
+    _, aux = jxent.fused_linear_cross_entropy(
+        jnp.asarray(x), jnp.asarray(w), jnp.asarray(y), return_aux=True, chunk_size=16, **kw
+    )
+    z = x.astype(np.float64) @ w.astype(np.float64)
+    np.testing.assert_array_equal(aux.argmax, np.argmax(z, axis=-1))
+    if "logit_softcap" in kw:
+        z = kw["logit_softcap"] * np.tanh(z / kw["logit_softcap"])
+    stats = ref.row_statistics(z, temperature=kw.get("temperature", 1.0))
+    np.testing.assert_allclose(aux.entropy, stats["entropy"], rtol=1e-5, atol=1e-5)
