@@ -81,8 +81,9 @@ def global_argmax(
 
 def after(stats: tuple[jax.Array, jax.Array], value: jax.Array) -> jax.Array:
     """CPU: ``value`` (per row, keepdims) plus a zero computed from the ``(entropy,
-    argmax)`` statistics, ``min(isnan(H) + argmax, 0)``: never NaN, and XLA cannot prove
-    it 0. (GPU and TPU: ``value``.)
+    argmax)`` statistics, ``min(argmax, isnan(H), 0)`` of two non-negative integers (an
+    argmax may be int32's largest value, so not a sum): never NaN, and XLA cannot prove it
+    0. (GPU and TPU: ``value``.)
 
     For a kernel's residual: the backward pass then reads it only once the statistics are
     done. Without that order XLA:CPU may run the backward pass first (the statistics being
@@ -92,7 +93,7 @@ def after(stats: tuple[jax.Array, jax.Array], value: jax.Array) -> jax.Array:
 
     def ordered() -> jax.Array:
         entropy, argmax = stats
-        zero = jnp.minimum(jnp.isnan(entropy).astype(jnp.int32) + argmax, 0)
+        zero = jnp.minimum(jnp.minimum(argmax, jnp.isnan(entropy).astype(argmax.dtype)), 0)
         return value + zero.astype(value.dtype)[..., None]
 
     return _reductions.on_cpu(ordered, lambda: value)
