@@ -618,13 +618,18 @@ built for the target, read from the compiled executable; nothing ran on an accel
 
 
 def write_plot(records: Sequence[AotRecord], path: str, date: str) -> None:
-    """Per target: temp and bytes/floor of jxent and the reference, fwd+bwd."""
+    """Per target: temp and bytes/floor of jxent and the reference, fwd+bwd, at each op's
+    first shape (the table has them all; every shape in one panel is unreadable)."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     chosen = [r for r in records if r.mode == "fwd+bwd"]
+    first_shape: dict[str, tuple[int, ...]] = {}
+    for r in chosen:
+        first_shape.setdefault(r.op, tuple(r.shape))
+    chosen = [r for r in chosen if tuple(r.shape) == first_shape[r.op]]
     targets = list(dict.fromkeys(r.target for r in chosen)) or ["none"]
     fig, axes = plt.subplots(
         2, len(targets), figsize=(5.5 * len(targets), 8), squeeze=False, sharey="row"
