@@ -11,6 +11,7 @@ import re
 
 import jax
 import jax.numpy as jnp
+import jaxlib
 import numpy as np
 import pytest
 from jax.sharding import AxisType, NamedSharding
@@ -212,6 +213,12 @@ def test_fused_linear_cross_entropy(layout, axis_type, reduction, kernel):
     assert largest_all_gather(compiled) <= max(2 * B, B * D)
 
 
+@pytest.mark.skipif(
+    jaxlib.version.__version_info__ < (0, 10, 2),
+    reason="the blocked kernel is GPU/TPU's, forced on the CPU here; XLA:CPU of the JAX floor "
+    "(0.8.2) rejects its 2-D-mesh program: 'UNIMPLEMENTED: unsupported operand type BF16 in op "
+    "dot' (the lock's 0.10.2 compiles it)",
+)
 @pytest.mark.parametrize("layout", ["batch", "2d"])
 def test_fused_blocked_kernel_in_bfloat16_sums_each_block_of_dw_over_the_rows_devices(layout):
     """Rows sharded over devices that share w: in half precision each block of w's gradient
