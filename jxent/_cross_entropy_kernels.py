@@ -258,13 +258,6 @@ def _logits_argmax(
     return _first_argmax(x, where, top, axis_name)
 
 
-def _chunk_maxima(x: jax.Array, where: jax.Array | None) -> jax.Array | None:
-    """CPU, with ``return_aux``: the chunk maxima the normaliser's max pass makes (None when
-    the row has no suitable divisor: the argmax then takes a pass of its own)."""
-    chunk = _reductions.argmax_chunk(x.shape[-1])
-    return None if chunk is None else _reductions.chunk_maxima(x, where, chunk)
-
-
 def _cpu_row_stats(
     x: jax.Array,
     where: jax.Array | None,
@@ -287,7 +280,7 @@ def _exponentials_and_stats(
     """:func:`~jxent._normaliser.exponentials` and each row's ``(entropy, argmax)``."""
 
     def cpu() -> Any:
-        maxima = _chunk_maxima(x, where)
+        maxima = _reductions.chunk_maxima(x, where)
         e, norm, inverse = _normaliser.exponentials(x, where, axis_name, maxima=maxima)
         return e, norm, inverse, _cpu_row_stats(x, where, norm, inverse, axis_name, maxima)
 
@@ -368,7 +361,7 @@ def _gather_then_normalise(
     x_y = _scaled(x_y, _dtypes.compute_dtype(logits.dtype), cfg.temperature)
     active_x_y = jnp.where(targets.active, x_y, jnp.full_like(x_y, -jnp.inf))
     x = _scaled(logits, x_y.dtype, cfg.temperature)
-    maxima = _chunk_maxima(x, where) if cfg.return_aux else None
+    maxima = _reductions.chunk_maxima(x, where) if cfg.return_aux else None
     e, norm, inverse = _normaliser.exponentials(
         x, where, axis_name, read_first=active_x_y, maxima=maxima
     )

@@ -708,10 +708,9 @@ def _run_maxima(raw: jax.Array, cfg: Config) -> jax.Array | None:
     the log-normaliser's row max and the aux outputs' argmax both come (one max pass over
     the chunk instead of three); None when the logits are capped or tempered (``z`` is not
     ``raw``) or the row has no suitable divisor."""
-    run = _reductions.argmax_chunk(raw.shape[1])
-    if cfg.logit_softcap is not None or cfg.temperature != 1.0 or run is None:
+    if cfg.logit_softcap is not None or cfg.temperature != 1.0:
         return None
-    return _reductions.chunk_maxima(raw, None, run)
+    return _reductions.chunk_maxima(raw, None)
 
 
 def _chunked_rows(ops: Operands, cfg: Config) -> tuple[Any, ...]:

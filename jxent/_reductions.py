@@ -222,12 +222,15 @@ def _divisors(n: int) -> tuple[int, ...]:
     return tuple(sorted({*small, *(n // d for d in small)}))
 
 
-def chunk_maxima(x: jax.Array, where: jax.Array | None, chunk: int) -> jax.Array:
-    """The max of each run of ``chunk`` classes of ``x`` masked by ``where`` (``-inf`` for
-    a run with no unmasked entry; NaN for one holding NaN): ``[..., C / chunk]``, no
-    gradient. From them :func:`row_shift` takes the row max and the aux outputs the first
-    argmax (see :func:`argmax_chunk`); runs this short are on XLA:CPU's fast reduction path
-    whatever the row's length."""
+def chunk_maxima(x: jax.Array, where: jax.Array | None) -> jax.Array | None:
+    """The max of each run of :func:`argmax_chunk` classes of ``x`` masked by ``where``
+    (``-inf`` for a run with no unmasked entry; NaN for one holding NaN): ``[..., C /
+    chunk]``, no gradient; None when the row has no such run. From them :func:`row_shift`
+    takes the row max and the aux outputs the first argmax; runs this short are on
+    XLA:CPU's fast reduction path whatever the row's length."""
+    chunk = argmax_chunk(x.shape[-1])
+    if chunk is None:
+        return None
     x = mask(lax.stop_gradient(x), where, -jnp.inf)
     runs = x.reshape((*x.shape[:-1], x.shape[-1] // chunk, chunk))
     maxima = lax.reduce(runs, np.asarray(-np.inf, x.dtype), lax.max, (x.ndim,))
