@@ -21,9 +21,9 @@ import pytest
 import reference as ref
 from jax.sharding import AxisType, NamedSharding
 from jax.sharding import PartitionSpec as P
+from platforms import simulated
 
 import jxent
-from jxent import _reductions
 
 pytestmark = pytest.mark.numerics
 
@@ -45,13 +45,8 @@ BF16_HALF_ULP = 2.0**-8  # bfloat16 outputs: one rounding, relative 2^-9, with m
 
 def _run(platform, fn, *args):
     """``fn(*args)`` traced for ``platform`` (None: the real CPU path), caches cleared."""
-    jax.clear_caches()
-    _reductions.simulated_platform = platform
-    try:
+    with simulated(platform):
         return jax.tree.map(np.asarray, fn(*args))
-    finally:
-        _reductions.simulated_platform = None
-        jax.clear_caches()
 
 
 def _ulps(classes):

@@ -10,7 +10,6 @@ returned separately) and T5X (``cross_entropy_with_logits`` returns ``(loss, z_l
 
 from __future__ import annotations
 
-import contextlib
 import functools
 import re
 
@@ -25,6 +24,7 @@ from hypothesis import strategies as st
 from jax import export
 from jax.sharding import AxisType, NamedSharding
 from jax.sharding import PartitionSpec as P
+from platforms import simulated
 
 import jxent
 from jxent import _reductions
@@ -147,19 +147,6 @@ class Case:
 
 def close(actual, expected, **tol):
     np.testing.assert_allclose(np.asarray(actual, np.float64), expected, **{**TOL, **tol})
-
-
-@contextlib.contextmanager
-def simulated(platform):
-    """Trace for ``platform``'s code path (None: the CPU's), caches cleared: the simulated
-    platform is no part of jit's cache key."""
-    jax.clear_caches()
-    _reductions.simulated_platform = platform
-    try:
-        yield
-    finally:
-        _reductions.simulated_platform = None
-        jax.clear_caches()
 
 
 def assert_trees_close(got, want):

@@ -17,8 +17,9 @@ import pytest
 import reference as ref
 from jax.sharding import Mesh
 from jax.sharding import PartitionSpec as P
+from platforms import simulated
 
-from jxent import _fused_linear, _reductions
+from jxent import _fused_linear
 from jxent._fused_linear import fused_linear_cross_entropy
 from jxent._fused_linear_kernels import default_chunk_size, vocab_block_size
 
@@ -448,13 +449,8 @@ def test_tpu_path_keeps_w_blocks_exact():
     loss_grad = jax.value_and_grad(_fused("blocked"), argnums=(0, 1))
     results = []
     for platform in ("cuda", "tpu"):
-        jax.clear_caches()
-        _reductions.simulated_platform = platform
-        try:
+        with simulated(platform):
             results.append(jax.tree.map(np.asarray, loss_grad(x, w, y)))
-        finally:
-            _reductions.simulated_platform = None
-            jax.clear_caches()
     jax.tree.map(np.testing.assert_array_equal, *results)
 
 
@@ -474,14 +470,9 @@ def test_tpu_bfloat16_input_gradient_halves_are_the_float32_sum():
     grads = jax.grad(loss, argnums=(0, 1))
     results, programs = {}, {}
     for platform in ("cuda", "tpu"):  # 8 blocks, the last overlapping its predecessor
-        jax.clear_caches()
-        _reductions.simulated_platform = platform
-        try:
+        with simulated(platform):
             programs[platform] = str(jax.make_jaxpr(grads)(x16, w16))
             results[platform] = jax.tree.map(np.asarray, grads(x16, w16))
-        finally:
-            _reductions.simulated_platform = None
-            jax.clear_caches()
     assert "bitcast_convert_type" in programs["tpu"]  # the halves are in play...
     assert "bitcast_convert_type" not in programs["cuda"]  # ...and only on TPU
     x32, w32 = np.asarray(x16, np.float32), np.asarray(w16, np.float32)
@@ -508,13 +499,8 @@ def test_tpu_bfloat16_input_gradient_halves_are_differentiable():
     second = jax.jacrev(jax.grad(loss), argnums=0)
     results = {}
     for platform in ("cuda", "tpu"):  # 3 blocks
-        jax.clear_caches()
-        _reductions.simulated_platform = platform
-        try:
+        with simulated(platform):
             results[platform] = np.asarray(second(x16, w16), np.float64)
-        finally:
-            _reductions.simulated_platform = None
-            jax.clear_caches()
     scale = np.max(np.abs(results["cuda"]))
     assert scale > 0
     np.testing.assert_allclose(results["tpu"], results["cuda"], rtol=0, atol=2**-7 * scale)

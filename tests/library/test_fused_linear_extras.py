@@ -20,9 +20,10 @@ from hlo_checks import assert_no_transposed_copy_of_w, largest_collective
 from jax import export
 from jax.sharding import AxisType, NamedSharding
 from jax.sharding import PartitionSpec as P
+from platforms import simulated
 
 import jxent
-from jxent import _fused_linear, _reductions
+from jxent import _fused_linear
 from jxent._aux_outputs import CrossEntropyAux
 
 pytestmark = pytest.mark.numerics
@@ -470,15 +471,10 @@ def test_auto_mesh_on_accelerators_runs_the_blocked_kernel_over_groups(platform)
         jax.device_put(b, NamedSharding(mesh, P("v"))),
     )
     step = jax.jit(jax.value_and_grad(loss, argnums=(0, 1, 2)))
-    jax.clear_caches()
-    _reductions.simulated_platform = platform
-    try:
+    with simulated(platform):
         assert "name=_blocked_impl" in str(jax.make_jaxpr(loss)(*args))
         compiled = step.lower(*args).compile()
         value, grads = compiled(*args)
-    finally:
-        _reductions.simulated_platform = None
-        jax.clear_caches()
     want_value, want_grads = jax.value_and_grad(loss, argnums=(0, 1, 2))(x, w, b)
     np.testing.assert_allclose(value, want_value, rtol=1e-5)
     for g, h in zip(grads, want_grads, strict=True):
