@@ -73,10 +73,13 @@ def _compile(target: str, op: str, shape: tuple[int, ...], dtype: str, mode: str
 def compiled(aot: Any, target: str, op: str, shape: tuple[int, ...], dtype: str, who: str):
     """The fwd+bwd record of ``who`` (jxent or "reference"); a failed compile fails the test."""
     rec = _compile(target, op, shape, dtype, "fwd+bwd", who)
-    assert not rec.note.startswith(("compile failed", "cost analysis failed", aot.DOES_NOT_FIT)), (
-        f"{who} {op} {shape} {dtype} for {target}: {rec.note}"
-    )
+    _assert_compiled(aot, rec, f"{who} {op} {shape} {dtype} for {target}")
     return rec
+
+
+def _assert_compiled(aot: Any, rec: Any, what: str) -> None:
+    failures = ("compile failed", "cost analysis failed", aot.DOES_NOT_FIT)
+    assert not rec.note.startswith(failures), f"{what}: {rec.note}"
 
 
 def _known(failures: dict[str, str], *params: str) -> Any:
@@ -192,7 +195,7 @@ def _compiled_with_hlo(target: str, op: str, shape: tuple[int, ...], dtype: str,
         rec = aot.compile_one(
             aot.TARGETS[target], case, shape, dtype, "fwd+bwd", who, loss, dump_hlo=folder
         )
-        assert not rec.note.startswith("compile failed"), f"{who} {op} for {target}: {rec.note}"
+        _assert_compiled(aot, rec, f"{who} {op} {shape} {dtype} for {target}")
         (name,) = os.listdir(folder)
         with open(os.path.join(folder, name)) as f:
             return rec, f.read()
@@ -221,21 +224,15 @@ FUSED_EXPLICIT_TEMP_FAILURES: dict[str, str] = {
 
 
 def _explicit_mesh_temp(aot: Any, target: str, dtype: str) -> int:
-    """Per-device temp of the fused loss's fwd+bwd on ``target``'s mesh with Explicit axes."""
-    from jax.sharding import AxisType, Mesh, NamedSharding
-    from jax.sharding import PartitionSpec as P
-
-    import jxent
+    """Per-device temp of the fused loss's fwd+bwd on ``target``'s mesh with Explicit axes
+    (the harness's inputs and jit, on the same devices)."""
+    from jax.sharding import AxisType, Mesh
 
     auto = aot.mesh_for(aot.TARGETS[target])
     mesh = Mesh(auto.devices, auto.axis_names, axis_types=(AxisType.Explicit,) * 2)
-    n, d, v = FUSED_LARGE
-    args = (
-        jax.ShapeDtypeStruct((n, d), dtype, sharding=NamedSharding(mesh, P("batch", None))),
-        jax.ShapeDtypeStruct((d, v), dtype, sharding=NamedSharding(mesh, P(None, "vocab"))),
-        jax.ShapeDtypeStruct((n,), "int32", sharding=NamedSharding(mesh, P("batch"))),
-    )
-    step = jax.jit(jax.value_and_grad(jxent.fused_linear_cross_entropy, argnums=(0, 1)))
+    case = cases.case("fused")
+    args = aot.abstract_inputs(case, FUSED_LARGE, dtype, mesh)
+    step = aot.jitted(case.losses(["jxent"])["jxent"], "fwd+bwd", case.argnums)
     with jax.set_mesh(mesh):
         return step.lower(*args).compile().memory_analysis().temp_size_in_bytes
 
