@@ -287,7 +287,7 @@ def _exponentials_and_stats(
     def accelerator() -> Any:
         norm, inverse, _, stats = _normaliser.online_normaliser_aux(x, where, axis_name)
         e = jnp.exp(_elementwise.mask(x, where, -jnp.inf) - norm.shift)  # a formula only
-        return e, norm, inverse, tuple(stats)
+        return e, norm, inverse, (stats.entropy, stats.argmax)
 
     return _reductions.on_cpu(cpu, accelerator)
 
@@ -389,7 +389,7 @@ def _normalise_and_pick(
         norm, inverse, (x_y,), online = _normaliser.online_normaliser_aux(
             x, where, axis_name, sums=(picked,)
         )
-        stats = tuple(online)
+        stats = (online.entropy, online.argmax)
     else:
         norm, inverse, (x_y,) = _normaliser.online_normaliser(x, where, axis_name, sums=(picked,))
     x_y = _loss_reduction.psum_over(x_y, axis_name)

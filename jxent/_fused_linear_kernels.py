@@ -1011,11 +1011,10 @@ def _blocked_statistics(ops: Operands, rows: _labels.Targets, cfg: Config) -> tu
         block = _vocab_block(i, size, ops, cfg)
         raw = _product_logits(x, block.w, block.bias, cfg)
         z, _ = _scaled_logits(raw, cfg)
-        masked = jnp.where(block.fresh, z, jnp.asarray(-jnp.inf, z.dtype))
-        block_lse = _normaliser.stable_logsumexp(masked)[:, 0]
+        block_lse, block_aux = _block_lse_and_aux(z, raw, block, with_aux=aux is not None)
         total = jnp.logaddexp(lse, block_lse)
-        if aux is not None:
-            aux = _merge_block_stats(aux, lse, block_lse, total, z, raw, block)
+        if block_aux is not None:
+            aux = _merge_block_stats(aux, lse, block_lse, total, block_aux, block)
         lse = total
         if smoothing:
             weights = 1.0 if block.class_weights is None else block.class_weights.astype(dtype)
@@ -1056,19 +1055,33 @@ def _block_target_logits(z: jax.Array, labels: jax.Array, block: _Block) -> jax.
     return jnp.sum(jnp.where(hit, z, jnp.zeros_like(z)), axis=1)
 
 
+def _block_lse_and_aux(
+    z: jax.Array, raw: jax.Array, block: _Block, with_aux: bool
+) -> tuple[jax.Array, tuple[jax.Array, ...] | None]:
+    """A block's log-normaliser and, ``with_aux``, its (entropy, maximum, first column of
+    it). For logits neither capped nor tempered (``z`` is ``raw``), all from one variadic
+    reduction over the block (see :func:`~jxent._normaliser.online_normaliser_aux`), where
+    the log-normaliser and then :func:`_entropy_and_max` read it three times."""
+    masked = jnp.where(block.fresh, z, jnp.asarray(-jnp.inf, z.dtype))
+    if with_aux and z is raw:
+        norm, _, _, stats = _normaliser.online_normaliser_aux(masked)
+        return norm.lse()[:, 0], (stats.entropy, stats.top, stats.argmax)
+    lse = _normaliser.stable_logsumexp(masked)[:, 0]
+    return lse, _entropy_and_max(z, lse, raw, block.fresh) if with_aux else None
+
+
 def _merge_block_stats(
     aux: tuple[jax.Array, ...],
     lse: jax.Array,
     block_lse: jax.Array,
     total: jax.Array,
-    z: jax.Array,
-    raw: jax.Array,
+    block_aux: tuple[jax.Array, ...],
     block: _Block,
 ) -> tuple[jax.Array, ...]:
-    """The running (entropy, maximum, its class) with one more block merged in: the entropy
-    under the merged log-normaliser ``total``, the earlier maximum kept on ties."""
+    """The running (entropy, maximum, its class) with one more block's merged in: the
+    entropy under the merged log-normaliser ``total``, the earlier maximum kept on ties."""
     entropy, top, arg = aux
-    block_entropy, block_top, block_arg = _entropy_and_max(z, block_lse, raw, block.fresh)
+    block_entropy, block_top, block_arg = block_aux
     entropy = _rebased(lse, entropy, total) + _rebased(block_lse, block_entropy, total)
     better = block_top > top
     arg = jnp.where(better, _column_classes(block_arg, block).astype(arg.dtype), arg)

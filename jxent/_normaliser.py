@@ -287,6 +287,7 @@ class OnlineAux(NamedTuple):
 
     entropy: jax.Array  # -Σ p log p; 0 for an empty row
     argmax: jax.Array  # int32 global id of the first maximum; 0 for an empty row
+    top: jax.Array  # the row's maximum; -inf for an empty row
 
 
 def online_normaliser(
@@ -358,7 +359,7 @@ def _online(
         entropy = jnp.log(total) + spread * safe_reciprocal(total)
         entropy = jnp.where(jnp.isneginf(top), jnp.zeros_like(top), entropy)
         argmax = _aux_outputs.global_argmax(local_top, index, axis_name, xm.shape[-1])
-        stats = OnlineAux(entropy, argmax)
+        stats = OnlineAux(entropy, argmax, top)
     finfo = jnp.finfo(dtype)
     shift = lax.stop_gradient(jnp.clip(top, finfo.min, finfo.max))
     # total · exp(top - shift) = Σ exp(x - shift): 0 on an empty row (top = -inf), +inf on

@@ -61,6 +61,10 @@ OPTIONS = dict(
     logit_softcap=4.0,
     temperature=0.7,
 )
+# The logits neither capped nor tempered: the blocked kernel then takes a block's
+# log-normaliser, entropy and argmax from one pass over it.
+PLAIN_LOGITS = {k: v for k, v in OPTIONS.items() if k not in ("logit_softcap", "temperature")}
+LOGITS = {"capped and tempered": OPTIONS, "plain": PLAIN_LOGITS}
 
 
 def _logits64(x, w, bias, logit_softcap=None, temperature=1.0, w_layout="dv"):
@@ -199,13 +203,15 @@ def _assert_aux(got, want, rtol=2e-5, atol=1e-6):
     assert got.argmax.dtype == jnp.int32
 
 
+@pytest.mark.parametrize("logits", list(LOGITS))
 @pytest.mark.parametrize("reduction", REDUCTIONS)
 @pytest.mark.parametrize("kernel", list(KERNELS))
-def test_values_against_float64(kernel, reduction):
+def test_values_against_float64(kernel, reduction, logits):
+    options = LOGITS[logits]
     got, aux = KERNELS[kernel](
-        X, W, Y, bias=B, weights=T, reduction=reduction, return_aux=True, chunk_size=8, **OPTIONS
+        X, W, Y, bias=B, weights=T, reduction=reduction, return_aux=True, chunk_size=8, **options
     )
-    want, want_aux = reference64(X, W, Y, bias=B, weights=T, reduction=reduction, **OPTIONS)
+    want, want_aux = reference64(X, W, Y, bias=B, weights=T, reduction=reduction, **options)
     np.testing.assert_allclose(got, want, rtol=2e-5, atol=1e-6)
     _assert_aux(aux, want_aux)
     np.testing.assert_allclose(aux.accuracy, np.mean(want_aux["correct"][want_aux["counted"]]))
@@ -264,10 +270,11 @@ def test_gradient_of_each_output(kernel, field):
     _check_gradients(kernel, field, "mean", **OPTIONS)
 
 
+@pytest.mark.parametrize("logits", list(LOGITS))
 @pytest.mark.parametrize("reduction", ["none", "sum"])
 @pytest.mark.parametrize("kernel", list(KERNELS))
-def test_gradients_of_everything_at_once(kernel, reduction):
-    _check_gradients(kernel, "all", reduction, **OPTIONS)
+def test_gradients_of_everything_at_once(kernel, reduction, logits):
+    _check_gradients(kernel, "all", reduction, **LOGITS[logits])
 
 
 @pytest.mark.parametrize("kernel", list(KERNELS))
@@ -525,15 +532,17 @@ def test_errors_name_the_argument(kwargs, message):
         jxent.fused_linear_cross_entropy(X, W, Y, **kwargs)
 
 
+@pytest.mark.parametrize("temperature", [1.0, 0.3])
 @pytest.mark.parametrize("kernel", list(KERNELS))
-def test_argmax_is_the_first_of_equal_maxima(kernel):
+def test_argmax_is_the_first_of_equal_maxima(kernel, temperature):
     """Integer-valued inputs make exact ties; the first tied class wins, as in jnp.argmax,
-    across the blocked kernel's blocks too (classes 4 and 9 lie in different blocks of 5)."""
+    across the blocked kernel's blocks too (classes 4 and 9 lie in different blocks of 5).
+    (Tempered, the argmax comes from another pass over the logits than the normaliser's.)"""
     w = np.zeros((2, 12), np.float32)
     w[:, [4, 9]] = [[1.0, 1.0], [2.0, 2.0]]
     w[:, 11] = [1.0, 1.0]
     x = np.array([[1.0, 1.0], [3.0, -1.0], [-1.0, -1.0], [0.0, 0.0]], np.float32)
-    _, aux = KERNELS[kernel](x, w, np.array([4, 9, 0, 3]), return_aux=True, temperature=0.3)
+    _, aux = KERNELS[kernel](x, w, np.array([4, 9, 0, 3]), return_aux=True, temperature=temperature)
     # Row 1: class 11 alone is largest; row 2: the zeros, first at class 0; row 3: all 0.
     np.testing.assert_array_equal(aux.argmax, [4, 11, 0, 0])
     np.testing.assert_array_equal(aux.correct, [True, False, True, False])
