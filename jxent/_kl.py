@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import functools
+from collections.abc import Hashable
 from typing import Any, NamedTuple
 
 import jax
@@ -38,22 +39,37 @@ def _log_ratio(targets: _Targets, lp: jax.Array) -> jax.Array:
     return jnp.where(targets.dropped, jnp.zeros_like(lp), targets.logs - lp)
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(3,))
-def _kl(lp: jax.Array, t: jax.Array, where: jax.Array | None, log_targets: bool) -> jax.Array:
-    """``Σ_c t_c (log t_c - lp_c)`` over the last axis; ``t`` given as logs if ``log_targets``."""
-    return _kl_fwd(lp, t, where, log_targets)[0]
+@functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4))
+def _kl(
+    lp: jax.Array,
+    t: jax.Array,
+    where: jax.Array | None,
+    axis_name: Hashable | None,
+    log_targets: bool,
+) -> jax.Array:
+    """``Σ_c t_c (log t_c - lp_c)`` over the last axis (summed over ``axis_name`` when the
+    classes are sharded); ``t`` given as logs if ``log_targets``."""
+    return _kl_fwd(lp, t, where, axis_name, log_targets)[0]
 
 
 def _kl_fwd(
-    lp: jax.Array, t: jax.Array, where: jax.Array | None, log_targets: bool
+    lp: jax.Array,
+    t: jax.Array,
+    where: jax.Array | None,
+    axis_name: Hashable | None,
+    log_targets: bool,
 ) -> tuple[jax.Array, tuple[Any, ...]]:
     dtype = _dtypes.compute_dtype(jnp.result_type(lp, t))
     targets = _targets(t.astype(dtype), log_targets)
     terms = targets.probs * _log_ratio(targets, lp.astype(dtype))
-    return _reductions.class_sum(_elementwise.mask(terms, where, 0.0))[..., 0], (lp, t, where)
+    total = _reductions.class_sum(_elementwise.mask(terms, where, 0.0), axis_name)
+    return total[..., 0], (lp, t, where)
 
 
-def _kl_bwd(log_targets: bool, residuals: tuple[Any, ...], g: jax.Array) -> tuple[Any, ...]:
+def _kl_bwd(
+    axis_name: Hashable | None, log_targets: bool, residuals: tuple[Any, ...], g: jax.Array
+) -> tuple[Any, ...]:
+    del axis_name  # each term's derivative is its own class's: nothing crosses devices
     lp, t, where = residuals
     g = g[..., None]
     lpf = lp.astype(g.dtype)
@@ -96,8 +112,13 @@ def _apply(
         )
     layout = _layout.ClassLayout(lp.shape, _validation.canonical_axes(axis, lp.ndim))
     lp, t = layout.to_last(lp), layout.to_last(t)
-    mask = _sharding.reshard_like(_layout.broadcast_where(where, layout), lp)
-    return _kl(lp, _sharding.reshard_like(t, lp), mask, log_targets)
+    mask = _layout.broadcast_where(where, layout)
+    return _sharding.per_shard(
+        lambda lp, t, mask, axis_name: _kl(lp, t, mask, axis_name, log_targets),
+        ((lp, _sharding.LOGITS), (t, _sharding.LOGITS), (mask, _sharding.LOGITS)),
+        _sharding.BATCH,
+        None,
+    )
 
 
 @jitted("axis")
