@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import functools
+import math
 from collections.abc import Hashable
 from typing import Any, NamedTuple
 
@@ -62,8 +63,32 @@ def _kl_fwd(
     dtype = _dtypes.compute_dtype(jnp.result_type(lp, t))
     targets = _targets(t.astype(dtype), log_targets)
     terms = targets.probs * _log_ratio(targets, lp.astype(dtype))
-    total = _reductions.class_sum(_elementwise.mask(terms, where, 0.0), axis_name)
-    return total[..., 0], (lp, t, where)
+    total = _reductions.class_sum(_elementwise.mask(terms, where, 0.0), axis_name)[..., 0]
+    return _kept_apart_on_gpu(total, lp.shape), (lp, t, where)
+
+
+def _kept_apart_on_gpu(row_sums: jax.Array, shape: tuple[Any, ...]) -> jax.Array:
+    """``row_sums``, on GPU kept from merging with a sum over the rows when there are fewer
+    rows than classes and the rows are reduced in one kernel.
+
+    A mean of the KL (``jnp.mean(kl)``) is a reduction of its row sums, which XLA's
+    simplifier merges into one reduction over all ``N·C`` terms; XLA:GPU then splits that
+    in about ``sqrt(N·C)`` float32 partials (2048 at 1024 x 4096) that are written and read
+    back, where the row sums themselves are ``N`` (optax's, kept apart by their conversion
+    to bfloat16). The barrier keeps the ``N``: fewer when ``N < C``, more when ``N > C``
+    (65536 x 128), so it is set only for the former. Long rows, reduced in blocks on GPU
+    (see :func:`~jxent._reductions.gpu_block_size`), already write per-block partials; a
+    barrier there added a kernel and their row sums' traffic (8192 x 32000).
+    """
+    classes, rows = shape[-1], shape[:-1]
+    static = all(isinstance(d, int) for d in shape)
+    if not static or math.prod(rows) >= classes or _reductions.gpu_block_size(classes):
+        return row_sums
+
+    def kept() -> jax.Array:
+        return jax.lax.optimization_barrier(row_sums)
+
+    return _reductions.platform_dependent(cuda=kept, rocm=kept, default=lambda: row_sums)
 
 
 def _kl_bwd(
