@@ -47,6 +47,7 @@ def _bce_bwd(eps: float, residuals: tuple[Any, ...], g: jax.Array) -> tuple[Any,
     dx = g * (pw * t * (sig - 1.0) + (1.0 - t) * sig)
     dy = g * (1.0 - eps) * (pw * _softplus(-xf) - _softplus(xf))
     dpw = _sum_to_shape(g * _elementwise.weighted(t, _softplus(-xf)), pos_weight.shape)
+    dpw = _sharding.like_primal(dpw, pos_weight)
     return dx.astype(x.dtype), dy.astype(y.dtype), dpw.astype(pos_weight.dtype)
 
 

@@ -63,10 +63,6 @@ def _run_sharded(
     Logits sharded over explicit mesh axes are handled shard by shard (see
     :mod:`jxent._sharding`), their class axis with the ``axis_name`` collectives.
     """
-    plan = _sharding.plan(prepared.logits)
-    if plan is None:
-        return label_loss(prepared.logits, labels, prepared.where, prepared.weights, cfg)
-    cfg = cfg._replace(axis_name=plan.axis_name)
     args = (
         (prepared.logits, _sharding.LOGITS),
         (labels, labels_kind),
@@ -76,7 +72,12 @@ def _run_sharded(
     out_kinds: tuple[Any, ...] = (_sharding.BATCH, _sharding.BATCH)
     if cfg.return_aux:  # (lse, entropy, argmax, correct, counted)
         out_kinds = (*out_kinds, (_sharding.BATCH,) * 5)
-    return _sharding.map_shards(lambda *a: label_loss(*a, cfg), plan, args, out_kinds)
+
+    def kernel(*arrays: Any) -> tuple[Any, ...]:
+        *inputs, axis_name = arrays
+        return label_loss(*inputs, cfg._replace(axis_name=axis_name))
+
+    return _sharding.per_shard(kernel, args, out_kinds, cfg.axis_name)
 
 
 def _token_weights(

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import functools
+import math
+from collections.abc import Hashable
 from typing import Any, NamedTuple
 
 import jax
@@ -38,22 +40,61 @@ def _log_ratio(targets: _Targets, lp: jax.Array) -> jax.Array:
     return jnp.where(targets.dropped, jnp.zeros_like(lp), targets.logs - lp)
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(3,))
-def _kl(lp: jax.Array, t: jax.Array, where: jax.Array | None, log_targets: bool) -> jax.Array:
-    """``Σ_c t_c (log t_c - lp_c)`` over the last axis; ``t`` given as logs if ``log_targets``."""
-    return _kl_fwd(lp, t, where, log_targets)[0]
+@functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4))
+def _kl(
+    lp: jax.Array,
+    t: jax.Array,
+    where: jax.Array | None,
+    axis_name: Hashable | None,
+    log_targets: bool,
+) -> jax.Array:
+    """``Σ_c t_c (log t_c - lp_c)`` over the last axis (summed over ``axis_name`` when the
+    classes are sharded); ``t`` given as logs if ``log_targets``."""
+    return _kl_fwd(lp, t, where, axis_name, log_targets)[0]
 
 
 def _kl_fwd(
-    lp: jax.Array, t: jax.Array, where: jax.Array | None, log_targets: bool
+    lp: jax.Array,
+    t: jax.Array,
+    where: jax.Array | None,
+    axis_name: Hashable | None,
+    log_targets: bool,
 ) -> tuple[jax.Array, tuple[Any, ...]]:
     dtype = _dtypes.compute_dtype(jnp.result_type(lp, t))
     targets = _targets(t.astype(dtype), log_targets)
     terms = targets.probs * _log_ratio(targets, lp.astype(dtype))
-    return _reductions.class_sum(_elementwise.mask(terms, where, 0.0))[..., 0], (lp, t, where)
+    total = _reductions.class_sum(_elementwise.mask(terms, where, 0.0), axis_name)[..., 0]
+    return _kept_apart_on_gpu(total, lp.shape), (lp, t, where)
 
 
-def _kl_bwd(log_targets: bool, residuals: tuple[Any, ...], g: jax.Array) -> tuple[Any, ...]:
+def _kept_apart_on_gpu(row_sums: jax.Array, shape: tuple[Any, ...]) -> jax.Array:
+    """``row_sums``, on GPU kept from merging with a sum over the rows when there are fewer
+    rows than classes and the rows are reduced in one kernel.
+
+    A mean of the KL (``jnp.mean(kl)``) is a reduction of its row sums, which XLA's
+    simplifier merges into one reduction over all ``N·C`` terms; XLA:GPU then splits that
+    in about ``sqrt(N·C)`` float32 partials (2048 at 1024 x 4096) that are written and read
+    back, where the row sums themselves are ``N`` (optax's, kept apart by their conversion
+    to bfloat16). The barrier keeps the ``N``: fewer when ``N < C``, more when ``N > C``
+    (65536 x 128), so it is set only for the former. Long rows, reduced in blocks on GPU
+    (see :func:`~jxent._reductions.gpu_block_size`), already write per-block partials; a
+    barrier there added a kernel and their row sums' traffic (8192 x 32000).
+    """
+    classes, rows = shape[-1], shape[:-1]
+    static = all(isinstance(d, int) for d in shape)
+    if not static or math.prod(rows) >= classes or _reductions.gpu_block_size(classes):
+        return row_sums
+
+    def kept() -> jax.Array:
+        return jax.lax.optimization_barrier(row_sums)
+
+    return _reductions.platform_dependent(cuda=kept, rocm=kept, default=lambda: row_sums)
+
+
+def _kl_bwd(
+    axis_name: Hashable | None, log_targets: bool, residuals: tuple[Any, ...], g: jax.Array
+) -> tuple[Any, ...]:
+    del axis_name  # each term's derivative is its own class's: nothing crosses devices
     lp, t, where = residuals
     g = g[..., None]
     lpf = lp.astype(g.dtype)
@@ -96,8 +137,13 @@ def _apply(
         )
     layout = _layout.ClassLayout(lp.shape, _validation.canonical_axes(axis, lp.ndim))
     lp, t = layout.to_last(lp), layout.to_last(t)
-    mask = _sharding.reshard_like(_layout.broadcast_where(where, layout), lp)
-    return _kl(lp, _sharding.reshard_like(t, lp), mask, log_targets)
+    mask = _layout.broadcast_where(where, layout)
+    return _sharding.per_shard(
+        lambda lp, t, mask, axis_name: _kl(lp, t, mask, axis_name, log_targets),
+        ((lp, _sharding.LOGITS), (t, _sharding.LOGITS), (mask, _sharding.LOGITS)),
+        _sharding.BATCH,
+        None,
+    )
 
 
 @jitted("axis")

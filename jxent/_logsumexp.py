@@ -173,9 +173,14 @@ def logsumexp(
     x, b_arr = _promote(a, b)
     layout = _layout.ClassLayout(x.shape, _validation.canonical_axes(axis, x.ndim))
     x_last = layout.to_last(x)
-    b_last = None if b_arr is None else _sharding.reshard_like(layout.to_last(b_arr), x_last)
-    where_last = _sharding.reshard_like(_layout.broadcast_where(where, layout), x_last)
-    lse, sign = _logsumexp_impl(x_last, b_last, where_last, axis_name)
+    b_last = None if b_arr is None else layout.to_last(b_arr)
+    where_last = _layout.broadcast_where(where, layout)
+    lse, sign = _sharding.per_shard(
+        _logsumexp_impl,
+        ((x_last, _sharding.LOGITS), (b_last, _sharding.LOGITS), (where_last, _sharding.LOGITS)),
+        (_sharding.BATCH, _sharding.BATCH),
+        axis_name,
+    )
     out_shape = layout.keepdims_shape() if keepdims else layout.batch_shape
     lse = lse.reshape(out_shape).astype(x.dtype)
     sign = sign.reshape(out_shape).astype(x.dtype)

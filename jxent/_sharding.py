@@ -134,6 +134,27 @@ def check_class_axes_mergeable(x: jax.Array, num_class_axes: int, axes: Any) -> 
         )
 
 
+def per_shard(
+    kernel: Callable[..., Any],
+    args: Sequence[tuple[Any, str | PartitionSpec]],
+    out_kinds: Any,
+    axis_name: Hashable | None,
+) -> Any:
+    """``kernel(*arrays, axis_name)`` on the whole arrays or, when the class-last logits
+    (``args[0]``) are sharded over explicit mesh axes, once per shard (see
+    :func:`map_shards`), with the class axis' mesh axes as ``axis_name``.
+
+    The kernels' class reductions reshape long rows into blocks, which JAX refuses on a
+    class axis sharded in the type; per shard the rows are local arrays, as inside a
+    user's ``shard_map``, and only O(batch) collectives cross devices. ``axis_name``: the
+    caller's (a user's ``shard_map``, where the logits' type is not explicitly sharded).
+    """
+    p = plan(args[0][0])
+    if p is None:
+        return kernel(*(a for a, _ in args), axis_name)
+    return map_shards(lambda *a: kernel(*a, p.axis_name), p, args, out_kinds)
+
+
 def map_shards(
     kernel: Callable[..., Any],
     p: Plan,
@@ -169,10 +190,14 @@ def _reshard(value: Any, mesh: Any, spec: PartitionSpec) -> Any:
     crosses devices unless ``value`` was sharded some other way."""
     value = jax.numpy.asarray(value)
     current = jax.typeof(value).sharding.spec
-    padded = tuple(spec) + (None,) * (value.ndim - len(spec))
-    if tuple(current) + (None,) * (value.ndim - len(current)) == padded:
+    if _padded(current, value.ndim) == _padded(spec, value.ndim):
         return value
     return jax.sharding.reshard(value, NamedSharding(mesh, spec))
+
+
+def _padded(spec: Any, ndim: int) -> tuple[Any, ...]:
+    """``spec``'s entries, one per dimension (``None`` for the unnamed trailing ones)."""
+    return tuple(spec) + (None,) * (ndim - len(spec))
 
 
 def reshard_like(value: jax.Array, reference: jax.Array) -> jax.Array:
@@ -194,6 +219,19 @@ def sum_to_primal(cotangent: jax.Array, primal: jax.Array) -> jax.Array:
     """
     extra = tuple(sorted(varying_axes(cotangent) - varying_axes(primal), key=str))
     return jax.lax.psum(cotangent, extra) if extra else cotangent
+
+
+def like_primal(cotangent: jax.Array, primal: jax.Array) -> jax.Array:
+    """``cotangent`` resharded to ``primal``'s explicit sharding, which a custom_vjp's
+    backward rule must return. A small input broadcast against sharded logits (a ``[C]``
+    weight against ``[B, C]`` class-sharded ones) has a cotangent summed over the batch and
+    so sharded like the classes; a replicated weight's must be replicated (an all-gather of
+    ``C`` values, as JAX's own transpose of the broadcast would do)."""
+    want: Any = getattr(jax.typeof(primal), "sharding", None)
+    mesh = getattr(want, "mesh", None)
+    if mesh is None or mesh.empty:  # no explicit mesh in the primal's type: nothing to match
+        return cotangent
+    return _reshard(cotangent, mesh, want.spec)
 
 
 def varying_axes(x: Any) -> frozenset[Any]:

@@ -148,8 +148,14 @@ def _apply(
     x = _dtypes.as_inexact(x)
     layout = _layout.ClassLayout(x.shape, _validation.canonical_axes(axis, x.ndim))
     x = layout.to_last(x)
-    mask = _sharding.reshard_like(_layout.broadcast_where(where, layout), x)
-    return layout.from_last(_normalise(x, mask, axis_name, log))
+    mask = _layout.broadcast_where(where, layout)
+    out = _sharding.per_shard(
+        lambda x, mask, axis_name: _normalise(x, mask, axis_name, log),
+        ((x, _sharding.LOGITS), (mask, _sharding.LOGITS)),
+        _sharding.LOGITS,
+        axis_name,
+    )
+    return layout.from_last(out)
 
 
 # softmax and log_softmax take jax.nn's parameters, so their signatures match; the rest of

@@ -317,16 +317,16 @@ PARITY_FAILURES: dict[str, str] = {
         "bytes +73,732 B over optax: f32 per-row statistics between 7 kernels vs optax's "
         "two Triton row kernels"
     ),
-    # KL (both kinds) in bf16 on H100, remeasured after issue 16 (house-dups, 2026-12-02): XLA
-    # merges jxent's float32 per-row sums with the mean into one reduction of all 4M terms and
-    # splits it as [2048, 2048]: f32[2048] partials, 8 KB written and read, where optax's row
-    # sums (kept apart by its bf16 result) are f32[1024], 4 KB (+8,192 B); and the mean of
-    # jxent's documented float32 result is 4 bytes to optax's 2 (+2 B). At 8192 x 32000 jxent
-    # moves 8.3 MB less than optax. Tried (issue 16): an optimization_barrier on the row sums
-    # keeps them apart (+2 B left, the float32 result) but costs 65.5 KB and a kernel at
-    # 8192 x 32000; not shipped.
-    "h100-bfloat16-kl-small": "bytes +8,194 B over optax",
-    "h100-bfloat16-kl_log-small": "bytes +8,194 B over optax",
+    # KL (both kinds) in bf16 on H100 (2026-12-02): the 2 B of the mean of jxent's documented
+    # float32 result, 4 bytes to optax's bfloat16 2. The row sums no longer add 8,192 B: XLA
+    # merged them with the mean into one reduction of all 4M terms, split as [2048, 2048]
+    # (f32[2048] partials written and read, where optax's row sums, kept apart by its bf16
+    # result, are f32[1024]); on GPU, with fewer rows than classes and rows reduced in one
+    # kernel, jxent now keeps its row sums apart (_kl._kept_apart_on_gpu; float32 small:
+    # 8,192 B under optax, was equal). At 8192 x 32000 (blocked rows) nothing changed: jxent
+    # moves 8.3 MB less than optax.
+    "h100-bfloat16-kl-small": "bytes +2 B over optax: the float32 result's mean",
+    "h100-bfloat16-kl_log-small": "bytes +2 B over optax: the float32 result's mean",
     # NLL on v5e at 1024 x 4096, investigated from the optimised HLO (issue 16, 2026-12-02):
     # the gather and the gradient's logits-sized write are the same; the excess is per-row
     # traffic for jxent's label semantics, which the gather (it clamps out-of-range labels)

@@ -485,56 +485,228 @@ def test_vocab_parallel_all_masked_row_under_debug_nans(platform):
     assert np.all(grad[1] == 0)
 
 
-# Known bug, also at main (d1cad13), on the CPU path too: on an explicit mesh with the
-# class axis sharded and rows of >= 32768 classes, logsumexp / softmax / log_softmax
-# reshape the global (sharded) array into CPU blocks, which JAX refuses
-# ("ShardingTypeError: This reshape is not supported"). The losses are fine.
-# The TPU path keeps rows whole (no block reshape), so only the blocking paths fail.
-EXPLICIT_LONG_ROWS = pytest.mark.xfail(
-    reason="explicit mesh, class-sharded long rows: global reshape in the normalisers",
-    strict=True,
-)
+# Sharded long rows, on Explicit meshes (jxent maps the shards itself: the block reshapes of
+# the long-row reductions then see local rows; on the global, class-sharded array JAX refused
+# them with "ShardingTypeError: This reshape is not supported") and on Auto meshes (GSPMD).
+# 80000 classes: whole rows (the "batch" layout) take the CPU and GPU block paths; 20000
+# per device (the "2d" layout) the GPU block path; 10000 per device ("classes") neither.
+MESH_LAYOUTS = {
+    "classes": ((8,), ("v",), P(None, "v")),
+    "2d": ((2, 4), ("b", "v"), P("b", "v")),
+    "batch": ((8,), ("b",), P("b", None)),
+}
+LONG = 80000
 
 
-def _path_and_axis_type_cases():
-    for path in PATHS:
-        yield pytest.param(path, AxisType.Auto)
-        blocks = path != "tpu"
-        yield pytest.param(path, AxisType.Explicit, marks=[EXPLICIT_LONG_ROWS] if blocks else [])
-
-
-@pytest.mark.parametrize(("path", "axis_type"), list(_path_and_axis_type_cases()))
-@pytest.mark.sharding
-@pytest.mark.parametrize("layout", ["classes", "2d"])
-def test_sharded_logits_on_meshes(path, axis_type, layout):
-    """Logits sharded on an explicit or auto mesh: jxent maps the shards itself."""
-    shape, names, spec = {
-        "classes": ((8,), ("v",), P(None, "v")),
-        "2d": ((2, 4), ("b", "v"), P("b", "v")),
-    }[layout]
+def _on_mesh(path, axis_type, mesh_layout, fn, *arrays, specs=None):
+    """``jax.jit(fn)(*arrays)`` for ``path``, each array put on the mesh of ``mesh_layout``
+    with its spec in ``specs`` (default: the layout's, sharded like the logits)."""
+    shape, names, spec = MESH_LAYOUTS[mesh_layout]
     mesh = _mesh(shape, names, axis_type)
-    classes = 4 * 20000  # 20000 classes per device on the "2d" mesh: the GPU block path
-    x0 = _logits((4, classes))
-    y0 = jnp.asarray([0, classes - 1, 20001, 7], jnp.int32)
-    t0 = jax.nn.softmax(_logits((4, classes), seed=2))
-    g0 = _logits((4, classes), seed=3)
+    specs = specs or (spec,) * len(arrays)
+
+    def run(*arrays):
+        with jax.set_mesh(mesh):
+            put = (
+                jax.device_put(a, NamedSharding(mesh, s))
+                for a, s in zip(arrays, specs, strict=True)
+            )
+            return jax.jit(fn)(*put)
+
+    return _run(path, run, *arrays)
+
+
+@pytest.mark.sharding
+@pytest.mark.parametrize("path", PATHS)
+@pytest.mark.parametrize("axis_type", [AxisType.Explicit, AxisType.Auto])
+@pytest.mark.parametrize("layout", MESH_LAYOUTS)
+def test_sharded_logits_on_meshes(path, axis_type, layout):
+    """Logits sharded on an explicit or auto mesh: the normalisers, dense and integer CE."""
+    x0 = _logits((8, LONG))
+    y0 = jnp.asarray([0, LONG - 1, 20001, 7, 39999, 40000, 12, 79000], jnp.int32)
+    t0 = jax.nn.softmax(_logits((8, LONG), seed=2))
+    g0 = _logits((8, LONG), seed=3)
 
     def everything(x, y, t, g):
         return _normalisers_and_dense_ce(t, g)(x), _int_ce_value_and_grad(
             x, y, label_smoothing=0.1, z_loss=1e-3
         )
 
-    def run(x0):
-        with jax.set_mesh(mesh):
-            x = jax.device_put(x0, NamedSharding(mesh, spec))
-            t = jax.device_put(t0, NamedSharding(mesh, spec))
-            g = jax.device_put(g0, NamedSharding(mesh, spec))
-            y = jax.device_put(y0, NamedSharding(mesh, P(spec[0])))
-            return jax.jit(everything)(x, y, t, g)
-
-    normalisers, int_ce = _run(path, run, x0)
+    spec = MESH_LAYOUTS[layout][2]
+    specs = (spec, P(spec[0]), spec, spec)
+    normalisers, int_ce = _on_mesh(path, axis_type, layout, everything, x0, y0, t0, g0, specs=specs)
     _check_normalisers_and_dense_ce(normalisers, x0, t0, g0)
     _check_integer_ce(int_ce, x0, y0, {"label_smoothing": 0.1, "z_loss": 1e-3})
+
+
+def _normalisers_with_options(axis, where, g):
+    """logsumexp (per row, with its sign and the gradients of the sum for ``x`` and, when
+    given, ``b``), softmax and log_softmax with their vjps against ``g``, over ``axis``
+    masked by ``where``."""
+
+    def everything(x, *b):
+        def lse(x, *b):
+            value, sign = jxent.logsumexp(x, axis, *b, where=where, return_sign=True)
+            return jnp.sum(jnp.where(jnp.isfinite(value), value, 0.0)), (value, sign)
+
+        argnums = tuple(range(1 + len(b)))
+        (_, (value, sign)), grads = jax.value_and_grad(lse, argnums, has_aux=True)(x, *b)
+        soft = jax.vjp(lambda x: jxent.softmax(x, axis, where), x)
+        log_soft = jax.vjp(lambda x: jxent.log_softmax(x, axis, where), x)
+        return (value, sign, grads), (soft[0], soft[1](g)[0], log_soft[0], log_soft[1](g)[0])
+
+    return everything
+
+
+class _Rows:
+    """Float64 row statistics of ``x`` (``reference.Rows``: batch axes first, the class
+    axes flattened last) masked by ``where``, with weights ``b`` (1 when None)."""
+
+    def __init__(self, x, axis, where, b):
+        self.rows = ref.Rows(np.shape(x), axis)
+        self.x = self.rows.to_rows(_f64(x))
+        self.m = np.ones(self.x.shape, bool) if where is None else self.rows.to_rows(where)
+        self.b = np.ones(self.x.shape) if b is None else self.rows.to_rows(_f64(b))
+        live = self.m & (self.b != 0)
+        top = np.max(np.where(live, self.x, -np.inf), -1, keepdims=True)
+        top = np.where(np.isfinite(top), top, 0.0)
+        total = np.sum(self.b * np.where(live, np.exp(self.x - top), 0.0), -1, keepdims=True)
+        with np.errstate(divide="ignore"):
+            self.lse = top + np.log(np.abs(total))
+        self.sign = np.sign(total)
+        self.empty = total == 0  # all masked: lse -inf, sign 0, no gradient
+        finite_lse = np.where(self.empty, 0.0, self.lse)
+        self.ratio = np.where(live, np.exp(self.x - finite_lse), 0.0)  # b·ratio sums to ±1
+
+    def out(self, rows):
+        return self.rows.from_rows(rows)
+
+
+def _check_logsumexp(got, x, axis, where, b):
+    value, sign, grads = got
+    r = _Rows(x, axis, where, b)
+    n = r.rows.num_classes
+    _assert_near(sign, r.rows.batch(r.sign[:, 0]), 0.0, "logsumexp sign", n)
+    finite = ~r.empty[:, 0]
+    np.testing.assert_array_equal(np.isneginf(np.ravel(value)), ~finite)
+    scale = np.max(np.abs(r.x), -1) + 1
+    _assert_near(np.ravel(value)[finite], r.lse[finite, 0], scale[finite], "logsumexp", n)
+    dx, dx_scale = r.out(r.sign * r.b * r.ratio), r.out(np.abs(r.b) * r.ratio)
+    _assert_near(grads[0], dx, dx_scale, "logsumexp d/dx", n)
+    if b is not None:
+        db = r.out(r.sign * np.where(r.m, r.ratio, 0.0))
+        _assert_near(grads[1], db, np.abs(db), "logsumexp d/db", n)
+
+
+def _check_softmaxes(got, x, axis, where, g):
+    soft, soft_vjp, log_soft, log_soft_vjp = got
+    r = _Rows(x, axis, where, None)
+    n = r.rows.num_classes
+    p, g = r.ratio, np.where(r.m, r.rows.to_rows(_f64(g)), 0.0)
+    inner, abs_inner = np.sum(g * p, -1, keepdims=True), np.sum(np.abs(g) * p, -1, keepdims=True)
+    _assert_near(soft, r.out(p), r.out(p), "softmax", n)
+    _assert_near(soft_vjp, r.out(p * (g - inner)), r.out(p * (np.abs(g) + abs_inner)), "vjp", n)
+    kept = r.m & ~r.empty
+    log_soft = r.rows.to_rows(np.asarray(log_soft))
+    np.testing.assert_array_equal(np.isneginf(log_soft), ~kept)
+    lse = np.where(r.empty, 0.0, r.lse)
+    _assert_near(
+        log_soft[kept], (r.x - lse)[kept], (np.abs(r.x) + np.abs(lse))[kept], "log_softmax", n
+    )
+    total, abs_total = g.sum(-1, keepdims=True), np.abs(g).sum(-1, keepdims=True)
+    want = r.out(g - p * total)
+    _assert_near(log_soft_vjp, want, r.out(np.abs(g) + p * abs_total), "log_softmax vjp", n)
+
+
+def _masked_classes_and_one_empty_row(shape):
+    """Every seventh class masked out, and row 1 entirely."""
+    where = np.broadcast_to(np.arange(shape[-1]) % 7 != 0, shape).copy()
+    where[1] = False
+    return where
+
+
+# name -> (shape, class axis, mesh layout, the logits' spec, with where, with b)
+NORMALISER_CASES = {
+    "1-d": ((LONG,), -1, "classes", P("v"), False, False),
+    "3-d": ((2, 4, LONG), -1, "2d", P("b", None, "v"), False, False),
+    # 40 x 2000 classes flattened, the major axis sharded (see _layout.ClassLayout)
+    "tuple_axes": ((4, 40, 2000), (1, 2), "2d", P("b", "v", None), False, False),
+    "class_axis_first": ((LONG, 4), 0, "2d", P("v", "b"), False, False),
+    "where": ((4, LONG), -1, "classes", P(None, "v"), True, False),
+    "where_and_signed_b": ((4, LONG), -1, "2d", P("b", "v"), True, True),
+}
+
+
+@pytest.mark.slow
+@pytest.mark.sharding
+@pytest.mark.parametrize("path", PATHS)
+@pytest.mark.parametrize("axis_type", [AxisType.Explicit, AxisType.Auto])
+@pytest.mark.parametrize("case", NORMALISER_CASES)
+def test_normaliser_options_on_meshes(path, axis_type, case):
+    """Normalisers of 1-D and 3-D inputs, over tuple and leading class axes, with ``where``
+    (replicated; one row fully masked) and with signed ``b`` (sharded like the logits)."""
+    shape, axis, layout, spec, with_where, with_b = NORMALISER_CASES[case]
+    x0, g0 = _logits(shape), _logits(shape, seed=3)
+    where = _masked_classes_and_one_empty_row(shape) if with_where else None
+    arrays = [x0]
+    if with_b:  # weights in [-0.3, 1); row 2 negated, so that its sum is negative
+        b = np.random.default_rng(4).uniform(-0.3, 1.0, shape).astype(np.float32)
+        b[2] *= -1.0
+        arrays.append(jnp.asarray(b))
+    fn = _normalisers_with_options(axis, None if where is None else jnp.asarray(where), g0)
+    lse, softmaxes = _on_mesh(path, axis_type, layout, fn, *arrays, specs=(spec,) * len(arrays))
+    _check_logsumexp(lse, x0, axis, where, arrays[1] if with_b else None)
+    _check_softmaxes(softmaxes, x0, axis, where, g0)
+
+
+@pytest.mark.slow
+@pytest.mark.sharding
+@pytest.mark.parametrize("path", PATHS)
+@pytest.mark.parametrize("axis_type", [AxisType.Explicit, AxisType.Auto])
+@pytest.mark.parametrize("layout", MESH_LAYOUTS)
+def test_kl_and_binary_ce_on_meshes(path, axis_type, layout):
+    """KL (class sums: the block reshapes of long rows) and binary CE (a replicated
+    ``pos_weight`` per class, whose gradient is summed over the sharded batch)."""
+    lp0 = jax.nn.log_softmax(_logits((8, LONG)))
+    t0 = jax.nn.softmax(_logits((8, LONG), seed=2)).at[:, ::5].set(0.0)
+
+    def pos_weight():  # made inside the jitted function: replicated on the mesh
+        return jnp.linspace(0.5, 2.0, LONG)
+
+    def everything(lp, t):
+        kl = jax.value_and_grad(lambda lp, t: jnp.sum(jxent.kl_divergence(lp, t)), argnums=(0, 1))(
+            lp, t
+        )
+        kl_log = jax.value_and_grad(
+            lambda lp, lt: jnp.sum(jxent.kl_divergence_with_log_targets(lp, lt)), argnums=(0, 1)
+        )(lp, jnp.log(t))
+        binary = jax.value_and_grad(
+            lambda x, t, pw: jnp.sum(jxent.sigmoid_binary_cross_entropy(x, t, pos_weight=pw)),
+            argnums=(0, 1, 2),
+        )(lp, t, pos_weight())
+        return kl, kl_log, binary
+
+    kl, kl_log, binary = _on_mesh(path, axis_type, layout, everything, lp0, t0)
+    lp, t = _f64(lp0), _f64(t0)
+    size = np.abs(lp) + np.abs(np.log(np.where(t == 0, 1.0, t))) + 1.0
+    with np.errstate(divide="ignore"):
+        log_t = np.log(t)
+    # d/dt = log t + 1 - lp; d/d(log t) = t·(log t - lp + 1)
+    for (value, (dlp, dt)), want, dt_name, dt_scale in (
+        (kl, ref.kl_divergence(lp, t), "targets", size),
+        (kl_log, ref.kl_divergence_with_log_targets(lp, log_t), "log_targets", t * size),
+    ):
+        _assert_near(value, want.value.sum(), np.sum(t * size), dt_name, LONG)
+        _assert_near(dlp, want.grads["log_predictions"], t, f"{dt_name}: d/dlp")
+        _assert_near(dt, want.grads[dt_name], dt_scale, f"{dt_name}: d/d{dt_name}")
+    value, (dx, dt, dpw) = binary
+    pw = _f64(pos_weight())
+    want = ref.sigmoid_binary_cross_entropy(lp, t, pos_weight=pw, reduction="sum")
+    scale = (pw * t + 1.0) * (np.abs(lp) + 1.0)
+    _assert_near(value, want.value, np.sum(scale), "binary", lp.size)
+    _assert_near(dx, want.grads["logits"], pw * t + 1.0, "binary d/dx")
+    _assert_near(dt, want.grads["labels"], scale, "binary d/dt")
+    _assert_near(dpw, want.grads["pos_weight"], np.sum(scale, 0), "binary d/dpos_weight", 8)
 
 
 @pytest.mark.slow

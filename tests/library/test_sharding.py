@@ -282,3 +282,26 @@ def test_shard_map_with_axis_name_inside_explicit_mesh():
         jxent.cross_entropy(LOGITS, LABELS, class_weights=WEIGHTS),
         rtol=1e-6,
     )
+
+
+@pytest.mark.parametrize("layout", LAYOUTS)
+@pytest.mark.parametrize("pos_weight_shape", [(C,), (B, 1)])
+def test_binary_ce_pos_weight_made_inside_jit(layout, pos_weight_shape):
+    """A pos_weight made inside the jitted function is replicated on an explicit mesh; its
+    gradient, summed over the logits' sharded axes, is replicated to match."""
+    mesh, spec = make_mesh(layout, "explicit")
+
+    def grads(x, t):
+        def loss(x, pw):
+            return jnp.sum(jxent.sigmoid_binary_cross_entropy(x, t, pos_weight=pw))
+
+        pw = jnp.linspace(0.5, 2.0, int(np.prod(pos_weight_shape))).reshape(pos_weight_shape)
+        return jax.grad(loss, argnums=(0, 1))(x, pw)
+
+    with jax.set_mesh(mesh):
+        x = jax.device_put(LOGITS, NamedSharding(mesh, spec))
+        t = jax.device_put(TARGETS, NamedSharding(mesh, spec))
+        dx, dpw = jax.jit(grads)(x, t)
+    want_dx, want_dpw = jax.jit(grads)(LOGITS, TARGETS)
+    np.testing.assert_allclose(dx, want_dx, rtol=1e-5, atol=1e-7)
+    np.testing.assert_allclose(dpw, want_dpw, rtol=1e-5, atol=1e-7)
