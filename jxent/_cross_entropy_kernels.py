@@ -173,21 +173,47 @@ def _shifted(x: Any, where: Any, shift: Any) -> Any:
 
 def _entropy(
     x: jax.Array,
+    e: jax.Array,
     where: jax.Array | None,
     norm: _normaliser.Normaliser,
     inverse: jax.Array,
     axis_name: Hashable | None,
 ) -> jax.Array:
-    """``H = Σ p·(-log p) = (1 / Σ e)·Σ e·(hi - x) + lo`` per row (one more class sum),
-    with ``-log p = (hi - x) + lo`` (:meth:`~jxent._normaliser.Normaliser.lse_parts`):
-    non-negative terms, no cancellation; 0 for empty rows (``hi = inf``, ``lo = 0``).
+    """``H = Σ p·(-log p)`` per row (one more class sum); 0 for empty rows.
 
-    ``e = exp(x - shift)`` is the exponentials the normaliser stored (short rows) or made
-    (long rows), which XLA reuses; ``hi - x`` capped so that a masked or ``-inf`` entry's
-    ``0·inf`` is 0, and ``lo`` added after the sum: the fewest elementwise operations and
-    broadcast operands, each of which costs XLA:CPU's reduction (YNNPACK) about a pass over
-    the row. ``hi`` rather than the shift: XLA:CPU would materialise the broadcast shift
-    (a clamp, which YNNPACK lacks) as a logits-sized array."""
+    Short rows, whose exponentials ``e = exp(x - shift)`` the normaliser stored: from
+    ``-log p = log_sum - log e``, ``H = log_sum - (1 / Σ e)·Σ e·log e``, a class sum that
+    reads ``e`` alone (each further operand, like ``x``, costs XLA:CPU's reduction
+    (YNNPACK) about another pass over the row). Both terms are non-negative (``e ≤ 1``):
+    no cancellation, and ``log e`` is within a rounding of ``x - shift``; ``e`` is floored
+    at the smallest normal float so that a zero (masked, ``-inf``) entry gives
+    ``0·log(tiny) = 0``. Long rows, whose ``e`` is never stored: :func:`_entropy_from_logits`.
+    """
+    if _reductions.block_size(x.shape[-1]) is not None:
+        return _entropy_from_logits(x, where, norm, inverse, axis_name)
+    tiny = jnp.finfo(e.dtype).tiny
+    e_log_e = _reductions.class_sum(e * jnp.log(jnp.maximum(e, tiny)), axis_name)
+    entropy = norm.log_sum - inverse * e_log_e
+    return jnp.where(jnp.isneginf(norm.log_sum), jnp.zeros_like(entropy), entropy)[..., 0]
+
+
+def _entropy_from_logits(
+    x: jax.Array,
+    where: jax.Array | None,
+    norm: _normaliser.Normaliser,
+    inverse: jax.Array,
+    axis_name: Hashable | None,
+) -> jax.Array:
+    """``H = (1 / Σ e)·Σ e·(hi - x) + lo`` per row, with ``-log p = (hi - x) + lo``
+    (:meth:`~jxent._normaliser.Normaliser.lse_parts`): non-negative terms, no
+    cancellation; 0 for empty rows (``hi = inf``, ``lo = 0``).
+
+    For long rows, whose blocked class sums make ``e = exp(x - shift)`` again block by
+    block: ``hi - x`` capped so that a masked or ``-inf`` entry's ``0·inf`` is 0, and
+    ``lo`` added after the sum: the fewest elementwise operations and broadcast operands,
+    each of which costs XLA:CPU's reduction (YNNPACK) about a pass over the row. ``hi``
+    rather than the shift: XLA:CPU would materialise the broadcast shift (a clamp, which
+    YNNPACK lacks) as a logits-sized array."""
     hi, lo = norm.lse_parts()
 
     def terms(x: Any, where: Any, shift: Any, hi: Any) -> Any:
@@ -260,6 +286,7 @@ def _logits_argmax(
 
 def _cpu_row_stats(
     x: jax.Array,
+    e: jax.Array,
     where: jax.Array | None,
     norm: _normaliser.Normaliser,
     inverse: jax.Array,
@@ -270,7 +297,7 @@ def _cpu_row_stats(
     after the normaliser's two passes, and the argmax from its max pass's chunk ``maxima``.
     (On GPU and TPU they come from the normaliser's own pass:
     :func:`~jxent._normaliser.online_normaliser_aux`.)"""
-    entropy = _entropy(x, where, norm, inverse, axis_name)
+    entropy = _entropy(x, e, where, norm, inverse, axis_name)
     return entropy, _logits_argmax(x, where, norm, axis_name, maxima)
 
 
@@ -282,7 +309,7 @@ def _exponentials_and_stats(
     def cpu() -> Any:
         maxima = _reductions.chunk_maxima(x, where)
         e, norm, inverse = _normaliser.exponentials(x, where, axis_name, maxima=maxima)
-        return e, norm, inverse, _cpu_row_stats(x, where, norm, inverse, axis_name, maxima)
+        return e, norm, inverse, _cpu_row_stats(x, e, where, norm, inverse, axis_name, maxima)
 
     def accelerator() -> Any:
         norm, inverse, _, stats = _normaliser.online_normaliser_aux(x, where, axis_name)
@@ -365,7 +392,7 @@ def _gather_then_normalise(
     e, norm, inverse = _normaliser.exponentials(
         x, where, axis_name, read_first=active_x_y, maxima=maxima
     )
-    stats = _cpu_row_stats(x, where, norm, inverse, axis_name, maxima) if cfg.return_aux else ()
+    stats = _cpu_row_stats(x, e, where, norm, inverse, axis_name, maxima) if cfg.return_aux else ()
     return x_y, e, norm, inverse, stats
 
 

@@ -693,6 +693,51 @@ def test_argmax_from_chunk_maxima_equals_one_pass(num_classes, dense, masked, mo
     np.testing.assert_array_equal(np.asarray(chunked[0].argmax)[finite_rows], want)
 
 
+@pytest.mark.parametrize("masked", [False, True], ids=["all", "where"])
+@pytest.mark.parametrize("dense", [False, True], ids=["integer", "dense"])
+@pytest.mark.parametrize("num_classes", [200, 40000])
+def test_entropy_of_edge_rows_matches_reference(num_classes, dense, masked):
+    """The entropy (on the CPU from the stored exponentials for short rows, from the logits
+    for long, blocked ones) against the float64 reference on rows far from the usual
+    logits: huge and tiny magnitudes, a huge common offset (no cancellation in either
+    form), ties, half ``-inf``; 0 on rows with no unmasked finite logit; NaN on rows
+    holding NaN or ``+inf`` (whose softmax has no entropy)."""
+    x = np.array(_edge_rows(num_classes, seed=3))
+    x[10] *= 1e4  # one class takes almost all the mass
+    x[11] = x[11] * 1e-6 + 1e4  # nearly uniform, lse ~ 1e4
+    x[12] *= 1e-3
+    x[13] = -3e37
+    x[13, 5] = 3e37
+    where = np.ones(x.shape, bool)
+    if masked:
+        where = np.array(jax.random.bernoulli(jax.random.key(1), 0.7, x.shape))
+        where[14] = False
+    y = jnp.arange(16) * 7 % num_classes
+    labels = jax.nn.one_hot(y, num_classes) if dense else y
+    loss_fn = jxent.softmax_cross_entropy if dense else INT_CE
+    for temperature in (1.0, 0.5):
+        _, aux = loss_fn(
+            jnp.asarray(x),
+            labels,
+            where=jnp.asarray(where) if masked else None,
+            temperature=temperature,
+            return_aux=True,
+        )
+        got = np.asarray(aux.entropy, np.float64)
+        empty = ~np.any(where & (x > -np.inf), axis=-1)
+        bad = np.any(where & (np.isnan(x) | (x == np.inf)), axis=-1)
+        finite = ~empty & ~bad & np.all(np.isfinite(x) | ~where, axis=-1)
+        # (Not the rows of the largest float: float64's lse of two such maxima rounds
+        # away the log 2 of their entropy.)
+        finite &= np.max(np.abs(np.where(where, x, 0.0)), axis=-1) < 1e38
+        with np.errstate(invalid="ignore", over="ignore"):  # the NaN and inf rows
+            want = ref.row_statistics(np.where(where, x, 0.0), where=where, temperature=temperature)
+        close(got[finite], want["entropy"][finite], rtol=1e-5, atol=2e-6)
+        np.testing.assert_array_equal(got[empty], 0.0)
+        assert np.all(np.isnan(got[bad]))
+        assert finite.sum() >= 8
+
+
 @pytest.mark.compiled_memory
 @pytest.mark.parametrize("shape", [(512, 4000), (64, 40000)], ids=["short", "long"])
 def test_logged_aux_outputs_cost_no_logits_sized_array(shape):
