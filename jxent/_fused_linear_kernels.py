@@ -82,7 +82,7 @@ _VOCAB_BLOCK_BYTES = {"gpu": 64 * 2**20, "tpu": 32 * 2**20}
 # One block's float32 logits and the block of w they are formed from (which XLA:GPU copies
 # out of w for the GEMM; counted in float32) within _MESH_BLOCK_BYTES; the float32 [rows, D]
 # dx sum of one row tile (all its row groups together) within _MESH_ROWS_BYTES.
-_MESH_BLOCK_BYTES = 6 * 2**20
+_MESH_BLOCK_BYTES = 12 * 2**20
 _MESH_ROWS_BYTES = 4 * 2**20
 _MIN_VOCAB_BLOCK = 128
 _SYMBOLIC_VOCAB_BLOCK = 1024
@@ -1150,13 +1150,7 @@ def _blocked_bwd(cfg: Config, saved: tuple[Any, ...], ct: Any) -> tuple[Operands
     per_row = _RowInputs(rows, lse, _loss_scale(rows, ops.token_weights, g, cfg), aux)
     if _splits_backward(x, w, cfg):
         dx = _input_grad_by_row_tiles(ops, per_row, classes, cfg)
-        dw_ops = ops
-        if cfg.vocab_groups > 1:
-            # The dw pass after the dx pass: then nothing reads w once dw is formed, and the
-            # copy of w that XLA:TPU makes to split its lane axis into the groups can live
-            # in dw's output buffer. (GSPMD only: the barrier's outputs would vary over the
-            # union of its operands' manual axes under shard_map, which needs no groups.)
-            _, dw_ops = lax.optimization_barrier((dx, ops))
+        dw_ops = _after(dx, ops, cfg)
         _, dw, db = _grads_by_vocab_blocks(dw_ops, per_row, classes, cfg, with_dx=False)
     else:
         summed_dx, dw, db = _grads_by_vocab_blocks(ops, per_row, classes, cfg, with_dx=True)
@@ -1168,6 +1162,22 @@ def _blocked_bwd(cfg: Config, saved: tuple[Any, ...], ct: Any) -> tuple[Operands
         dt = _token_weight_grad(losses, rows, ops.token_weights, loss, g, cfg)
     dw, db = _parameter_grads(dw, db, w, ops.bias)
     return (Operands(dx, dw, db, None, None, dt),)
+
+
+def _after(dx: jax.Array, ops: Operands, cfg: Config) -> Operands:
+    """``ops`` with ``x`` read only once ``dx`` is formed, so that the ``dw`` pass runs after
+    the ``dx`` pass: XLA may then place the ``dx`` pass's temporaries (and, on TPU, the copy
+    of ``w`` it makes to split its lane axis into vocabulary groups) in the buffer of ``w``'s
+    gradient, which only the ``dw`` pass writes. Not on TPU without groups, where XLA:TPU,
+    left to order the passes itself, keeps the ``dx`` sums out of the temporaries it counts
+    (in memory space 1). An optimisation barrier's outputs vary over the union of its
+    operands' manual axes: ``dx`` is paired only with what varies alike."""
+    if cfg.accelerator == "tpu" and cfg.vocab_groups == 1:
+        return ops
+    if _sharding.varying_axes(dx) != _sharding.varying_axes(ops.x):
+        return ops
+    _, x = lax.optimization_barrier((dx, ops.x))
+    return ops._replace(x=x)
 
 
 class _RowInputs(NamedTuple):
