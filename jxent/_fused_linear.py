@@ -179,7 +179,9 @@ def fused_linear_cross_entropy(
     classes): the forward
     pass merges the blocks' log-normalisers, the backward pass re-forms each block's logits
     and writes its slice of ``w``'s gradient once, in ``w``'s dtype (four matmuls), so that
-    no float32 copy of ``w`` is held. Calling it without differentiating does no gradient
+    no float32 copy of ``w`` is held. On meshes the blocks are sized per device and ``x``'s
+    gradient is formed in a pass of its own over tiles of rows (five matmuls), so that no
+    float32 ``[N, D]`` sum is held either. Calling it without differentiating does no gradient
     work.
 
     ``return_aux=True`` returns ``(loss, aux)``, a :class:`jxent.CrossEntropyAux` of per-token

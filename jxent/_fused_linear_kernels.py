@@ -25,7 +25,9 @@ symbolic zeros, so aux outputs that are only logged cost no re-forming.
 GPU and TPU, the vocabulary-blocked kernel (see "vocabulary blocks" below): the loops run over
 blocks of classes covering all tokens, the forward pass saves one log-normaliser per row,
 and the backward pass writes each block's ``dw`` once, in ``w``'s dtype, while the ``[N, D]``
-input gradient accumulates in float32: no buffer the size of ``w`` beyond its gradient.
+input gradient accumulates in float32: no buffer the size of ``w`` beyond its gradient. On
+meshes the budgets are per device, and the backward pass is split into that pass for ``dw``
+alone and a pass over tiles of rows for ``dx`` (see "row tiles" below): five matmuls.
 
 ``w`` comes as ``[D, V]`` (``w_layout="dv"``) or ``[V, D]`` (``"vd"``, a tied embedding
 table); every product names its contracting dimension (``lax.dot_general``), so neither layout
@@ -74,6 +76,14 @@ _DW_BLOCK = 8192
 # 48 MiB more temp. XLA:TPU keeps a block of up to 32 MiB inside the GEMM's fused epilogue
 # (temp 0), a 64 MiB one not in bfloat16.
 _VOCAB_BLOCK_BYTES = {"gpu": 64 * 2**20, "tpu": 32 * 2**20}
+# On meshes (GSPMD's Auto axes, shard_map) the blocked kernel's budgets are per device and far
+# below the one-device ones: a device's share of the [N, V] logits is a fraction of them, and
+# the fused loss's temporaries are held to a sixteenth of that share (docs/fused_linear.md).
+# One block's float32 logits and the block of w they are formed from (which XLA:GPU copies
+# out of w for the GEMM; counted in float32) within _MESH_BLOCK_BYTES; the float32 [rows, D]
+# dx sum of one row tile (all its row groups together) within _MESH_ROWS_BYTES.
+_MESH_BLOCK_BYTES = 12 * 2**20
+_MESH_ROWS_BYTES = 4 * 2**20
 _MIN_VOCAB_BLOCK = 128
 _SYMBOLIC_VOCAB_BLOCK = 1024
 KERNELS = ("auto", "chunked", "blocked")
@@ -99,6 +109,7 @@ class Config(NamedTuple):
     return_aux: bool = False  # the kernels also return RowStats
     w_layout: str = "dv"  # "dv": w is [D, V]; "vd": [V, D]
     vocab_groups: int = 1  # G: the blocked kernel's vocabulary viewed as [G, V / G] (GSPMD)
+    auto_devices: int = 1  # devices of the mesh of Auto axes the arrays live on (GSPMD)
 
 
 class Operands(NamedTuple):
@@ -858,19 +869,25 @@ class _Block(NamedTuple):
 
 
 def vocab_block_size(
-    num_rows: Any, num_local_classes: Any, requested: int = 0, accelerator: str = "gpu"
+    num_rows: Any,
+    num_local_classes: Any,
+    requested: int = 0,
+    accelerator: str = "gpu",
+    budget_bytes: int = 0,
 ) -> Any:
     """Classes per block of the vocabulary-blocked kernel (GPU, TPU).
 
     The most multiples of 128 classes (TPU's lane width) whose float32 ``[N, block]`` logits
-    fit the accelerator's ``_VOCAB_BLOCK_BYTES``, at least 128, at most ``V``. With ``N`` symbolic
-    (``jax.export``), ``_SYMBOLIC_VOCAB_BLOCK`` classes; with ``V`` symbolic, ``min(V, ·)``.
-    ``requested`` (> 0) replaces the budget's choice (tests use small blocks).
+    fit ``budget_bytes`` (0: the accelerator's ``_VOCAB_BLOCK_BYTES``), at least 128, at most
+    ``V``. With ``N`` symbolic (``jax.export``), ``_SYMBOLIC_VOCAB_BLOCK`` classes; with ``V``
+    symbolic, ``min(V, ·)``. ``requested`` (> 0) replaces the budget's choice (tests use small
+    blocks).
     """
     if requested:
         block = requested
     elif isinstance(num_rows, int):
-        block = _VOCAB_BLOCK_BYTES[accelerator] // (4 * max(num_rows, 1)) // 128 * 128
+        budget = budget_bytes or _VOCAB_BLOCK_BYTES[accelerator]
+        block = budget // (4 * max(num_rows, 1)) // 128 * 128
         block = max(_MIN_VOCAB_BLOCK, block)
     else:
         block = _SYMBOLIC_VOCAB_BLOCK
@@ -893,11 +910,26 @@ def _group_length(w: jax.Array, cfg: Config) -> Any:
     return num_local_classes(w, cfg) // cfg.vocab_groups
 
 
-def _blocked_size(x: jax.Array, w: jax.Array, cfg: Config) -> Any:
-    """Classes per group and block: the budget's ``[N, block]`` float32 logits per block
-    and group. With ``G`` groups over ``G`` devices that share the rows and the classes,
-    each device holds ``G / devices`` of the ``[N, G · block]`` logits: one budget."""
-    return vocab_block_size(x.shape[0], _group_length(w, cfg), cfg.vocab_block, cfg.accelerator)
+def _blocked_size(x: jax.Array, w: jax.Array, cfg: Config, num_rows: Any = None) -> Any:
+    """Classes per group and block: the budget's ``[rows, block]`` float32 logits per block
+    and group (``rows``: all ``N``, or a row tile's). With ``G`` groups over ``G`` devices that
+    share the rows and the classes, each device holds ``G / devices`` of the
+    ``[rows, G · block]`` logits: one budget. On meshes the budget is ``_MESH_BLOCK_BYTES``."""
+    rows = x.shape[0] if num_rows is None else num_rows
+    if not _on_mesh(x, w, cfg):
+        return vocab_block_size(rows, _group_length(w, cfg), cfg.vocab_block, cfg.accelerator)
+    # A block's bytes per class on a mesh: its float32 logits column and the block of w it
+    # is re-formed from, which XLA:GPU copies out of w for the GEMM (counted in float32).
+    per_class_rows = rows + x.shape[1] if isinstance(rows, int) else rows
+    return vocab_block_size(
+        per_class_rows, _group_length(w, cfg), cfg.vocab_block, cfg.accelerator, _MESH_BLOCK_BYTES
+    )
+
+
+def _on_mesh(x: jax.Array, w: jax.Array, cfg: Config) -> bool:
+    """Whether the kernel runs for one device of several: under GSPMD (a mesh of ``Auto``
+    axes) or per shard (``shard_map``, explicit axes), where its budgets are per device."""
+    return cfg.auto_devices > 1 or bool(_sharding.varying_axes(x) | _sharding.varying_axes(w))
 
 
 def _vocab_block(i: Any, size: Any, ops: Operands, cfg: Config) -> _Block:
@@ -919,7 +951,7 @@ def _vocab_block(i: Any, size: Any, ops: Operands, cfg: Config) -> _Block:
     return block._replace(w=w_block, bias=cut(ops.bias), class_weights=cut(ops.class_weights))
 
 
-def _grouped(a: jax.Array, block: _Block, axis: int) -> jax.Array:
+def _grouped(a: jax.Array, block: _Block | _Rows, axis: int) -> jax.Array:
     """``a`` with its vocabulary ``axis`` split into ``[G, V / G]`` (a local reshape when
     the vocabulary's shards are whole groups)."""
     return a.reshape((*a.shape[:axis], block.groups, -1, *a.shape[axis + 1 :]))
@@ -930,7 +962,7 @@ def _ungrouped(a: jax.Array, axis: int) -> jax.Array:
     return a.reshape((*a.shape[:axis], -1, *a.shape[axis + 2 :]))
 
 
-def _block_columns(a: jax.Array, block: _Block, axis: int) -> jax.Array:
+def _block_columns(a: jax.Array, block: _Block | _Rows, axis: int) -> jax.Array:
     """The block's columns of ``a`` along its vocabulary ``axis``: ``[.., G · size, ..]``."""
     if block.groups == 1:
         return lax.dynamic_slice_in_dim(a, block.start, block.size, axis=axis)
@@ -938,7 +970,7 @@ def _block_columns(a: jax.Array, block: _Block, axis: int) -> jax.Array:
     return _ungrouped(lax.dynamic_slice_in_dim(grouped, block.start, block.size, axis + 1), axis)
 
 
-def _write_block(a: jax.Array, new: jax.Array, block: _Block, axis: int) -> jax.Array:
+def _write_block(a: jax.Array, new: jax.Array, block: _Block | _Rows, axis: int) -> jax.Array:
     """``a`` with the block's own columns (along ``axis``) replaced by ``new``'s; its
     overlap with the previous block keeps the previous block's values."""
     keep = _keep_fresh(block, new, _block_columns(a, block, axis), axis)
@@ -976,7 +1008,7 @@ def _varying_in_loop(w_block: jax.Array, i: Any) -> jax.Array:
     return w_block * (1.0 + 0.0 * jnp.asarray(i, w_block.dtype))
 
 
-def _keep_fresh(block: _Block, new: jax.Array, old: jax.Array, axis: int = -1) -> jax.Array:
+def _keep_fresh(block: _Block | _Rows, new: jax.Array, old: jax.Array, axis: int = -1) -> jax.Array:
     """``new`` in the block's own classes (along ``axis``), ``old`` (the previous block's)
     in its overlap."""
     fresh = block.fresh[0]
@@ -1128,26 +1160,86 @@ def _blocked_bwd(cfg: Config, saved: tuple[Any, ...], ct: Any) -> tuple[Operands
     dtype = _dtypes.compute_dtype(x.dtype)
     classes = _class_totals(ops.class_weights, num_local_classes(w, cfg), cfg, dtype)
     g = g.astype(dtype)
-    scale = _loss_scale(rows, ops.token_weights, g, cfg)
-    size = _blocked_size(x, w, cfg)
+    per_row = _RowInputs(rows, lse, _loss_scale(rows, ops.token_weights, g, cfg), aux)
+    if _splits_backward(x, w, cfg):
+        dx = _input_grad_by_row_tiles(ops, per_row, classes, cfg)
+        dw_ops = _after(dx, ops, cfg)
+        _, dw, db = _grads_by_vocab_blocks(dw_ops, per_row, classes, cfg, with_dx=False)
+    else:
+        summed_dx, dw, db = _grads_by_vocab_blocks(ops, per_row, classes, cfg, with_dx=True)
+        assert summed_dx is not None
+        dx = summed_dx
+    dt = None
+    if for_tokens is not None:
+        losses, loss = for_tokens
+        dt = _token_weight_grad(losses, rows, ops.token_weights, loss, g, cfg)
+    dw, db = _parameter_grads(dw, db, w, ops.bias)
+    return (Operands(dx, dw, db, None, None, dt),)
 
+
+def _after(dx: jax.Array, ops: Operands, cfg: Config) -> Operands:
+    """``ops`` with ``x`` read only once ``dx`` is formed, so that the ``dw`` pass runs after
+    the ``dx`` pass: XLA may then place the ``dx`` pass's temporaries (and, on TPU, the copy
+    of ``w`` it makes to split its lane axis into vocabulary groups) in the buffer of ``w``'s
+    gradient, which only the ``dw`` pass writes. Not on TPU without groups, where XLA:TPU,
+    left to order the passes itself, keeps the ``dx`` sums out of the temporaries it counts
+    (in memory space 1). An optimisation barrier's outputs vary over the union of its
+    operands' manual axes: ``dx`` is paired only with what varies alike."""
+    if cfg.accelerator == "tpu" and cfg.vocab_groups == 1:
+        return ops
+    if _sharding.varying_axes(dx) != _sharding.varying_axes(ops.x):
+        return ops
+    _, x = lax.optimization_barrier((dx, ops.x))
+    return ops._replace(x=x)
+
+
+class _RowInputs(NamedTuple):
+    """What the logits' gradient needs of each row (all ``[N]``, or ``None``): where its
+    label points, its log-normaliser, its loss factor and the aux outputs' cotangents."""
+
+    rows: _labels.Targets
+    lse: jax.Array
+    scale: jax.Array
+    aux: AuxCotangent | None
+
+
+def _block_logits_grad(
+    x: jax.Array, per_row: _RowInputs, block: _Block, classes: _Classes, cfg: Config
+) -> jax.Array:
+    """The float32 gradient of the logits ``x @ block.w`` (re-formed), 0 in the columns that
+    are not the block's own."""
+    z, capped = _chunk_logits(x, block.w, block.bias, cfg)
+    block_rows = per_row.rows._replace(local=_class_columns(per_row.rows.local, block))
+    block_classes = classes._replace(weights=block.class_weights)
+    dz = _chunk_logits_grad(
+        z, capped, per_row.lse, block_rows, per_row.scale, block_classes, cfg, per_row.aux
+    )
+    return jnp.where(block.fresh, dz, jnp.zeros_like(dz))
+
+
+def _grads_by_vocab_blocks(
+    ops: Operands, per_row: _RowInputs, classes: _Classes, cfg: Config, with_dx: bool
+) -> tuple[jax.Array | None, jax.Array, jax.Array | None]:
+    """One pass over the vocabulary blocks, each covering all rows: each block's ``dw`` (and
+    ``db``) written once, in ``w``'s dtype; with ``with_dx`` the ``[N, D]`` input gradient
+    summed over the blocks too (else None)."""
+    x, w = ops.x, ops.w
+    dtype = _dtypes.compute_dtype(x.dtype)
+    size = _blocked_size(x, w, cfg)
     dx_sum = _input_grad_accumulator(x, cfg)
 
     def add_block(i: Any, carry: tuple[Any, ...]) -> tuple[Any, ...]:
         dx, dw, db = carry
         block = _vocab_block(i, size, ops, cfg)
-        z, capped = _chunk_logits(x, block.w, block.bias, cfg)
-        block_rows = rows._replace(local=_class_columns(rows.local, block))
-        block_classes = classes._replace(weights=block.class_weights)
-        dz = _chunk_logits_grad(z, capped, lse, block_rows, scale, block_classes, cfg, aux)
-        dz = jnp.where(block.fresh, dz, jnp.zeros_like(dz))
+        dz = _block_logits_grad(x, per_row, block, classes, cfg)
         dz_op = dz.astype(x.dtype)
         # float32 accumulation over all N tokens inside the GEMM; rounded once to dw's dtype.
         dw_block = _weight_grad_product(x, dz_op, cfg, dtype)
         if sum_each_block:
             dw_block = _sharding.sum_to_primal(dw_block, w)
         dw = _write_block(dw, dw_block.astype(dw.dtype), block, vocab_axis(cfg.w_layout))
-        dx = dx_sum.add(dx, _input_grad_product(dz_op, block.w, cfg, dtype))
+        if dx is not None:
+            dx = dx_sum.add(dx, _input_grad_product(dz_op, block.w, cfg, dtype))
         if db is not None:
             db = _write_block(db, jnp.sum(dz, axis=0), block, 0)
         return dx, dw, db
@@ -1160,21 +1252,107 @@ def _blocked_bwd(cfg: Config, saved: tuple[Any, ...], ct: Any) -> tuple[Operands
     # would need a block-sized buffer more.
     rows_sharded = bool(_sharding.varying_axes(x) - _sharding.varying_axes(w))
     sum_each_block = rows_sharded and w.dtype != dtype
-    dx_init, db_init = _varying_like(
-        (dx_sum.zeros(), None if ops.bias is None else jnp.zeros(ops.bias.shape, dtype)), x, w
-    )
+    dx_init = dx_sum.zeros() if with_dx else None
+    db_init = None if ops.bias is None else jnp.zeros(ops.bias.shape, dtype)
+    dx_init, db_init = _varying_like((dx_init, db_init), x, w)
     dw_varies_like = (w,) if sum_each_block else (x, w)
     dw_init = _varying_like(jnp.zeros(w.shape, w.dtype), *dw_varies_like)
     init = (dx_init, dw_init, db_init)
     num_blocks = _num_blocks(_group_length(w, cfg), size)
     dx, dw, db = lax.fori_loop(0, num_blocks, add_block, init)
-    dx = _loss_reduction.psum_over(dx_sum.value(dx), cfg.axis_name).astype(x.dtype)
-    dt = None
-    if for_tokens is not None:
-        losses, loss = for_tokens
-        dt = _token_weight_grad(losses, rows, ops.token_weights, loss, g, cfg)
-    dw, db = _parameter_grads(dw, db, w, ops.bias)
-    return (Operands(dx, dw, db, None, None, dt),)
+    if dx is not None:
+        dx = _loss_reduction.psum_over(dx_sum.value(dx), cfg.axis_name).astype(x.dtype)
+    return dx, dw, db
+
+
+# ----------------------------------------------------------------------------- row tiles (meshes)
+#
+# On a mesh the [N, D] float32 input-gradient accumulator of the pass above is a device's rows
+# times all of D: on 8 x H100 at N=8192, D=4096 (rows over 2 devices) 64 MiB, a quarter of
+# optax's per-device logits. There the backward pass is split, as in Cut Cross-Entropy: the
+# pass over vocabulary blocks forms dw (and db) alone, and a second pass forms dx tile by tile
+# of rows (row tiles outer, vocabulary blocks inner), each tile's float32 sum written once, in
+# x's dtype, into dx. The price is the logits re-formed once more: five matmuls instead of
+# four. Under GSPMD the rows are viewed as [G_rows, N / G_rows] for the reason the vocabulary
+# is (_vocabulary_groups): a dynamic slice of a sharded axis would make it gather x.
+
+
+class _Rows(NamedTuple):
+    """One row tile: rows ``[start, start + size)`` of every one of ``groups`` row groups of
+    ``group_length`` rows; those before ``nominal`` (the last tile's overlap) are not its own
+    to write (the fields :func:`_block_columns` and :func:`_write_block` read)."""
+
+    start: jax.Array
+    fresh: jax.Array  # [1, groups · size] bool
+    size: int
+    groups: int
+    group_length: int
+
+
+def _splits_backward(x: jax.Array, w: jax.Array, cfg: Config) -> bool:
+    """Whether the backward pass is split into a ``dw`` pass and a ``dx`` pass over row
+    tiles: on meshes, where the shapes are static."""
+    static = isinstance(x.shape[0], int) and isinstance(x.shape[1], int)
+    return static and _on_mesh(x, w, cfg)
+
+
+def _row_groups(num_rows: int, cfg: Config) -> int:
+    """``gcd(N, devices)`` under GSPMD (every row shard holds whole groups), else 1."""
+    return math.gcd(num_rows, cfg.auto_devices)
+
+
+def _row_tile_size(num_rows: int, num_features: int, cfg: Config) -> int:
+    """Rows per group and tile: the most multiples of 8 whose float32 ``[rows, D]``
+    accumulator, over all row groups, fits ``_MESH_ROWS_BYTES`` (whatever share of the row
+    groups a device holds); at least 8, at most a group. ``cfg.vocab_block`` (tests) replaces
+    the budget's choice here too."""
+    groups = _row_groups(num_rows, cfg)
+    length = num_rows // groups
+    if cfg.vocab_block:
+        return min(cfg.vocab_block, length)
+    rows = _MESH_ROWS_BYTES // (4 * max(num_features, 1)) // groups // 8 * 8
+    return min(max(8, rows), length)
+
+
+def _row_tile(r: Any, size: int, groups: int, length: int) -> _Rows:
+    """Row tile ``r``; the last starts at ``length - size`` (as :func:`_vocab_block`)."""
+    nominal = r * size
+    start = jnp.minimum(nominal, length - size)
+    row = lax.broadcasted_iota(jnp.int32, (1, groups * size), 1)
+    fresh = start + (row if groups == 1 else row % size) >= nominal
+    return _Rows(start, fresh, size, groups, length)
+
+
+def _input_grad_by_row_tiles(
+    ops: Operands, per_row: _RowInputs, classes: _Classes, cfg: Config
+) -> jax.Array:
+    """``dx``, tile by tile of rows: each tile's logits re-formed block by block of the
+    vocabulary, its float32 sum summed over the vocabulary's devices and written once."""
+    x, w = ops.x, ops.w
+    num_rows, num_features = x.shape
+    dtype = _dtypes.compute_dtype(x.dtype)
+    groups = _row_groups(num_rows, cfg)
+    length = num_rows // groups
+    tile = _row_tile_size(num_rows, num_features, cfg)
+    size = _blocked_size(x, w, cfg, num_rows=groups * tile)
+    num_blocks = _num_blocks(_group_length(w, cfg), size)
+
+    def add_tile(r: Any, dx: jax.Array) -> jax.Array:
+        rows = _row_tile(r, tile, groups, length)
+        x_tile, tile_inputs = jax.tree.map(lambda a: _block_columns(a, rows, 0), (x, per_row))
+
+        def add_block(i: Any, acc: jax.Array) -> jax.Array:
+            block = _vocab_block(i, size, ops, cfg)
+            dz = _block_logits_grad(x_tile, tile_inputs, block, classes, cfg)
+            return acc + _input_grad_product(dz.astype(x.dtype), block.w, cfg, dtype)
+
+        acc = _varying_like(jnp.zeros(x_tile.shape, dtype), x, w)
+        acc = lax.fori_loop(0, num_blocks, add_block, acc)
+        acc = _loss_reduction.psum_over(acc, cfg.axis_name).astype(x.dtype)
+        return _write_block(dx, acc, rows, 0)
+
+    dx = _varying_like(jnp.zeros(x.shape, x.dtype), x)
+    return lax.fori_loop(0, _num_blocks(length, tile), add_tile, dx)
 
 
 class _WholeAccumulator(NamedTuple):
@@ -1295,7 +1473,8 @@ def local_loss(
         x.reshape(num_rows, x.shape[-1]), w, bias, flat_labels, class_weights, flat_tokens
     )
 
-    groups = _vocabulary_groups(num_local_classes(w, options), x, w)
+    devices = _auto_mesh_devices(x, w)
+    groups = _vocabulary_groups(num_local_classes(w, options), devices)
 
     def chunked() -> Any:
         return _chunked_loss(ops, options, num_rows)
@@ -1304,7 +1483,10 @@ def local_loss(
         # (A symbolic V on an Auto mesh reaches here only when a test forces the kernel.)
         groups_or_one = max(groups, 1)
         cfg = options._replace(
-            num_rows=num_rows, accelerator=accelerator, vocab_groups=groups_or_one
+            num_rows=num_rows,
+            accelerator=accelerator,
+            vocab_groups=groups_or_one,
+            auto_devices=devices,
         )
         return _blocked_impl(ops, cfg)
 
@@ -1344,22 +1526,12 @@ def _aux_outputs_of(stats: RowStats, ops: Operands, cfg: Config) -> _aux_outputs
     )
 
 
-def _vocabulary_groups(num_classes: Any, *arrays: jax.Array) -> int:
-    """``G``, the groups the blocked kernel views the vocabulary as (``[G, V / G]``): 1
-    unless the arrays (or the context) live on a mesh of ``Auto`` axes over several devices,
-    which GSPMD partitions by propagation; there ``gcd(V, devices)``, or 0 for a symbolic
-    ``V`` (the chunked kernel runs then).
-
-    GSPMD cannot keep a dynamic slice of a sharded axis local: slicing ``w``'s vocabulary
-    block by block would make it gather ``w``. Each of the ``k`` shards of a vocabulary
-    sharded evenly over mesh axes holds ``G / k`` whole groups (``k`` divides ``V`` and the
-    device count, hence ``G``), so splitting the vocabulary into ``[G, V / G]`` shards the
-    ``G`` axis like the vocabulary, and the blocks, sliced along ``V / G``, are local to
-    every device. (Explicit meshes and ``shard_map`` give each device its own slice of ``w``
-    and need no groups.)"""
+def _auto_mesh_devices(*arrays: jax.Array) -> int:
+    """The devices of the mesh of ``Auto`` axes the arrays (or the context) live on, which
+    GSPMD partitions by propagation; 1 without one."""
     meshes = [jax.typeof(a).sharding.mesh for a in arrays]
     meshes.append(jax.sharding.get_abstract_mesh())
-    devices = max(
+    return max(
         (
             getattr(mesh, "size", 1)
             for mesh in meshes
@@ -1367,6 +1539,22 @@ def _vocabulary_groups(num_classes: Any, *arrays: jax.Array) -> int:
         ),
         default=1,
     )
+
+
+def _vocabulary_groups(num_classes: Any, devices: int) -> int:
+    """``G``, the groups the blocked kernel views the vocabulary as (``[G, V / G]``): 1
+    unless the arrays live on a mesh of ``Auto`` axes over several ``devices``
+    (:func:`_auto_mesh_devices`); there ``gcd(V, devices)``, or 0 for a symbolic ``V`` (the
+    chunked kernel runs then).
+
+    GSPMD cannot keep a dynamic slice of a sharded axis local: slicing ``w``'s vocabulary
+    block by block would make it gather ``w``. Each of the ``k`` shards of a vocabulary
+    sharded evenly over mesh axes holds ``G / k`` whole groups (``k`` divides ``V`` and the
+    device count, hence ``G``), so splitting the vocabulary into ``[G, V / G]`` shards the
+    ``G`` axis like the vocabulary, and the blocks, sliced along ``V / G``, are local to
+    every device. (Explicit meshes and ``shard_map`` give each device its own slice of ``w``
+    and need no groups.) The row tiles of the backward pass on meshes group the rows the
+    same way (:func:`_row_groups`)."""
     if devices == 1:
         return 1
     return math.gcd(num_classes, devices) if isinstance(num_classes, int) else 0
