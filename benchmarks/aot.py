@@ -46,6 +46,7 @@ for _key, _value in (
 import argparse  # noqa: E402
 import dataclasses  # noqa: E402
 import datetime  # noqa: E402
+import functools  # noqa: E402
 import gc  # noqa: E402
 import importlib.metadata  # noqa: E402
 import json  # noqa: E402
@@ -752,9 +753,10 @@ def _key(r: AotRecord) -> tuple[Any, ...]:
 
 
 def merged(
-    path: str, records: Sequence[AotRecord], command: str
+    path: str, records: Sequence[AotRecord], command: str, shapes: Sequence[tuple[int, ...]]
 ) -> tuple[list[AotRecord], list[str]]:
-    """The records of an earlier aot.json that ``records`` do not redo, then ``records``.
+    """The records of an earlier aot.json that ``records`` do not redo, and ``records``, in
+    a full run's order (:func:`_order`; ``shapes``: this run's, in the order listed).
 
     Partial runs (filters) accumulate into one table; each record keeps its own versions only
     through the commands list, so merge runs of one environment only.
@@ -765,20 +767,29 @@ def merged(
     kept = [AotRecord(**r) for r in old["records"]]
     kept = [r for r in kept if _key(r) not in new_keys]
     commands = old.get("commands", [old.get("command", "")])
-    return sorted([*kept, *records], key=_order), [*commands, command]
+    listed = [*shapes, *QUICK_SHAPES, *SHAPES, *QUICK_FUSED_SHAPES, *FUSED_SHAPES]
+    order = functools.partial(_order, shapes=[tuple(s) for s in listed])
+    return sorted([*kept, *records], key=order), [*commands, command]
 
 
-def _order(r: AotRecord) -> tuple[Any, ...]:
-    targets, ops = list(TARGETS), list(cases.OPS)
+def _order(r: AotRecord, shapes: list[tuple[int, ...]]) -> tuple[Any, ...]:
+    """A full run's order: targets, ops, ``shapes``, dtypes and modes as listed."""
+    shape = tuple(r.shape)
     return (
-        targets.index(r.target) if r.target in targets else len(targets),
-        ops.index(r.op) if r.op in ops else len(ops),
+        _index(list(TARGETS), r.target),
+        _index(list(cases.OPS), r.op),
+        _index(shapes, shape),
         math.prod(r.shape),
-        tuple(r.shape),
-        r.dtype,
-        MODES.index(r.mode) if r.mode in MODES else len(MODES),
+        shape,
+        _index(list(DTYPES), r.dtype),
+        _index(list(MODES), r.mode),
         r.candidate != "jxent",
     )
+
+
+def _index(listed: list[Any], value: Any) -> int:
+    """``value``'s place in ``listed``; after all of them when it is not listed."""
+    return listed.index(value) if value in listed else len(listed)
 
 
 def render(json_path: str, no_plot: bool) -> int:
@@ -836,7 +847,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     }
     json_path = os.path.join(args.out, "aot.json")
     if args.merge and os.path.exists(json_path):
-        records, result["commands"] = merged(json_path, records, result["command"])
+        shapes = [*args.shapes, *args.fused_shapes]
+        records, result["commands"] = merged(json_path, records, result["command"], shapes)
         result["records"] = [dataclasses.asdict(r) for r in records]
     with open(json_path, "w") as f:
         json.dump(result, f, indent=1, default=str)

@@ -550,6 +550,21 @@ def test_make_aot_writes_json_table_and_plot_labelled_compiled_not_run(aot, tmp_
     assert "ENTRY" in (tmp_path / "hlo" / dumped[0]).read_text()
 
 
+def test_a_merged_partial_run_keeps_the_full_runs_order(aot, tmp_path):
+    argv = ["--targets=cpu", "--ops=ce_int", "--modes=fwd", "--shapes=64x256,32x128"]
+    argv += [f"--out={tmp_path}", "--no-plot"]
+
+    def keys() -> list[tuple[str, ...]]:
+        records = json.loads((tmp_path / "aot.json").read_text())["records"]
+        return [(r["dtype"], "x".join(map(str, r["shape"])), r["candidate"]) for r in records]
+
+    assert aot.main([*argv, "--dtypes=float32,bfloat16"]) == 0
+    full = keys()
+    assert aot.main([*argv, "--dtypes=float32", "--merge"]) == 0
+    assert keys() == full  # as listed: shapes, then dtypes, not sorted by size or by name
+    assert full[0] == ("float32", "64x256", "jxent")
+
+
 def test_a_shape_beyond_the_targets_memory_is_reported_as_such_not_as_a_failure(aot, tmp_path):
     # float32 logits of 65536 x 131072 are 32 GiB: more than a v5e's 16 GiB of HBM.
     argv = ["--targets=v5e", "--ops=logsumexp", "--dtypes=float32", "--modes=fwd"]
