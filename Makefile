@@ -14,7 +14,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: run test test-aot lint package-check compat compat-ci docs docs-check bench device-check aot vocab-blocks clean
+.PHONY: run test test-aot lint package-check compat compat-ci docs docs-check bench device-check aot vocab-blocks mesh-layouts clean
 
 # The deviceless accelerator compiles get their own venv (.venv-aot, requirements-aot.lock):
 # the CUDA and TPU compiler plugins stay out of .venv and out of jxent's dependencies.
@@ -93,6 +93,11 @@ aot: $(AOT_STAMP)
 # docs/bench/vocab_blocks.{json,md}: the fused loss's block size per platform, compiled.
 vocab-blocks: $(AOT_STAMP)
 	$(AOT_ENV) $(AOT_BIN)/python benchmarks/vocab_blocks.py $(ARGS)
+
+# docs/bench/mesh_layouts.{json,md}: the fused loss per device for data / 2-D / vocabulary
+# sharding, w as [D, V] and [V, D], Auto and Explicit axes, compiled.
+mesh-layouts: $(AOT_STAMP)
+	$(AOT_ENV) $(AOT_BIN)/python benchmarks/mesh_layouts.py $(ARGS)
 
 clean:
 	rm -rf $(VENV) $(AOT_VENV) .compat .pytest_cache .mypy_cache .ruff_cache .hypothesis docs/_build

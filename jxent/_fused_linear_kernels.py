@@ -84,6 +84,7 @@ _VOCAB_BLOCK_BYTES = {"gpu": 64 * 2**20, "tpu": 32 * 2**20}
 # dx sum of one row tile (all its row groups together) within _MESH_ROWS_BYTES.
 _MESH_BLOCK_BYTES = 12 * 2**20
 _MESH_ROWS_BYTES = 4 * 2**20
+_TPU_LANES = 128  # the minor dimension of a TPU vector register (and of its memory tiles)
 _MIN_VOCAB_BLOCK = 128
 _SYMBOLIC_VOCAB_BLOCK = 1024
 KERNELS = ("auto", "chunked", "blocked")
@@ -1337,22 +1338,78 @@ def _input_grad_by_row_tiles(
     size = _blocked_size(x, w, cfg, num_rows=groups * tile)
     num_blocks = _num_blocks(_group_length(w, cfg), size)
 
-    def add_tile(r: Any, dx: jax.Array) -> jax.Array:
+    num_tiles = _num_blocks(length, tile)
+
+    def tile_inputs(r: Any) -> tuple[_Rows, jax.Array, _RowInputs]:
         rows = _row_tile(r, tile, groups, length)
-        x_tile, tile_inputs = jax.tree.map(lambda a: _block_columns(a, rows, 0), (x, per_row))
+        x_tile, inputs = jax.tree.map(lambda a: _block_columns(a, rows, 0), (x, per_row))
+        return rows, x_tile, inputs
 
-        def add_block(i: Any, acc: jax.Array) -> jax.Array:
-            block = _vocab_block(i, size, ops, cfg)
-            dz = _block_logits_grad(x_tile, tile_inputs, block, classes, cfg)
-            return acc + _input_grad_product(dz.astype(x.dtype), block.w, cfg, dtype)
+    def add_block(i: Any, x_tile: jax.Array, inputs: _RowInputs, acc: jax.Array) -> jax.Array:
+        block = _vocab_block(i, size, ops, cfg)
+        dz = _block_logits_grad(x_tile, inputs, block, classes, cfg)
+        return acc + _input_grad_product(dz.astype(x.dtype), block.w, cfg, dtype)
 
-        acc = _varying_like(jnp.zeros(x_tile.shape, dtype), x, w)
-        acc = lax.fori_loop(0, num_blocks, add_block, acc)
+    def write_tile(dx: jax.Array, acc: jax.Array, rows: _Rows) -> jax.Array:
         acc = _loss_reduction.psum_over(acc, cfg.axis_name).astype(x.dtype)
         return _write_block(dx, acc, rows, 0)
 
     dx = _varying_like(jnp.zeros(x.shape, x.dtype), x)
-    return lax.fori_loop(0, _num_blocks(length, tile), add_tile, dx)
+    acc = _varying_like(jnp.zeros((groups * tile, num_features), dtype), x, w)
+    if _tpu_copies_w_in_nested_loops(w, cfg):
+        return _input_grad_in_one_loop(
+            num_tiles, num_blocks, tile_inputs, add_block, write_tile, (dx, acc)
+        )
+
+    def add_tile(r: Any, dx: jax.Array) -> jax.Array:
+        rows, x_tile, inputs = tile_inputs(r)
+        total = lax.fori_loop(0, num_blocks, lambda i, a: add_block(i, x_tile, inputs, a), acc)
+        return write_tile(dx, total, rows)
+
+    return lax.fori_loop(0, num_tiles, add_tile, dx)
+
+
+def _tpu_copies_w_in_nested_loops(w: jax.Array, cfg: Config) -> bool:
+    """Whether XLA:TPU would copy ``w`` for the row tiles' nested loops (see
+    :func:`_input_grad_in_one_loop`): a ``[D, V]`` ``w`` on a mesh of ``Auto`` axes whose
+    vocabulary groups are not a whole number of 128-lane tiles."""
+    return (
+        cfg.accelerator == "tpu"
+        and cfg.axis_name is None
+        and cfg.w_layout == "dv"
+        and _group_length(w, cfg) % _TPU_LANES != 0
+    )
+
+
+def _input_grad_in_one_loop(
+    num_tiles: int,
+    num_blocks: int,
+    tile_inputs: Any,
+    add_block: Any,
+    write_tile: Any,
+    init: tuple[jax.Array, jax.Array],
+) -> jax.Array:
+    """The row tiles' loop over vocabulary blocks as one loop over (tile, block) pairs, each
+    tile written (under ``lax.cond``) after its last block.
+
+    Why (TPU, :func:`_tpu_copies_w_in_nested_loops`): XLA:TPU lays out a ``[D, V]`` array
+    whose ``V`` is not a multiple of 128 lanes with ``D`` minor, and for the nested loops
+    it copied such a ``w`` into the other layout (on a v5e 2x2 mesh with the vocabulary
+    over all four devices: a device's 252 MiB of bfloat16 ``w`` at D=4096, V=128256); the
+    flat loop reads ``w`` where it lies (0.9 MiB of temporaries; docs/bench/mesh_layouts.md).
+    Elsewhere it is not used: in float32 it holds a block of ``w`` more (+16 MiB), and on
+    GPU a conditional costs a predicate read by the host per step."""
+
+    def step(k: Any, carry: tuple[jax.Array, jax.Array]) -> tuple[jax.Array, jax.Array]:
+        dx, acc = carry
+        r, i = k // num_blocks, k % num_blocks
+        rows, x_tile, inputs = tile_inputs(r)
+        acc = add_block(i, x_tile, inputs, acc)
+        last = i == num_blocks - 1
+        dx = lax.cond(last, lambda: write_tile(dx, acc, rows), lambda: dx)
+        return dx, jnp.where(last, jnp.zeros_like(acc), acc)
+
+    return lax.fori_loop(0, num_tiles * num_blocks, step, init)[0]
 
 
 class _WholeAccumulator(NamedTuple):
