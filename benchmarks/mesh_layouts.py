@@ -64,14 +64,18 @@ def specs(layout: str) -> tuple[P, P, P]:
     }[layout]
 
 
-def _mesh(target: aot.Target, axes: str) -> Mesh:
+def mesh_with_axes(target: aot.Target, axes: str) -> Mesh:
+    """The target's (batch, vocab) mesh with ``Auto`` or ``Explicit`` axes."""
     auto = aot.mesh_for(target)
     if axes == "auto":
         return auto
     return Mesh(auto.devices, auto.axis_names, axis_types=(AxisType.Explicit,) * len(EVERY))
 
 
-def _inputs(mesh: Mesh, layout: str, shape: tuple[int, int, int], dtype: str, w_layout: str):
+def abstract_inputs(
+    mesh: Mesh, layout: str, shape: tuple[int, int, int], dtype: str, w_layout: str
+):
+    """``x``, ``w`` (as ``[D, V]`` or ``[V, D]``) and the labels, sharded by ``layout``."""
     n, d, v = shape
     x_spec, w_spec, y_spec = specs(layout)
     w_shape = (d, v)
@@ -84,7 +88,8 @@ def _inputs(mesh: Mesh, layout: str, shape: tuple[int, int, int], dtype: str, w_
     return spec((n, d), dtype, x_spec), spec(w_shape, dtype, w_spec), spec((n,), "int32", y_spec)
 
 
-def _loss(candidate: str):
+def loss_of(candidate: str):
+    """``(x, w, labels) -> loss`` of a candidate: jxent with its ``w`` layout, or optax."""
     if candidate == "optax":
         return lambda x, w, y: optax.softmax_cross_entropy_with_integer_labels(x @ w, y).mean()
     w_layout = candidate.split("-")[1]
@@ -105,9 +110,9 @@ def measure(
 ) -> dict[str, Any]:
     axes = "auto" if candidate == "optax" else candidate.split("-")[0]
     w_layout = "dv" if candidate == "optax" else candidate.split("-")[1]
-    mesh = _mesh(target, axes)
-    args = _inputs(mesh, layout, shape, dtype, w_layout)
-    step = jax.jit(jax.value_and_grad(_loss(candidate), argnums=(0, 1)))
+    mesh = mesh_with_axes(target, axes)
+    args = abstract_inputs(mesh, layout, shape, dtype, w_layout)
+    step = jax.jit(jax.value_and_grad(loss_of(candidate), argnums=(0, 1)))
     rec: dict[str, Any] = {
         "target": target.name,
         "layout": layout,

@@ -1371,11 +1371,10 @@ def _input_grad_by_row_tiles(
 
 def _tpu_copies_w_in_nested_loops(w: jax.Array, cfg: Config) -> bool:
     """Whether XLA:TPU would copy ``w`` for the row tiles' nested loops (see
-    :func:`_input_grad_in_one_loop`): a ``[D, V]`` ``w`` on a mesh of ``Auto`` axes whose
-    vocabulary groups are not a whole number of 128-lane tiles."""
+    :func:`_input_grad_in_one_loop`): a ``[D, V]`` ``w`` whose vocabulary groups (or, per
+    shard, classes) are not a whole number of 128-lane tiles."""
     return (
         cfg.accelerator == "tpu"
-        and cfg.axis_name is None
         and cfg.w_layout == "dv"
         and _group_length(w, cfg) % _TPU_LANES != 0
     )
@@ -1395,10 +1394,11 @@ def _input_grad_in_one_loop(
     Why (TPU, :func:`_tpu_copies_w_in_nested_loops`): XLA:TPU lays out a ``[D, V]`` array
     whose ``V`` is not a multiple of 128 lanes with ``D`` minor, and for the nested loops
     it copied such a ``w`` into the other layout (on a v5e 2x2 mesh with the vocabulary
-    over all four devices: a device's 252 MiB of bfloat16 ``w`` at D=4096, V=128256); the
-    flat loop reads ``w`` where it lies (0.9 MiB of temporaries; docs/bench/mesh_layouts.md).
-    Elsewhere it is not used: in float32 it holds a block of ``w`` more (+16 MiB), and on
-    GPU a conditional costs a predicate read by the host per step."""
+    over all four devices: a device's 252 MiB of bfloat16 ``w`` at D=4096, V=128256, Auto
+    or Explicit axes); the flat loop reads ``w`` where it lies (0.6 to 0.9 MiB of
+    temporaries; docs/bench/mesh_layouts.md). Elsewhere it is not used: in float32 it held a
+    block of ``w`` more (+16 MiB), and on GPU a conditional costs a predicate read by the
+    host per step."""
 
     def step(k: Any, carry: tuple[jax.Array, jax.Array]) -> tuple[jax.Array, jax.Array]:
         dx, acc = carry
@@ -1549,7 +1549,7 @@ def local_loss(
 
     def blocked() -> Any:
         return _reductions.platform_dependent(
-            tpu=lambda: blocked_on("tpu"), default=lambda: blocked_on("gpu")
+            on=(x, w), tpu=lambda: blocked_on("tpu"), default=lambda: blocked_on("gpu")
         )
 
     if options.kernel == "chunked" or (options.kernel == "auto" and groups == 0):
@@ -1557,7 +1557,7 @@ def local_loss(
     elif options.kernel == "blocked":
         out = blocked()
     else:
-        out = _reductions.on_cpu(chunked, blocked)
+        out = _reductions.on_cpu(chunked, blocked, on=(x, w))
     loss, stats = out if options.return_aux else (out, None)
     if options.reduction == "none":
         loss = loss.reshape(batch_shape)

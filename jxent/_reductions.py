@@ -18,6 +18,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax import lax
 
+from jxent import _sharding
 from jxent._elementwise import mask
 
 # XLA:CPU row reductions slow down sharply once a row is longer than ~32k elements
@@ -108,16 +109,17 @@ def padded_blocks(a: jax.Array, block: int, fill: Any) -> jax.Array:
     return padded.reshape((*a.shape[:-1], count, block))
 
 
-def on_cpu(cpu: Any, default: Any) -> Any:
+def on_cpu(cpu: Any, default: Any, on: Sequence[jax.Array] = ()) -> Any:
     """``cpu()`` when lowered for CPU, ``default()`` for CUDA, ROCm and TPU.
 
     Both are traced; ``lax.platform_dependent`` keeps the one for the platform being
     compiled, so one jitted (or exported) function carries the right code for each.
     Choices that work around XLA:CPU (blocked long rows, saved exponentials, in-place
     scatters) go in ``cpu``; ``default`` keeps the plain max / exp / sum "normalisation
-    diamond" that XLA's GPU and TPU emitters fuse into one kernel.
+    diamond" that XLA's GPU and TPU emitters fuse into one kernel. ``on``: see
+    :func:`platform_dependent`.
     """
-    return platform_dependent(cpu=cpu, default=default)
+    return platform_dependent(on=on, cpu=cpu, default=default)
 
 
 # Tests set this to "cuda" or "tpu" to run that platform's code path on the CPU (see
@@ -125,10 +127,24 @@ def on_cpu(cpu: Any, default: Any) -> Any:
 simulated_platform: str | None = None
 
 
-def platform_dependent(**branches: Any) -> Any:
-    """:func:`jax.lax.platform_dependent`, or the branch for :data:`simulated_platform`."""
+def platform_dependent(on: Sequence[jax.Array] = (), **branches: Any) -> Any:
+    """:func:`jax.lax.platform_dependent`, or the branch for :data:`simulated_platform`,
+    or, when the arrays ``on`` are typed on a mesh of TPU devices, the TPU branch, taken at
+    trace time.
+
+    Why: ``lax.platform_dependent`` lowers to a conditional even for one platform, which
+    XLA does not inline when its branch holds collectives (a ``shard_map``'s ``psum``).
+    XLA:TPU then lays out the branch's parameters by default, and copied a ``[D, V]``
+    ``w`` whose lane axis is not a multiple of 128 into the other layout (252 MiB per
+    device on v5e 2x2, docs/bench/mesh_layouts.md). Not on GPU meshes, where the program
+    without the conditional held more (8 x H100, explicit axes, the fused loss in
+    bfloat16: 11.4 -> 16.4 MiB per device). Arrays on a TPU mesh run on TPUs; a function
+    exported from there for other platforms as well carries the TPU code for them
+    (correct, not tuned)."""
     if simulated_platform is not None:
         return branches.get(simulated_platform, branches["default"])()
+    if _sharding.mesh_platform(*on) == "tpu":
+        return branches.get("tpu", branches["default"])()
     return lax.platform_dependent(**branches)
 
 

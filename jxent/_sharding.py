@@ -243,3 +243,14 @@ def varying_axes(x: Any) -> frozenset[Any]:
     manual = getattr(aval, "mat", None)
     varying = getattr(manual, "varying", None) or getattr(aval, "vma", None)
     return frozenset(varying or ())
+
+
+def mesh_platform(*arrays: jax.Array) -> str | None:
+    """The platform (``"cpu"``, ``"gpu"``, ``"tpu"``) of the devices of the meshes the
+    arrays are typed on, when there is one and JAX names it; else ``None``."""
+    platforms = set()
+    for a in arrays:
+        mesh = jax.typeof(a).sharding.mesh
+        device = None if mesh.empty else getattr(mesh, "abstract_device", None)
+        platforms.add(getattr(device, "platform", None))
+    return platforms.pop() if len(platforms) == 1 else None

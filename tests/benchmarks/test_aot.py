@@ -190,9 +190,6 @@ MESH_LAYOUT_FAILURES: dict[str, str] = {
     "v5e-2x2-auto-dv-2d": "temp 502 MiB per device (optax 501): XLA:TPU copies the device's "
     "[D, V/2] shard of w (501 MiB) to split its lane axis into [2, V/4]; "
     'w_layout="vd" 1.0 MiB, explicit axes 1.1',
-    "v5e-2x2-explicit-dv-vocab": "temp 252 MiB per device (optax 501): XLA:TPU lays the "
-    "device's [D, 32064] shard of w out with D minor (32,064 is not a multiple of 128) and "
-    'copies it into the other layout for the backward pass; w_layout="vd" 1.0 MiB',
 }
 
 
@@ -223,6 +220,22 @@ def test_fused_temp_on_meshes_is_at_most_a_sixteenth_of_optax_per_device(
     # Nothing the size of x, w or the logits moves between devices: a few values per row.
     moved = mine["all_gather_bytes"]
     assert moved <= 16 * FUSED_LARGE[0], f"{what}, w as {w_layout}: an all-gather of {moved:,} B"
+
+
+@pytest.mark.parametrize("axes", ["auto", "explicit"])
+def test_on_a_tpu_mesh_the_fused_kernel_is_chosen_when_tracing(aot, axes):
+    """Arrays on a TPU mesh get the TPU kernel at trace time, with no conditional on the
+    platform around it: XLA does not inline one around shard_map's psums, and laid out w
+    anew for it (vocabulary parallel, explicit axes, w as [D, V]: 252 MiB per device)."""
+    import jxent
+
+    mesh_layouts = importlib.import_module("benchmarks.mesh_layouts")
+    mesh = mesh_layouts.mesh_with_axes(aot.TARGETS["v5e-2x2"], axes)
+    args = mesh_layouts.abstract_inputs(mesh, "vocab", (256, 128, 1024), "bfloat16", "dv")
+    with jax.set_mesh(mesh):
+        jaxpr = str(jax.make_jaxpr(jxent.fused_linear_cross_entropy)(*args))
+    kernels = set(re.findall(r"name=(_blocked_impl|_impl)\b", jaxpr))
+    assert kernels == {"_blocked_impl"}, f"kernels traced on the {axes} v5e 2x2 mesh: {kernels}"
 
 
 @functools.cache

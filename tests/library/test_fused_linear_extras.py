@@ -491,15 +491,20 @@ def test_auto_mesh_on_accelerators_runs_the_blocked_kernel_over_groups(platform)
 
 @pytest.mark.parametrize(
     ("platform", "axis_type"),
-    [("cuda", AxisType.Explicit), ("cuda", AxisType.Auto), ("tpu", AxisType.Auto)],
+    [
+        ("cuda", AxisType.Explicit),
+        ("cuda", AxisType.Auto),
+        ("tpu", AxisType.Explicit),
+        ("tpu", AxisType.Auto),
+    ],
 )
 def test_blocked_backward_on_meshes_forms_dx_over_row_tiles(platform, axis_type):
     """On a mesh the blocked kernel's backward pass is split: dw over vocabulary blocks, dx
     over row tiles with the vocabulary blocks inside (two loops more than on one device,
-    where dx is one float32 [N, D] sum; for TPU on Auto meshes one, over (tile, block)
-    pairs). Every option and the aux outputs' cotangents, 40 rows: per device 20
-    (explicit), or 8 row groups of 5 (Auto), in tiles of 2, the last overlapping its
-    predecessor. Equal to one device."""
+    where dx is one float32 [N, D] sum; for TPU, where a device's 10 classes or a group's 5
+    are no multiple of 128, one, over (tile, block) pairs). Every option and the aux
+    outputs' cotangents, 40 rows: per device 20 (explicit), or 8 row groups of 5 (Auto),
+    in tiles of 2, the last overlapping its predecessor. Equal to one device."""
     mesh = jax.make_mesh((2, 4), ("b", "v"), axis_types=(axis_type,) * 2)
     x, w, b, y, t = _inputs(8, n=40, v=40)
     fused = _fused_linear.with_kernel("blocked", 2)
