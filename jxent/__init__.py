@@ -4,7 +4,7 @@ Every function has a hand-written ``jax.custom_vjp`` gradient and works under ``
 ``jax.vmap`` and ``jax.grad`` (reverse mode at any order).
 """
 
-import jax
+import jax as _jax
 
 from jxent import _jax_version
 from jxent._aux_outputs import CrossEntropyAux
@@ -22,7 +22,7 @@ from jxent._softmax import log_softmax, softmax
 
 __version__ = "0.1.0"
 
-_jax_version.require_supported_jax(jax)  # a clear error on a JAX older than the floor
+_jax_version.require_supported_jax(_jax)  # a clear error on a JAX older than the floor
 
 __all__ = [
     "CrossEntropyAux",

@@ -44,6 +44,12 @@ jxent.softmax(x, bogus=1)  # BAD-KEYWORD
 """
 
 
+def test_the_namespace_holds_the_public_api_and_nothing_else():
+    """``dir(jxent)``'s public names are ``__all__``'s: no module (``jax``) leaks in."""
+    public = {name for name in dir(jxent) if not name.startswith("_")}
+    assert public == set(jxent.__all__) - {"__version__"}
+
+
 def test_mypy_reports_bad_calls_and_passes_good_ones(tmp_path):
     """A user's mypy sees jxent's real signatures: a wrong ``reduction`` and an unknown
     keyword are errors, the good calls are not, and ``logsumexp``'s return type follows
