@@ -16,6 +16,7 @@ import dataclasses
 import datetime
 import gc
 import importlib
+import json
 import math
 import os
 import platform
@@ -425,6 +426,25 @@ def format_table(records: Sequence[Record], bandwidth: bool = False) -> str:
             f"{_fmt(r.temp_ratio, '7.2f')} {in_place:>8}  {note}"
         )
     return "\n".join(lines)
+
+
+def write_report(
+    out: str,
+    script: str,
+    given: Sequence[str],
+    records: Sequence[dict[str, Any]],
+    markdown: Any,
+) -> None:
+    """``{out}/{script}.json`` (the environment, the command, the records) and
+    ``{out}/{script}.md`` (``markdown(records, env, command)``) of a compile sweep run as
+    ``python benchmarks/{script}.py *given``."""
+    env = environment([f"benchmarks/{script}.py", *given])
+    command = " ".join([f"python benchmarks/{script}.py", *given])
+    os.makedirs(out, exist_ok=True)
+    with open(os.path.join(out, f"{script}.json"), "w") as f:
+        json.dump({"environment": env, "command": command, "records": records}, f, indent=1)
+    with open(os.path.join(out, f"{script}.md"), "w") as f:
+        f.write(markdown(records, env, command))
 
 
 def environment(argv: Sequence[str]) -> dict[str, Any]:

@@ -36,7 +36,7 @@ if _REPO_ROOT not in sys.path:
 
 # benchmarks.aot sets the environment for compiling without a device before JAX starts.
 from benchmarks import aot  # noqa: E402, I001
-from benchmarks.measure import environment  # noqa: E402
+from benchmarks.measure import write_report  # noqa: E402
 
 import jax  # noqa: E402
 import numpy as np  # noqa: E402
@@ -199,13 +199,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                     print(json.dumps(rec), flush=True)
                     records.append(rec)
     given = list(sys.argv[1:] if argv is None else argv)
-    env = environment(["benchmarks/mesh_layouts.py", *given])
-    command = " ".join(["python benchmarks/mesh_layouts.py", *given])
-    os.makedirs(args.out, exist_ok=True)
-    with open(os.path.join(args.out, "mesh_layouts.json"), "w") as f:
-        json.dump({"environment": env, "command": command, "records": records}, f, indent=1)
-    with open(os.path.join(args.out, "mesh_layouts.md"), "w") as f:
-        f.write(markdown(records, env, command))
+    write_report(args.out, "mesh_layouts", given, records, markdown)
     return 0 if all("temp_bytes" in r for r in records) else 1
 
 
